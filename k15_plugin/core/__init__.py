@@ -1,0 +1,22 @@
+"""The paper's math: torch and the standard library only, no host imports."""
+
+from k15_plugin.core.length_penalty import length_penalty_weight, length_reward
+from k15_plugin.core.mirror_descent import (
+    ESTIMATORS,
+    log_partition_estimate,
+    mirror_descent_advantages,
+    mirror_descent_loss,
+    mirror_descent_terms,
+    sequence_logps,
+)
+
+__all__ = [
+    "ESTIMATORS",
+    "length_penalty_weight",
+    "length_reward",
+    "log_partition_estimate",
+    "mirror_descent_advantages",
+    "mirror_descent_loss",
+    "mirror_descent_terms",
+    "sequence_logps",
+]

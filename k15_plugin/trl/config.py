@@ -1,0 +1,200 @@
+"""Configs for the TRL adapter: the plugin's options, and the trainers' config classes built on TRL's own.
+
+``K15Options`` holds what every trainer of the plugin shares (length penalty, samplers); it is mixed into TRL's
+``GRPOConfig`` (``K15GRPOConfig``: TRL's GRPO loss, unchanged) and into ``RLOOConfig`` (``K15RLOOConfig``), and
+``KimiMirrorDescentConfig`` adds the mirror-descent options on top of ``K15GRPOConfig``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig, RLOOConfig
+
+from k15_plugin.core.mirror_descent import ESTIMATORS
+
+SAMPLERS = ("uniform", "curriculum", "prioritized")
+CURRICULUM_SCHEDULES = ("staged", "gradual")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class K15Options:
+    r"""
+    Options the plugin adds to TRL's trainers.
+
+    > Length penalty (Kimi k1.5, section 2.3.3)
+
+    length_penalty_weight (`float`, defaults to `0.0`):
+        Weight of the length reward added to the task reward; `0` switches the penalty off.
+    length_penalty_warmup_steps (`int`, defaults to `0`):
+        Optimizer steps during which the penalty is off.
+    length_penalty_ramp_steps (`int`, defaults to `0`):
+        After the warm-up, steps over which the weight rises linearly to `length_penalty_weight` (`0`: at once).
+    length_penalty_correct_threshold (`float`, defaults to `1.0`):
+        A response counts as correct when the weighted sum of the task rewards reaches this value.
+
+    > Prompt sampling (section 2.3.4)
+
+    sampler_type (`str`, defaults to `"uniform"`):
+        `"uniform"` (TRL's own `RepeatSampler`), `"curriculum"` (by a difficulty column) or `"prioritized"`
+        (probability proportional to 1 - success rate).
+    prioritized_floor (`float`, defaults to `0.05`):
+        Smallest weight a problem keeps, so solved problems are not starved.
+    prioritized_prior (`float`, defaults to `0.5`):
+        Success rate assumed for a problem not yet attempted.
+    curriculum_difficulty_column (`str`, defaults to `"difficulty"`):
+        Dataset column holding each problem's difficulty (higher is harder).
+    curriculum_schedule (`str`, defaults to `"staged"`):
+        `"staged"`: the whole set until `curriculum_switch_step`, then only the hardest `curriculum_hard_fraction`
+        (the paper's ablation); `"gradual"`: start with the easiest `curriculum_start_fraction` and widen the pool
+        linearly to the whole set over `curriculum_ramp_steps`.
+    curriculum_switch_step (`int`, defaults to `0`):
+        Staged schedule: optimizer step from which only hard problems are drawn.
+    curriculum_hard_fraction (`float`, defaults to `0.5`):
+        Staged schedule: fraction of the set, hardest first, that counts as hard.
+    curriculum_start_fraction (`float`, defaults to `0.3`):
+        Gradual schedule: fraction of the set, easiest first, drawn from at step 0.
+    curriculum_ramp_steps (`int`, defaults to `100`):
+        Gradual schedule: optimizer steps until the pool is the whole set.
+    """
+
+    length_penalty_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the k1.5 length reward added to the task reward; 0 switches it off."}
+    )
+    length_penalty_warmup_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps during which the length penalty is off (paper: a warm-up)."}
+    )
+    length_penalty_ramp_steps: int = field(
+        default=0, metadata={"help": "Steps after the warm-up over which the weight rises linearly (0: at once)."}
+    )
+    length_penalty_correct_threshold: float = field(
+        default=1.0,
+        metadata={"help": "A response is correct when the weighted sum of the task rewards is >= this value."},
+    )
+    sampler_type: str = field(default="uniform", metadata={"help": f"Prompt sampler, one of {list(SAMPLERS)}."})
+    prioritized_floor: float = field(
+        default=0.05,
+        metadata={"help": "Prioritized sampler: smallest weight a problem keeps (so solved ones still appear)."},
+    )
+    prioritized_prior: float = field(
+        default=0.5, metadata={"help": "Prioritized sampler: success rate assumed for problems not yet attempted."}
+    )
+    curriculum_difficulty_column: str = field(
+        default="difficulty",
+        metadata={"help": "Curriculum sampler: dataset column with the difficulty (higher is harder)."},
+    )
+    curriculum_schedule: str = field(
+        default="staged", metadata={"help": f"Curriculum schedule, one of {list(CURRICULUM_SCHEDULES)}."}
+    )
+    curriculum_switch_step: int = field(
+        default=0, metadata={"help": "Staged curriculum: optimizer step from which only hard problems are drawn."}
+    )
+    curriculum_hard_fraction: float = field(
+        default=0.5, metadata={"help": "Staged curriculum: fraction of the set, hardest first, that counts as hard."}
+    )
+    curriculum_start_fraction: float = field(
+        default=0.3, metadata={"help": "Gradual curriculum: fraction of the set, easiest first, drawn from at step 0."}
+    )
+    curriculum_ramp_steps: int = field(
+        default=100, metadata={"help": "Gradual curriculum: optimizer steps until the pool is the whole set."}
+    )
+
+    def __post_init__(self):
+        w = self.length_penalty_weight
+        _require(
+            isinstance(w, (int, float)) and math.isfinite(w) and w >= 0,
+            f"length_penalty_weight must be a number >= 0, got {w!r}",
+        )
+        for name in ("length_penalty_warmup_steps", "length_penalty_ramp_steps", "curriculum_switch_step"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+        _require(
+            self.curriculum_ramp_steps >= 1, f"curriculum_ramp_steps must be >= 1, got {self.curriculum_ramp_steps!r}"
+        )
+        _require(
+            math.isfinite(self.length_penalty_correct_threshold),
+            f"length_penalty_correct_threshold must be finite, got {self.length_penalty_correct_threshold!r}",
+        )
+        _require(
+            self.sampler_type in SAMPLERS, f"sampler_type must be one of {list(SAMPLERS)}, got {self.sampler_type!r}"
+        )
+        _require(
+            self.curriculum_schedule in CURRICULUM_SCHEDULES,
+            f"curriculum_schedule must be one of {list(CURRICULUM_SCHEDULES)}, got {self.curriculum_schedule!r}",
+        )
+        _require(
+            0 < self.prioritized_floor <= 1, f"prioritized_floor must be in (0, 1], got {self.prioritized_floor!r}"
+        )
+        _require(
+            0 <= self.prioritized_prior <= 1, f"prioritized_prior must be in [0, 1], got {self.prioritized_prior!r}"
+        )
+        for name in ("curriculum_hard_fraction", "curriculum_start_fraction"):
+            v = getattr(self, name)
+            _require(0 < v <= 1, f"{name} must be in (0, 1], got {v!r}")
+        super().__post_init__()
+
+
+@dataclass
+class K15GRPOConfig(K15Options, GRPOConfig):
+    """TRL's ``GRPOConfig`` plus the plugin's length penalty and samplers; the GRPO loss itself is TRL's."""
+
+
+@dataclass
+class K15RLOOConfig(K15Options, RLOOConfig):
+    """TRL's ``RLOOConfig`` plus the plugin's length penalty and samplers; the RLOO loss itself is TRL's."""
+
+
+@dataclass
+class KimiMirrorDescentConfig(K15GRPOConfig):
+    r"""
+    Configuration for [`KimiMirrorDescentTrainer`]: online policy mirror descent (Kimi k1.5, section 2.3).
+
+    Updates per rollout batch use TRL's own fields: `num_iterations` passes over each generation batch, each split
+    into `steps_per_generation` micro-batches, `gradient_accumulation_steps` micro-batches per optimizer step. The
+    paper's several updates per batch are `num_iterations > 1`.
+
+    tau (`float`, defaults to `1.0`):
+        Weight of the KL term towards the reference policy pi_i. The paper gives no value; 1.0 was stable with 4
+        updates per batch on the demo task, 0.1 was not (see MEASURED.md).
+    log_z_estimator (`str`, defaults to `"mean"`):
+        Estimate of tau * log Z: `"mean"` (the group's mean reward, the paper's practical choice) or
+        `"log_mean_exp"` (tau * log mean_j exp(r_j / tau)).
+    length_normalize (`bool`, defaults to `False`):
+        Divide each sequence log-prob (and log-ratio) by the completion's length. Off: the paper's sum.
+    reset_optimizer_each_iteration (`bool`, defaults to `True`):
+        Clear the optimizer state at the first update of every new rollout batch, as the paper does; the
+        learning-rate schedule is untouched.
+    """
+
+    tau: float = field(default=1.0, metadata={"help": "KL weight tau of the mirror-descent objective (> 0)."})
+    log_z_estimator: str = field(
+        default="mean", metadata={"help": f"Estimator of tau*log Z, one of {list(ESTIMATORS)}."}
+    )
+    length_normalize: bool = field(
+        default=False,
+        metadata={"help": "Divide sequence log-probs by the completion length (default: the paper's sum)."},
+    )
+    reset_optimizer_each_iteration: bool = field(
+        default=True, metadata={"help": "Clear the optimizer state at each new rollout batch (paper: yes)."}
+    )
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0,
+            f"tau must be a number > 0, got {self.tau!r}",
+        )
+        _require(
+            self.log_z_estimator in ESTIMATORS,
+            f"log_z_estimator must be one of {list(ESTIMATORS)}, got {self.log_z_estimator!r}",
+        )
+        _require(
+            self.beta == 0.0,
+            f"beta must be 0.0 for mirror descent (it regularises towards pi_i through tau), got {self.beta!r}",
+        )
+        super().__post_init__()
