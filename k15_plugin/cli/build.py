@@ -1,0 +1,184 @@
+"""From a composed Hydra config to TRL's config and trainer classes, with every value checked before anything loads.
+
+``check_config`` is what the CLI runs before Hydra starts the job: it raises :class:`ConfigError` with a one-line
+message naming the Hydra key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
+
+ALGORITHMS = ("kimi_md", "grpo", "dr_grpo", "dapo", "rloo")
+DATA_SOURCES = ("demo_arithmetic", "hub", "jsonl")
+ANSWER_EXTRACTIONS = ("last_number", "gsm8k", "boxed")
+DTYPES = ("float32", "bfloat16", "float16")
+VLLM_MODES = ("colocate", "server")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message is one line that names the key."""
+
+
+@dataclass
+class TrainingSpec:
+    algorithm: str
+    config_cls: type
+    trainer_name: str  # attribute of k15_plugin.trl (imported lazily by the caller)
+    kwargs: dict[str, Any]
+    sources: dict[str, str]  # TRL field -> Hydra key it came from
+
+
+def _trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """TRL/TrainingArguments fields shared by every algorithm, and the Hydra key each came from."""
+    t = cfg.trainer
+    fields = {
+        "seed": "seed",
+        "max_steps": "trainer.max_steps",
+        "learning_rate": "trainer.learning_rate",
+        "adam_beta1": "trainer.adam_beta1",
+        "adam_beta2": "trainer.adam_beta2",
+        "weight_decay": "trainer.weight_decay",
+        "max_grad_norm": "trainer.max_grad_norm",
+        "lr_scheduler_type": "trainer.lr_scheduler_type",
+        "warmup_steps": "trainer.warmup_steps",
+        "per_device_train_batch_size": "trainer.per_device_train_batch_size",
+        "gradient_accumulation_steps": "trainer.gradient_accumulation_steps",
+        "num_generations": "trainer.num_generations",
+        "max_completion_length": "trainer.max_completion_length",
+        "temperature": "trainer.temperature",
+        "logging_steps": "trainer.logging_steps",
+        "save_total_limit": "trainer.save_total_limit",
+        "use_vllm": "trainer.use_vllm",
+        "vllm_mode": "trainer.vllm_mode",
+        "vllm_gpu_memory_utilization": "trainer.vllm_gpu_memory_utilization",
+        "use_cpu": "trainer.use_cpu",
+        "bf16": "trainer.bf16",
+        "gradient_checkpointing": "model.gradient_checkpointing",
+    }
+    kwargs = {name: OmegaConf.select(cfg, key) for name, key in fields.items()}
+    kwargs["report_to"] = list(t.report_to)
+    kwargs["save_strategy"] = "steps" if t.save_steps > 0 else "no"
+    if t.save_steps > 0:
+        kwargs["save_steps"] = t.save_steps
+        fields["save_steps"] = "trainer.save_steps"
+    kwargs["disable_tqdm"] = True  # the CLI draws its own progress bar
+    # Length penalty and sampler options (K15Options).
+    lp = cfg.reward.length_penalty
+    for name in ("weight", "warmup_steps", "ramp_steps", "correct_threshold"):
+        kwargs[f"length_penalty_{name}"] = lp[name]
+        fields[f"length_penalty_{name}"] = f"reward.length_penalty.{name}"
+    s = cfg.sampler
+    kwargs["sampler_type"] = s.name
+    fields["sampler_type"] = "sampler"
+    prefix = {"prioritized": "prioritized_", "curriculum": "curriculum_"}.get(s.name)
+    for key, value in s.items():
+        if key != "name" and prefix:
+            kwargs[prefix + key] = value
+            fields[prefix + key] = f"sampler.{key}"
+    return kwargs, fields
+
+
+def training_spec(cfg: DictConfig, output_dir: str | os.PathLike) -> TrainingSpec:
+    """The TRL config class, trainer name and keyword arguments for this composed config."""
+    algo = cfg.algorithm
+    if algo.name not in ALGORITHMS:
+        raise ConfigError(f"algorithm={algo.name!r} is not one of {list(ALGORITHMS)}")
+    kwargs, sources = _trainer_kwargs(cfg)
+    kwargs["output_dir"] = str(output_dir)
+    for key, value in algo.items():
+        if key != "name":
+            kwargs[key] = value
+            sources[key] = f"algorithm.{key}"
+    if algo.name == "kimi_md":
+        return TrainingSpec(algo.name, KimiMirrorDescentConfig, "KimiMirrorDescentTrainer", kwargs, sources)
+    if algo.name == "rloo":
+        return TrainingSpec(algo.name, K15RLOOConfig, "K15RLOOTrainer", kwargs, sources)
+    return TrainingSpec(algo.name, K15GRPOConfig, "K15GRPOTrainer", kwargs, sources)
+
+
+# (key, test, what is allowed) for values TRL would accept silently or reject with a message that does not name the key.
+_RANGES = [
+    ("trainer.max_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.learning_rate", lambda v: v > 0, "a number > 0"),
+    ("trainer.num_generations", lambda v: v >= 2, "an integer >= 2 (the group baseline needs two samples)"),
+    ("trainer.per_device_train_batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.gradient_accumulation_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.max_completion_length", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.temperature", lambda v: v > 0, "a number > 0"),
+    ("trainer.logging_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.save_steps", lambda v: v >= 0, "an integer >= 0 (0: no checkpoints)"),
+    ("trainer.eval_steps", lambda v: v >= 0, "an integer >= 0 (0: only before and after)"),
+    ("trainer.eval_size", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.torch_threads", lambda v: v >= 0, "an integer >= 0 (0: torch's default)"),
+    ("trainer.max_grad_norm", lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+    ("trainer.vllm_mode", lambda v: v in VLLM_MODES, f"one of {list(VLLM_MODES)}"),
+    ("trainer.vllm_gpu_memory_utilization", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("algorithm.num_iterations", lambda v: v >= 1, "an integer >= 1"),
+    ("reward.length_penalty.weight", lambda v: v >= 0, "a number >= 0 (0: off)"),
+    ("reward.length_penalty.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("reward.length_penalty.ramp_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("model.dtype", lambda v: v in DTYPES, f"one of {list(DTYPES)}"),
+    ("model.lora.r", lambda v: v >= 1, "an integer >= 1"),
+    ("data.source", lambda v: v in DATA_SOURCES, f"one of {list(DATA_SOURCES)}"),
+    ("data.answer_extraction", lambda v: v in ANSWER_EXTRACTIONS, f"one of {list(ANSWER_EXTRACTIONS)}"),
+    ("data.heldout_size", lambda v: v >= 1, "an integer >= 1"),
+    ("data.num_train", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    ("data.filler_max", lambda v: v >= 0, "an integer >= 0"),
+    ("launcher.num_processes", lambda v: v >= 1, "an integer >= 1"),
+]
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, ok, allowed in _RANGES:
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+    t = cfg.trainer
+    per_step = t.per_device_train_batch_size * max(1, cfg.launcher.num_processes)
+    if per_step % t.num_generations != 0:
+        raise ConfigError(
+            f"trainer.per_device_train_batch_size={t.per_device_train_batch_size} (x launcher.num_processes="
+            f"{cfg.launcher.num_processes}) must be divisible by trainer.num_generations={t.num_generations}"
+        )
+    if t.bf16 and t.use_cpu:
+        raise ConfigError("trainer.bf16=true is not allowed with trainer.use_cpu=true: set trainer.bf16=false on CPU")
+    d = cfg.data
+    if d.source in ("hub", "jsonl") and (OmegaConf.is_missing(d, "path") or not d.path):
+        raise ConfigError(f"data.path is required for data.source={d.source} (a Hub dataset id or a JSONL file)")
+    if d.source == "jsonl" and not Path(d.path).is_file():
+        raise ConfigError(f"data.path={d.path!r} is not a file: expected a JSONL file with prompt and answer fields")
+    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"model.path={cfg.model.path!r} is not a directory: expected a saved model or null")
+    ckpt = t.resume_from_checkpoint
+    if ckpt is not None and not Path(ckpt).is_dir():
+        raise ConfigError(f"trainer.resume_from_checkpoint={ckpt!r} is not a directory: expected a checkpoint-<step>")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and world != cfg.launcher.num_processes:
+        raise ConfigError(
+            f"launcher.num_processes={cfg.launcher.num_processes} but {world} processes were launched: "
+            "make them match (launcher.num_processes=N, or --num_processes N for accelerate launch)"
+        )
+
+
+def check_config(cfg: DictConfig, output_dir: str | os.PathLike = "unused") -> TrainingSpec:
+    """Check every value; returns the training spec. Raises :class:`ConfigError` (one line, names the key)."""
+    _check_ranges(cfg)
+    spec = training_spec(cfg, output_dir)
+    try:
+        spec.config_cls(**spec.kwargs)
+    except (ValueError, TypeError) as err:
+        message = str(err).strip().splitlines()[0]
+        key = next((src for name, src in spec.sources.items() if message.startswith(name)), None)
+        if key is None:  # TRL's own messages do not start with the field name: find it anywhere in the text
+            key = next(
+                (src for name, src in spec.sources.items() if f"`{name}`" in message or f" {name} " in message), None
+            )
+        raise ConfigError(f"{key}: {message}" if key else message) from None
+    return spec

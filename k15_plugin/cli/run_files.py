@@ -1,0 +1,108 @@
+"""What a CLI run leaves in its run directory: metrics JSONL, held-out curve, plots, summary; and its progress bar.
+
+Only the main process writes (under ``accelerate launch`` every process shares the run directory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "curves.png"
+
+
+class RunFilesCallback(TrainerCallback):
+    """Progress bar, one JSON line per logging step, and greedy held-out evaluation every ``eval_steps``.
+
+    ``evaluate(model, limit)`` returns ``{"accuracy", "mean_completion_tokens"}``; its results are logged through
+    the trainer (so TensorBoard gets them too) as ``heldout/accuracy`` and ``heldout/mean_completion_tokens``.
+    """
+
+    def __init__(self, run_dir: Path, evaluate, eval_steps: int, eval_size: int, is_main: bool):
+        self.run_dir = Path(run_dir)
+        self.evaluate = evaluate
+        self.eval_steps = eval_steps
+        self.eval_size = eval_size
+        self.is_main = is_main
+        self.trainer = None  # set after the trainer exists, to log evaluation results through it
+        self.bar = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.is_main:
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="k15", unit="step", dynamic_ncols=True
+            )
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.eval_steps and state.global_step % self.eval_steps == 0 and state.global_step < state.max_steps:
+            if self.is_main:  # greedy evaluation on the main process's unwrapped model (no collectives involved)
+                result = self.evaluate(model, self.eval_size)
+                if self.trainer is not None:
+                    self.trainer.log({f"heldout/{k}": v for k, v in result.items()})
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.is_main or not logs:
+            return
+        record = {"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}}
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            for key, short in (("reward", "reward"), ("heldout/accuracy", "acc"), ("completions/mean_length", "len")):
+                if key in logs:
+                    self.postfix[short] = f"{logs[key]:.3g}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def write_plots(run_dir: Path, before: dict, after: dict, max_steps: int) -> Path:
+    """Reward, held-out accuracy and completion length against step, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+
+    def series(key):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    acc_steps, acc = series("heldout/accuracy")
+    acc_steps, acc = [0, *acc_steps, max_steps], [before["accuracy"], *acc, after["accuracy"]]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = [
+        (axes[0], series("reward"), "sampled reward"),
+        (axes[1], (acc_steps, acc), "held-out accuracy (greedy)"),
+        (axes[2], series("completions/mean_length"), "completion tokens (sampled)"),
+    ]
+    for ax, (x, y), title in panels:
+        ax.plot(x, y, marker="o" if len(x) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(run_dir) / PLOT_FILE
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,197 @@
+"""Typed schemas for the Hydra configs in ``conf/``: OmegaConf checks names and types at compose time.
+
+Each config group option's YAML starts from one of these schemas (``defaults: [<schema name>, _self_]``), so a typo
+in a key or a value of the wrong type fails while composing, before anything loads. Ranges are checked afterwards
+by building the TRL config (``k15_plugin.cli.build``), whose ``__post_init__`` owns them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# ---------------------------------------------------------------------------------------------------- algorithm
+@dataclass
+class KimiMDAlgorithm:
+    name: str = "kimi_md"
+    tau: float = 1.0
+    log_z_estimator: str = "mean"
+    length_normalize: bool = False
+    reset_optimizer_each_iteration: bool = True
+    num_iterations: int = 1
+
+
+@dataclass
+class GRPOAlgorithm:
+    """TRL's GRPOTrainer; ``grpo``, ``dr_grpo`` and ``dapo`` differ in loss_type / scale_rewards / clipping."""
+
+    name: str = "grpo"
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    mask_truncated_completions: bool = False
+    num_iterations: int = 1
+
+
+@dataclass
+class RLOOAlgorithm:
+    name: str = "rloo"
+    beta: float = 0.0
+    epsilon: float = 0.2
+    normalize_advantages: bool = False
+    num_iterations: int = 1
+
+
+# ---------------------------------------------------------------------------------------------------- sampler
+@dataclass
+class UniformSampler:
+    name: str = "uniform"
+
+
+@dataclass
+class PrioritizedSampler:
+    name: str = "prioritized"
+    floor: float = 0.05
+    prior: float = 0.5
+
+
+@dataclass
+class CurriculumSampler:
+    name: str = "curriculum"
+    difficulty_column: str = "difficulty"
+    schedule: str = "staged"
+    switch_step: int = 0
+    hard_fraction: float = 0.5
+    start_fraction: float = 0.3
+    ramp_steps: int = 100
+
+
+# ---------------------------------------------------------------------------------------------------- reward
+@dataclass
+class LengthPenalty:
+    weight: float = 0.0
+    warmup_steps: int = 0
+    ramp_steps: int = 0
+    correct_threshold: float = 1.0
+
+
+@dataclass
+class Reward:
+    name: str = "correctness"
+    length_penalty: LengthPenalty = field(default_factory=LengthPenalty)
+
+
+# ---------------------------------------------------------------------------------------------------- model
+@dataclass
+class Lora:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"
+
+
+@dataclass
+class Model:
+    name: str = MISSING
+    path: str | None = None
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    lora: Lora = field(default_factory=Lora)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    name: str = MISSING
+    source: str = "demo_arithmetic"
+    path: str | None = None
+    config_name: str | None = None
+    split: str = "train"
+    heldout_split: str | None = None
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    answer_extraction: str = "last_number"
+    prompt_template: str = "{prompt}"
+    chat: bool = False
+    heldout_size: int = 500
+    num_train: int | None = None
+    filler_max: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------- launcher
+@dataclass
+class Launcher:
+    name: str = "local"
+    num_processes: int = 1
+    accelerate_config: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+@dataclass
+class Trainer:
+    max_steps: int = 1200
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    per_device_train_batch_size: int = 128
+    gradient_accumulation_steps: int = 1
+    num_generations: int = 8
+    max_completion_length: int = 4
+    temperature: float = 1.0
+    logging_steps: int = 25
+    save_steps: int = 0
+    save_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None
+    eval_steps: int = 200
+    eval_size: int = 500
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    use_cpu: bool = True
+    bf16: bool = False
+    torch_threads: int = 1
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class K15TrainConfig:
+    seed: int = 0
+    algorithm: Any = MISSING
+    reward: Reward = MISSING
+    sampler: Any = MISSING
+    model: Model = MISSING
+    data: Data = MISSING
+    launcher: Launcher = MISSING
+    trainer: Trainer = field(default_factory=Trainer)
+
+
+SCHEMAS = {
+    (None, "k15_train_schema"): K15TrainConfig,
+    ("algorithm", "kimi_md_schema"): KimiMDAlgorithm,
+    ("algorithm", "grpo_schema"): GRPOAlgorithm,
+    ("algorithm", "rloo_schema"): RLOOAlgorithm,
+    ("sampler", "uniform_schema"): UniformSampler,
+    ("sampler", "prioritized_schema"): PrioritizedSampler,
+    ("sampler", "curriculum_schema"): CurriculumSampler,
+    ("reward", "reward_schema"): Reward,
+    ("model", "model_schema"): Model,
+    ("data", "data_schema"): Data,
+    ("launcher", "launcher_schema"): Launcher,
+}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)
