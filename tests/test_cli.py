@@ -1,0 +1,166 @@
+"""The Hydra entry point: every config option composes, bad values fail in one line, and short runs go through."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from k15_plugin.cli.build import check_config
+from k15_plugin.cli.train import config_dir
+
+CONF = config_dir()
+GROUPS = ["algorithm", "reward", "sampler", "model", "data", "launcher", "experiment"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture
+def composer():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda overrides=(): compose(config_name="config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+def test_config_groups_have_the_required_options():
+    assert {"kimi_md", "grpo", "dr_grpo", "dapo", "rloo"} <= set(_options("algorithm"))
+    assert {"correctness", "length_penalty"} <= set(_options("reward"))
+    assert set(_options("sampler")) == {"uniform", "curriculum", "prioritized"}
+    assert {"tiny_demo", "qwen2.5_0.5b"} <= set(_options("model"))
+    assert {"demo_arithmetic", "gsm8k", "math", "jsonl"} <= set(_options("data"))
+    assert {"local", "accelerate_ddp", "accelerate_deepspeed_zero2", "accelerate_deepspeed_zero3"} <= set(
+        _options("launcher")
+    )
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_and_checks(composer, group, tmp_path):
+    for option in _options(group):
+        overrides = [f"{group}={option}"]
+        if group == "data" and option == "jsonl":
+            path = tmp_path / "train.jsonl"
+            path.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+            overrides.append(f"data.path={path}")
+        if group == "launcher" and option != "local":
+            overrides.append("launcher.num_processes=1")  # this test runs as one process
+        cfg = composer(overrides)
+        if group == "experiment" and cfg.trainer.bf16:  # a GPU recipe: checked as it would be on a GPU machine
+            cfg.trainer.use_cpu = False
+        check_config(cfg)
+        assert cfg[group if group != "experiment" else "trainer"] is not None
+
+
+def test_default_config_is_the_demo(composer):
+    cfg = composer()
+    assert (cfg.algorithm.name, cfg.model.name, cfg.data.name, cfg.sampler.name) == (
+        "kimi_md", "tiny_demo", "demo_arithmetic", "uniform",
+    )  # fmt: skip
+    assert cfg.algorithm.tau > 0 and cfg.trainer.max_steps >= 1
+
+
+def test_every_yaml_key_has_a_comment_above_it():
+    missing = []
+    for path in sorted(CONF.rglob("*.yaml")):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            stripped = line.strip()
+            if not stripped or stripped.startswith("#") or stripped.startswith("- ") or ":" not in stripped:
+                continue
+            key = stripped.split(":", 1)[0]
+            if key == "defaults" or key.startswith("override "):
+                continue
+            previous = lines[i - 1].strip() if i else ""
+            opens_block = stripped.endswith(":")  # a block key (e.g. trainer:) is documented by its children
+            if not previous.startswith("#") and not opens_block:
+                missing.append(f"{path.relative_to(CONF)}:{i + 1}: {key}")
+    assert not missing, "keys without a comment above them:\n" + "\n".join(missing)
+
+
+def test_yaml_keys_are_all_known_to_the_schema(composer):
+    # composing each option already rejects unknown keys (struct mode); make sure the YAML files parse as mappings
+    for path in CONF.rglob("*.yaml"):
+        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+
+
+def _cli(args, cwd, timeout=300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "k15_plugin.cli.train", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["algorithm.tau=-1"], "algorithm.tau"),
+        (["sampler=nonexistent"], "sampler=nonexistent"),
+        (["reward=length_penalty", "reward.length_penalty.weight=-0.5"], "reward.length_penalty.weight"),
+        (["trainer.num_generations=1"], "trainer.num_generations"),
+        (["trainer.max_step=5"], "trainer.max_step"),
+        (["algorithm.tau=abc"], "algorithm.tau"),
+        (["-m", "algorithm=kimi_md,grpo", "algorithm.tau=0"], "algorithm.tau"),
+    ],
+)
+def test_bad_values_fail_in_one_line_before_loading(tmp_path, args, key):
+    result = _cli([*args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and key in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()  # nothing half-written
+
+
+def test_short_demo_run_writes_the_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _cli(
+        ["trainer.max_steps=4", "trainer.eval_steps=2", "trainer.logging_steps=1", "trainer.eval_size=50",
+         f"hydra.run.dir={run_dir}"],
+        tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("algorithm", "eval_accuracy_before", "eval_accuracy_after", "mean_completion_tokens_before",
+                "mean_completion_tokens_after", "train_samples", "wall_seconds"):  # fmt: skip
+        assert key in summary, key
+    assert summary["algorithm"] == "kimi_md" and summary["train_samples"] == 4 * 128
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "k15/policy_loss" in r] == [1, 2, 3, 4]
+    assert any("heldout/accuracy" in r for r in records)
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "held-out accuracy" in result.stdout and str(run_dir) in result.stdout
+
+
+def test_multirun_runs_kimi_md_and_grpo(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = _cli(
+        ["-m", "algorithm=kimi_md,grpo", "trainer.max_steps=2", "trainer.eval_steps=0", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    algorithms = sorted(json.loads(p.read_text())["algorithm"] for p in sweep.glob("*/summary.json"))
+    assert algorithms == ["grpo", "kimi_md"]
+
+
+def test_wheel_ships_the_configs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("k15_plugin-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in CONF.rglob("*.yaml"):
+        assert f"k15_plugin/conf/{path.relative_to(CONF).as_posix()}" in names, path
+    assert "k15_plugin/data/demo_checkpoint/config.json" in names
