@@ -9,14 +9,26 @@ from k15_plugin.core.mirror_descent import (
     mirror_descent_terms,
     sequence_logps,
 )
+from k15_plugin.core.sampling import (
+    CURRICULUM_SCHEDULES,
+    SuccessRateTracker,
+    curriculum_fraction,
+    curriculum_pool,
+    prioritized_weights,
+)
 
 __all__ = [
+    "CURRICULUM_SCHEDULES",
     "ESTIMATORS",
+    "SuccessRateTracker",
+    "curriculum_fraction",
+    "curriculum_pool",
     "length_penalty_weight",
     "length_reward",
     "log_partition_estimate",
     "mirror_descent_advantages",
     "mirror_descent_loss",
     "mirror_descent_terms",
+    "prioritized_weights",
     "sequence_logps",
 ]

@@ -9,7 +9,8 @@ Private TRL 1.16 methods overridden here (pinned in pyproject.toml):
 * ``_generate_and_score_completions`` (GRPOTrainer): replace TRL's advantages by r - b from the mirror-descent baseline,
   computed on the gathered generation batch before TRL shuffles and splits it; reset the optimizer per rollout batch.
 * ``_compute_loss`` (GRPOTrainer): the mirror-descent loss on sequence log-probs.
-* ``_get_train_sampler``, ``_save_checkpoint``, ``_load_optimizer_and_scheduler``: see :mod:`k15_plugin.trl.samplers`.
+* ``_get_train_sampler``, ``get_train_dataloader``, ``_save_checkpoint``, ``_load_optimizer_and_scheduler``: the
+  plugin's samplers and their checkpointed state, see :mod:`k15_plugin.trl.samplers`.
 """
 
 from __future__ import annotations
@@ -26,14 +27,7 @@ from k15_plugin.core import (
     sequence_logps,
 )
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
-
-try:  # TEMPORARY until samplers.py lands
-    from k15_plugin.trl.samplers import K15SamplerMixin
-except ImportError:  # pragma: no cover
-
-    class K15SamplerMixin:
-        _k15_sampler = None
-
+from k15_plugin.trl.samplers import K15SamplerMixin
 
 INDEX_COLUMN = "k15_index"
 LENGTH_PENALTY_NAME = "length_penalty"
