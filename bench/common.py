@@ -1,0 +1,95 @@
+"""Shared set-up for the benchmarks: the demo task, and one place that builds each algorithm's trainer.
+
+Every benchmark compares the plugin with TRL's own trainer in the same run, on the same model, data, generation
+settings and seeds, and prints ratios; absolute times drift on shared machines.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The demo recipe (MEASURED.md): 16 prompts x 8 samples, 4 new tokens, AdamW 1e-4 (beta2 0.99), clip 1.0.
+DEMO = dict(
+    per_device_train_batch_size=128,
+    num_generations=8,
+    max_completion_length=4,
+    temperature=1.0,
+    learning_rate=1e-4,
+    adam_beta2=0.99,
+    max_grad_norm=1.0,
+    lr_scheduler_type="constant",
+    use_cpu=True,
+    bf16=False,
+    report_to=[],
+    save_strategy="no",
+    disable_tqdm=True,
+)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+
+
+def build_trainer(algorithm: str, model, tokenizer, train, reward_funcs, output_dir, callbacks=(), **overrides):
+    """``algorithm``: ``kimi_md``, ``grpo`` (TRL's GRPOTrainer as-is), ``dr_grpo``, ``rloo`` (TRL's own trainers).
+
+    k1.5 options (``tau``, ``log_z_estimator``, ``num_iterations``, ...) go in ``overrides``.
+    """
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from k15_plugin import KimiMirrorDescentConfig, KimiMirrorDescentTrainer
+
+    args = {**DEMO, "output_dir": str(output_dir), **overrides}
+    if algorithm == "kimi_md":
+        config_cls, trainer_cls = KimiMirrorDescentConfig, KimiMirrorDescentTrainer
+    elif algorithm in ("grpo", "dr_grpo"):
+        config_cls, trainer_cls = GRPOConfig, GRPOTrainer
+        if algorithm == "dr_grpo":
+            args.update(loss_type="dr_grpo", scale_rewards="none")
+    elif algorithm == "rloo":
+        config_cls, trainer_cls = RLOOConfig, RLOOTrainer
+        args.setdefault("beta", 0.0)
+    else:
+        raise ValueError(f"algorithm must be one of kimi_md, grpo, dr_grpo, rloo, got {algorithm!r}")
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=config_cls(**args),
+        train_dataset=train,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # no log dict printed at every logging step
+    return trainer
+
+
+def demo_task(seed: int = 0, filler: bool = False):
+    from k15_plugin.data.arithmetic import (
+        DEMO_CHECKPOINT_DIR,
+        DEMO_FILLER_CHECKPOINT_DIR,
+        ArithmeticReward,
+        load_demo_checkpoint,
+        make_datasets,
+    )
+
+    model, tokenizer = load_demo_checkpoint(DEMO_FILLER_CHECKPOINT_DIR if filler else DEMO_CHECKPOINT_DIR)
+    train, heldout = make_datasets(seed=seed, filler_max=6 if filler else 0)
+    return model, tokenizer, train, heldout, [ArithmeticReward(tokenizer, allow_filler=filler)]
+
+
+def write_json_line(obj: dict, save: bool = True) -> None:
+    """The benchmark's last line: one JSON object (also saved as bench/results/<bench>.json unless ``save`` is off)."""
+    obj = {**obj, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    if save:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{obj['bench']}.json").write_text(json.dumps(obj, indent=2) + "\n")
+    print(json.dumps(obj), flush=True)
