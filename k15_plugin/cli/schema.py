@@ -8,6 +8,7 @@ by building the TRL config (``k15_plugin.cli.build``), whose ``__post_init__`` o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -81,9 +82,47 @@ class LengthPenalty:
     correct_threshold: float = 1.0
 
 
+class Verifier(str, Enum):
+    """Which checker scores a completion (``reward.verifier``); a ``str`` enum so a typo fails at compose time."""
+
+    task = "task"  # the data config's own checker (demo: exact answer + EOS; Hub/JSONL: data.answer_extraction match)
+    math = "math"  # k15_plugin.rewards.MathReward (math-verify) on the `answer` column
+    code = "code"  # k15_plugin.rewards.CodeReward (sandboxed test cases) on the `tests` column
+
+
+class MathExtraction(str, Enum):
+    auto = "auto"
+    boxed = "boxed"
+    gsm8k = "gsm8k"
+    last_number = "last_number"
+
+
+class NetworkIsolation(str, Enum):
+    require = "require"
+    best_effort = "best_effort"
+
+
+@dataclass
+class MathVerifier:
+    extraction: MathExtraction | None = None  # None: data.answer_extraction
+    timeout_seconds: float = 5.0
+
+
+@dataclass
+class CodeVerifier:
+    partial_credit: bool = True
+    timeout_seconds: float = 5.0
+    memory_mb: int = 512
+    concurrency: int = 0
+    network_isolation: NetworkIsolation = NetworkIsolation.require
+
+
 @dataclass
 class Reward:
     name: str = "correctness"
+    verifier: Verifier = Verifier.task
+    math: MathVerifier = field(default_factory=MathVerifier)
+    code: CodeVerifier = field(default_factory=CodeVerifier)
     length_penalty: LengthPenalty = field(default_factory=LengthPenalty)
 
 

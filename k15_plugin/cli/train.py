@@ -166,7 +166,7 @@ def run(cfg: DictConfig) -> dict:
     is_main = args.process_index == 0
 
     model, tokenizer = _load_model(cfg.model, cfg.trainer)
-    task = load_task(cfg.data, tokenizer, cfg.seed, cfg.trainer.max_completion_length)
+    task = load_task(cfg.data, tokenizer, cfg.seed, cfg.trainer.max_completion_length, cfg.reward)
     before = task.evaluate(model, tokenizer, None)
 
     t = cfg.trainer

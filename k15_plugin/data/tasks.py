@@ -1,13 +1,20 @@
 """Datasets for the CLI: the built-in arithmetic task, a Hub dataset by name, or a user's JSONL file.
 
 Every task comes out in one schema: ``prompt`` (a string, or a one-message chat list when ``chat``), ``answer`` (the
-bare reference answer), and ``difficulty`` when the source has it (the curriculum sampler reads it; higher is harder).
+bare reference answer), ``difficulty`` when the source has it (the curriculum sampler reads it; higher is harder) and
+``tests`` when it has it (test cases for the code verifier).
+
+The reward is chosen by ``reward.verifier`` (:func:`reward_funcs`): ``task`` is the data's own checker (the demo's
+exact answer + EOS, or ``data.answer_extraction`` exact match), ``math`` is math-verify and ``code`` runs the
+``tests`` in a sandbox. Hub and JSONL tasks are evaluated with the same reward they train on; the demo task always
+with its own exact checker, so its accuracy stays comparable across reward configs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -34,7 +41,45 @@ def arithmetic_difficulty(prompt: str) -> int:
     return int(ones_carry) + int(tens_carry)
 
 
-def _demo_task(data, tokenizer, seed: int) -> Task:
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value  # the schema's str enums, as plain strings
+
+
+def reward_funcs(reward, data, columns: list[str], task_reward: Callable) -> list[Callable]:
+    """The reward functions for ``reward.verifier`` (see ``conf/reward``); ``task_reward`` is the data's own checker.
+
+    Raises ValueError naming the key when a value is out of range or the data lacks the column the verifier reads.
+    """
+    verifier = "task" if reward is None else _plain(reward.verifier)
+    if verifier == "task":
+        return [task_reward]
+    if verifier == "math":
+        from k15_plugin.rewards import get_math_reward
+
+        extraction = _plain(reward.math.extraction) or data.answer_extraction
+        try:
+            return [get_math_reward(extraction=extraction, timeout_seconds=reward.math.timeout_seconds)]
+        except ValueError as err:
+            raise ValueError(f"reward.math: {err}") from None
+    if verifier == "code":
+        from k15_plugin.rewards import get_code_reward
+
+        if "tests" not in columns:
+            raise ValueError(
+                f"reward.verifier=code reads a `tests` column ([{{'input': str, 'output': str}}, ...] per row), but "
+                f"data={data.name} has only {columns}"
+            )
+        code = reward.code
+        try:
+            return [get_code_reward(partial_credit=code.partial_credit, timeout_seconds=code.timeout_seconds,
+                                    memory_mb=code.memory_mb, concurrency=code.concurrency,
+                                    network_isolation=_plain(code.network_isolation))]  # fmt: skip
+        except ValueError as err:
+            raise ValueError(f"reward.code: {err}") from None
+    raise ValueError(f"reward.verifier={verifier!r} is not one of ['task', 'math', 'code']")
+
+
+def _demo_task(data, tokenizer, seed: int, reward=None) -> Task:
     train, heldout = make_datasets(num_train=data.num_train, seed=seed, heldout_size=data.heldout_size,
                                    filler_max=data.filler_max)  # fmt: skip
     train = train.add_column("difficulty", [arithmetic_difficulty(p) for p in train["prompt"]])
@@ -44,13 +89,14 @@ def _demo_task(data, tokenizer, seed: int) -> Task:
         subset = heldout if limit is None or limit >= len(heldout) else heldout.select(range(limit))
         return evaluate_greedy(model, tokenizer, subset, allow_filler=allow_filler)
 
-    return Task(train, heldout, [ArithmeticReward(tokenizer, allow_filler=allow_filler)], evaluate)
+    exact = ArithmeticReward(tokenizer, allow_filler=allow_filler)
+    return Task(train, heldout, reward_funcs(reward, data, train.column_names, exact), evaluate)
 
 
 def _format_rows(ds: Dataset, data) -> Dataset:
     def convert(row):
         text = data.prompt_template.format(prompt=row[data.prompt_column])
-        reference = str(row[data.answer_column])
+        reference = str(row[data.answer_column]) if data.answer_column in row else ""
         if data.answer_extraction in ("gsm8k", "boxed"):
             reference = extract_answer(reference, data.answer_extraction) or reference
         out = {"prompt": [{"role": "user", "content": text}] if data.chat else text, "answer": reference}
@@ -58,18 +104,19 @@ def _format_rows(ds: Dataset, data) -> Dataset:
             out["difficulty"] = float(row["difficulty"])
         return out
 
-    keep = {"prompt", "answer", "difficulty"}
+    keep = {"prompt", "answer", "difficulty", "tests"}
     return ds.map(convert, remove_columns=[c for c in ds.column_names if c not in keep])
 
 
-def _loaded_task(data, seed: int, max_new_tokens: int) -> Task:
+def _loaded_task(data, seed: int, max_new_tokens: int, reward_cfg=None) -> Task:
     if data.source == "jsonl":
         full = load_dataset("json", data_files=data.path, split="train")
         heldout = None
     else:
         full = load_dataset(data.path, data.config_name, split=data.split)
         heldout = load_dataset(data.path, data.config_name, split=data.heldout_split) if data.heldout_split else None
-    for column in (data.prompt_column, data.answer_column):
+    code = reward_cfg is not None and _plain(reward_cfg.verifier) == "code"
+    for column in (data.prompt_column,) if code else (data.prompt_column, data.answer_column):  # code: `tests`
         if column not in full.column_names:
             raise ValueError(f"data: column {column!r} not in the dataset (columns: {full.column_names})")
     if heldout is None:
@@ -81,20 +128,23 @@ def _loaded_task(data, seed: int, max_new_tokens: int) -> Task:
     if data.num_train is not None:
         train = train.shuffle(seed=seed).select(range(min(data.num_train, len(train))))
     heldout = _format_rows(heldout, data)
-    reward = AnswerMatchReward(extraction=data.answer_extraction)
+    funcs = reward_funcs(reward_cfg, data, train.column_names, AnswerMatchReward(extraction=data.answer_extraction))
 
     def evaluate(model, tokenizer, limit=None):
         subset = heldout if limit is None or limit >= len(heldout) else heldout.select(range(limit))
-        return evaluate_with_reward(model, tokenizer, subset, reward, max_new_tokens)
+        return evaluate_with_reward(model, tokenizer, subset, funcs[0], max_new_tokens)
 
-    return Task(train, heldout, [reward], evaluate)
+    return Task(train, heldout, funcs, evaluate)
 
 
-def load_task(data, tokenizer, seed: int, max_new_tokens: int) -> Task:
-    """The task named by a composed ``data`` config (see ``conf/data``)."""
+def load_task(data, tokenizer, seed: int, max_new_tokens: int, reward=None) -> Task:
+    """The task named by a composed ``data`` config (see ``conf/data``), scored as ``reward.verifier`` says.
+
+    ``reward`` is the composed ``reward`` config; None keeps the data's own checker (``verifier=task``).
+    """
     if data.source == "demo_arithmetic":
-        return _demo_task(data, tokenizer, seed)
-    return _loaded_task(data, seed, max_new_tokens)
+        return _demo_task(data, tokenizer, seed, reward)
+    return _loaded_task(data, seed, max_new_tokens, reward)
 
 
 @torch.no_grad()
@@ -118,7 +168,8 @@ def evaluate_with_reward(model, tokenizer, heldout: Dataset, reward, max_new_tok
             completion_ids = out[:, batch["input_ids"].shape[1] :]
             lengths = (completion_ids != tokenizer.pad_token_id).sum(dim=1)
             completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-            correct += sum(reward(completions=completions, answer=list(rows["answer"])))
+            columns = {c: list(rows[c]) for c in rows.column_names if c != "prompt"}  # answer, tests, ...
+            correct += sum(reward(prompts=prompts, completions=completions, **columns))
             tokens += int(lengths.sum())
     finally:
         model.train(was_training)

@@ -1,0 +1,48 @@
+"""Verifiable rewards for TRL (paper section 2.3): math answers checked by math-verify, code run in a sandbox.
+
+Each factory returns a picklable callable class instance with a ``__name__`` (TRL logs rewards by it), called by TRL
+as ``f(prompts=, completions=, completion_ids=, **dataset_columns, trainer_state=, log_metric=, ...)``:
+
+    get_math_reward(extraction="auto", timeout_seconds=5.0)          # reads the `answer` column
+    get_code_reward(partial_credit=True, timeout_seconds=5.0, ...)   # reads the `tests` column
+
+``k15_plugin.rewards.answer.AnswerMatchReward`` is the dependency-free exact-match checker the CLI's ``task``
+verifier uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from k15_plugin.rewards.code import CodeReward
+from k15_plugin.rewards.math import MathReward
+from k15_plugin.rewards.sandbox import RunResult, Sandbox, SandboxConfig, SandboxUnavailableError
+
+__all__ = [
+    "CodeReward",
+    "MathReward",
+    "RunResult",
+    "Sandbox",
+    "SandboxConfig",
+    "SandboxUnavailableError",
+    "get_code_reward",
+    "get_math_reward",
+]
+
+
+def get_math_reward(**options: Any) -> MathReward:
+    """A :class:`MathReward`: 1.0 when the completion's final answer equals the ``answer`` column (math-verify).
+
+    Options: ``extraction`` (``auto``, ``boxed``, ``gsm8k``, ``last_number``), ``timeout_seconds`` (per sample),
+    ``timeout_backend`` (``auto``, ``process``), ``answer_column``.
+    """
+    return MathReward(**options)
+
+
+def get_code_reward(**options: Any) -> CodeReward:
+    """A :class:`CodeReward`: share of the ``tests`` column's cases the completion's program passes, sandboxed.
+
+    Options: ``partial_credit``, ``language``, ``tests_column``, ``max_tests``, and the :class:`SandboxConfig` fields
+    (``timeout_seconds``, ``memory_mb``, ``concurrency``, ``network_isolation``, ``max_processes``, ...).
+    """
+    return CodeReward(**options)

@@ -1,0 +1,559 @@
+"""``k15-curate``: prompt-set curation as in the paper's section 2.1 (RL prompt set curation).
+
+    k15-curate difficulty   --input train.jsonl --output rated.jsonl --model PATH [--n 10 --temperature 1.0]
+    k15-curate easy-to-hack --input rated.jsonl --output kept.jsonl --model PATH [--tries 8]
+    k15-curate filter       --input raw.jsonl   --output clean.jsonl
+    (``--dataset ID [--config-name C --split S]`` reads a Hub dataset instead of ``--input``)
+
+* ``difficulty`` -- "a model-based approach that leverages the model's own capacity to adaptively assess the
+  difficulty of each prompt": ``n`` samples per prompt at a high temperature (paper: 10 samples), scored by the reward;
+  writes ``pass_rate`` and ``difficulty = 1 - pass_rate`` (higher is harder), the column ``sampler=curriculum``
+  reads (:class:`k15_plugin.trl.samplers.CurriculumSampler`).
+* ``easy-to-hack`` -- "prompt the model to guess potential answers without any CoT reasoning steps. If the model
+  predicts the correct answer within N attempts, the prompt is considered too easy-to-hack and removed" (paper:
+  N = 8). Asks with a no-reasoning template and a short token budget; writes only the prompts it never guessed.
+* ``filter`` -- "we exclude some types of questions, such as multiple-choice, true/false, and proof-based
+  questions": rule-based, with counts of what was dropped and why.
+
+Every command shows a progress bar, records each finished prompt in an append-only, fsync'd sidecar
+``<output>.partial.jsonl`` (keyed by the prompt's index in the input) and, rerun after an interruption with the same
+arguments, skips what it has already done. The output is written at the end in one piece (a temporary file in the
+same directory, then ``os.replace``), and the sidecar is removed. Generation uses vLLM when it is importable and a
+GPU is present, else batched ``transformers.generate`` (left padding). Scoring uses :class:`MathReward` (default)
+or, for the built-in demo model (``--model tiny_demo``), the demo task's :class:`ArithmeticReward`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("difficulty", "easy-to-hack", "filter")
+DEMO_MODEL = "tiny_demo"
+NO_REASONING_TEMPLATE = "{prompt}\n\nGive only the final answer, with no reasoning or explanation."
+EXIT_INCOMPLETE = 3  # stopped early (--stop-after); the sidecar holds the progress
+
+
+class CurationError(ValueError):
+    """A user-facing error: bad arguments, a missing column, or a sidecar from a different job."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rows in, rows out
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_rows(args: argparse.Namespace) -> list[dict]:
+    """The input rows as dicts: a JSONL file (``--input``) or a Hub dataset (``--dataset``)."""
+    if args.dataset:
+        from datasets import load_dataset
+
+        return [dict(row) for row in load_dataset(args.dataset, args.config_name, split=args.split)]
+    rows = []
+    with open(args.input, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise CurationError(f"{args.input}:{number}: not JSON ({err.msg})") from None
+    return rows
+
+
+def write_atomically(path: Path, rows: Iterable[dict]) -> None:
+    """Write JSONL to ``path`` all at once: a temporary file in the same directory, fsync, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the output private; give it a normal file's mode
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Sidecar:
+    """``<output>.partial.jsonl``: a header naming the job, then one ``{"index": i, ...}`` line per finished prompt.
+
+    Append-only and fsync'd after every batch, so a crash loses at most the batch in flight; a torn last line (a
+    crash mid-write) is cut off on reopening. A sidecar written by a different job (other command, input or options)
+    is refused rather than mixed in; ``--restart`` discards it.
+    """
+
+    def __init__(self, output: Path, job: dict, restart: bool = False):
+        self.path = output.with_name(output.name + ".partial.jsonl")
+        self.done: dict[int, dict] = {}
+        if restart:
+            self.path.unlink(missing_ok=True)
+        if self.path.exists():
+            self._load(job)
+        else:
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"k15_curate_job": job}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        self.file = open(self.path, "a", encoding="utf-8")  # closed by close()
+
+    def _load(self, job: dict) -> None:
+        good_bytes = 0
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f):
+                if not raw.endswith(b"\n"):
+                    break  # torn last line
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError:
+                    break
+                if number == 0:
+                    if record.get("k15_curate_job") != job:
+                        raise CurationError(
+                            f"{self.path} belongs to a different job ({record.get('k15_curate_job')}); rerun with the "
+                            "same arguments to resume it, or pass --restart to discard it"
+                        )
+                else:
+                    self.done[int(record.pop("index"))] = record
+                good_bytes += len(raw)
+        if good_bytes == 0:
+            raise CurationError(f"{self.path} has no readable header; delete it or pass --restart")
+        with open(self.path, "r+b") as f:
+            f.truncate(good_bytes)
+
+    def add(self, results: dict[int, dict]) -> None:
+        for index, record in results.items():
+            self.file.write(json.dumps({"index": index, **record}, ensure_ascii=False, default=str) + "\n")
+            self.done[index] = record
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Filter rules
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Two or more lettered options: "(A) 3 (B) 4", "A. 3\nB. 4", "\textbf{(A) } 3 \qquad \textbf{(B) }", "A) 3".
+_OPTION = re.compile(r"(?:^|\s|\\textbf\{|\\text\{|\$)\(?([A-E])(?:\)|\.|:|\)\s*\})(?=\s|\$|\\|\d|$)", re.MULTILINE)
+_MC_PHRASES = re.compile(r"answer choices|which of the following|choose the (?:correct|best) (?:answer|option)", re.I)
+_LETTER_ANSWER = re.compile(r"^\s*(?:\\text\{|\\textbf\{)?\(?[A-E]\)?\}?\s*$")
+_TF_PHRASES = re.compile(
+    r"\btrue or false\b|\btrue/false\b|\bT/F\b|\bis (?:the following|this|it) (?:statement )?true\b", re.I
+)
+_TF_ANSWERS = {"true", "false", "yes", "no", "t", "f", "\\text{true}", "\\text{false}", "\\text{yes}", "\\text{no}"}
+_PROOF_PHRASES = re.compile(
+    r"\bprove\b|\bproof\b|\bshow that\b|\bdemonstrate that\b|\bjustify (?:that|your)\b|\\begin\{proof\}", re.I
+)
+FILTER_REASONS = ("multiple_choice", "true_false", "proof")
+
+
+def question_type(prompt: Any, answer: Any) -> str | None:
+    """``multiple_choice``, ``true_false`` or ``proof`` if the question is of a type the paper excludes, else None."""
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+    reference = "" if answer is None else str(answer).strip()
+    letters = {m.group(1) for m in _OPTION.finditer(text)}
+    if {"A", "B"} <= letters or _MC_PHRASES.search(text) or _LETTER_ANSWER.match(reference):
+        return "multiple_choice"
+    if _TF_PHRASES.search(text) or reference.lower().rstrip(".") in _TF_ANSWERS:
+        return "true_false"
+    if _PROOF_PHRASES.search(text):
+        return "proof"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation and scoring
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Generator:
+    """``sample(prompts, n) -> [[(text, token_ids), ...n], ...]``: vLLM when usable, else ``transformers``."""
+
+    def __init__(self, model: str, backend: str, temperature: float, max_new_tokens: int, batch_size: int,
+                 chat: bool, seed: int):  # fmt: skip
+        import torch
+
+        self.temperature, self.max_new_tokens, self.batch_size = temperature, max_new_tokens, batch_size
+        self.chat, self.seed = chat, seed
+        use_vllm = backend == "vllm" or (backend == "auto" and model != DEMO_MODEL and _vllm_usable())
+        if model == DEMO_MODEL:
+            from k15_plugin.data.arithmetic import load_demo_checkpoint
+
+            self.model, self.tokenizer = load_demo_checkpoint()
+        elif use_vllm:
+            from vllm import LLM
+
+            self.llm = LLM(model=model, seed=seed)
+            self.tokenizer = self.llm.get_tokenizer()
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+            if torch.cuda.is_available():
+                self.model.to("cuda")
+        self.backend = "vllm" if use_vllm and model != DEMO_MODEL else "transformers"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.backend == "transformers":
+            self.model.eval()
+
+    def _text(self, prompt: Any) -> str:
+        if isinstance(prompt, list) or self.chat:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt
+
+    def sample(self, prompts: Sequence[Any], n: int, seed: int) -> list[list[tuple[str, list[int]]]]:
+        texts = [self._text(p) for p in prompts]
+        if self.backend == "vllm":
+            return self._sample_vllm(texts, n, seed)
+        return self._sample_transformers(texts, n, seed)
+
+    def _sample_vllm(self, texts: list[str], n: int, seed: int) -> list[list[tuple[str, list[int]]]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=self.temperature, max_tokens=self.max_new_tokens, seed=seed)
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for request in self.llm.generate(texts, params, use_tqdm=False):
+            samples = []
+            for o in request.outputs:
+                ids = list(o.token_ids)
+                if o.finish_reason == "stop" and eos is not None and (not ids or ids[-1] != eos):
+                    ids.append(eos)  # stopped by EOS: keep it, as TRL's completion_ids do
+                samples.append((o.text, ids))
+            out.append(samples)
+        return out
+
+    def _sample_transformers(self, texts: list[str], n: int, seed: int) -> list[list[tuple[str, list[int]]]]:
+        import torch
+
+        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        device = next(self.model.parameters()).device
+        out: list[list[tuple[str, list[int]]]] = []
+        per_call = max(1, self.batch_size // n)
+        for start in range(0, len(texts), per_call):
+            batch = tok(texts[start : start + per_call], return_tensors="pt", padding=True, padding_side="left")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            torch.manual_seed(seed + start)  # the same prompts in the same chunks give the same samples
+            with torch.no_grad():
+                generated = self.model.generate(
+                    **batch, do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0,
+                    max_new_tokens=self.max_new_tokens, num_return_sequences=n, pad_token_id=tok.pad_token_id,
+                )  # fmt: skip
+            completions = generated[:, batch["input_ids"].shape[1] :].tolist()
+            for i in range(len(completions) // n):
+                samples = []
+                for ids in completions[i * n : (i + 1) * n]:
+                    if eos in ids:
+                        ids = ids[: ids.index(eos) + 1]  # generate pads finished rows after EOS
+                    samples.append((tok.decode(ids, skip_special_tokens=True), ids))
+                out.append(samples)
+        return out
+
+
+def _vllm_usable() -> bool:
+    try:
+        import importlib.util
+
+        import torch
+
+        return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def make_scorer(kind: str, tokenizer, extraction: str) -> Callable[[list[tuple[str, list[int]]], Any], list[float]]:
+    """``score(samples, answer) -> rewards``: the math reward, or the demo task's arithmetic reward."""
+    if kind == "arithmetic":
+        from k15_plugin.data.arithmetic import ArithmeticReward
+
+        arithmetic = ArithmeticReward(tokenizer)
+
+        def score_ids(samples: list[tuple[str, list[int]]], answer: Any) -> list[float]:
+            return arithmetic(completion_ids=[ids for _, ids in samples], answer=[answer] * len(samples))
+
+        return score_ids
+    from k15_plugin.rewards.math import MathReward
+
+    math_reward = MathReward(extraction=extraction)
+
+    def score_text(samples: list[tuple[str, list[int]]], answer: Any) -> list[float]:
+        return math_reward([text for text, _ in samples], answer=[answer] * len(samples))
+
+    return score_text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _job(args: argparse.Namespace) -> dict:
+    """What identifies a job for resuming: the command, the input and every option that changes the results."""
+    ignore = {"output", "restart", "stop_after", "func", "batch_size", "quiet"}
+    job = {k: v for k, v in sorted(vars(args).items()) if k not in ignore}
+    if args.input:
+        job["input"] = str(Path(args.input).resolve())
+    return job
+
+
+def _columns(rows: list[dict], args: argparse.Namespace, need_answer: bool) -> None:
+    if not rows:
+        return
+    needed = [args.prompt_column] + ([args.answer_column] if need_answer else [])
+    missing = [c for c in needed if c not in rows[0]]
+    if missing:
+        raise CurationError(f"column(s) {missing} not in the input (columns: {sorted(rows[0])}); see --prompt-column "
+                            "and --answer-column")  # fmt: skip
+
+
+def _process(args, rows: list[dict], sidecar: Sidecar, work: Callable[[list[int]], dict[int, dict]], chunk: int,
+             progress: bool) -> bool:  # fmt: skip
+    """Run ``work`` over the unfinished indices in chunks; returns False when stopped by ``--stop-after``."""
+    from tqdm.auto import tqdm
+
+    todo = [i for i in range(len(rows)) if i not in sidecar.done]
+    if args.stop_after is not None:
+        todo, stopped = todo[: args.stop_after], len(todo) > args.stop_after
+    else:
+        stopped = False
+    bar = tqdm(total=len(rows), initial=len(sidecar.done), desc=args.command, unit="prompt", disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
+    try:
+        for start in range(0, len(todo), chunk):
+            indices = todo[start : start + chunk]
+            sidecar.add(work(indices))
+            bar.update(len(indices))
+    finally:
+        bar.close()
+    return not stopped
+
+
+def _model_defaults(args: argparse.Namespace, command: str) -> None:
+    demo = args.model == DEMO_MODEL
+    if args.reward is None:
+        args.reward = "arithmetic" if demo else "math"
+    if args.template is None:  # the demo tokenizer knows only digits, '+', '=' and '.'
+        args.template = "{prompt}" if demo or command == "difficulty" else NO_REASONING_TEMPLATE
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 4 if demo else (1024 if command == "difficulty" else 32)
+
+
+def run_difficulty(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
+    generator = Generator(args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size,
+                          args.chat, args.seed)  # fmt: skip
+    score = make_scorer(args.reward, generator.tokenizer, args.extraction)
+
+    def work(indices: list[int]) -> dict[int, dict]:
+        prompts = [_prompt(rows[i], args) for i in indices]
+        samples = generator.sample(prompts, args.n, args.seed + indices[0])
+        results = {}
+        for i, group in zip(indices, samples, strict=True):
+            rewards = score(group, rows[i][args.answer_column])
+            pass_rate = sum(r >= args.correct_threshold for r in rewards) / len(rewards)
+            results[i] = {"pass_rate": pass_rate}
+        return results
+
+    finished = _process(args, rows, sidecar, work, max(1, args.batch_size // args.n), progress)
+    if not finished:
+        return False, {}
+    out = [{**row, "pass_rate": sidecar.done[i]["pass_rate"], "difficulty": 1.0 - sidecar.done[i]["pass_rate"]}
+           for i, row in enumerate(rows)]  # fmt: skip
+    write_atomically(Path(args.output), out)
+    rates = [r["pass_rate"] for r in out]
+    return True, {"rows": len(out), "mean_pass_rate": sum(rates) / max(len(rates), 1),
+                  "unsolved": sum(r == 0 for r in rates), "always_solved": sum(r == 1 for r in rates)}  # fmt: skip
+
+
+def run_easy_to_hack(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
+    generator = Generator(args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size,
+                          args.chat, args.seed)  # fmt: skip
+    score = make_scorer(args.reward, generator.tokenizer, args.extraction)
+
+    def work(indices: list[int]) -> dict[int, dict]:
+        prompts = [_prompt(rows[i], args) for i in indices]
+        samples = generator.sample(prompts, args.tries, args.seed + indices[0])
+        results = {}
+        for i, group in zip(indices, samples, strict=True):
+            rewards = score(group, rows[i][args.answer_column])
+            results[i] = {"guessed": int(sum(r >= args.correct_threshold for r in rewards))}
+        return results
+
+    finished = _process(args, rows, sidecar, work, max(1, args.batch_size // args.tries), progress)
+    if not finished:
+        return False, {}
+    kept = [row for i, row in enumerate(rows) if sidecar.done[i]["guessed"] == 0]
+    write_atomically(Path(args.output), kept)
+    return True, {"rows": len(rows), "kept": len(kept), "dropped_easy_to_hack": len(rows) - len(kept)}
+
+
+def run_filter(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
+    def work(indices: list[int]) -> dict[int, dict]:
+        return {i: {"reason": question_type(rows[i][args.prompt_column], rows[i].get(args.answer_column))}
+                for i in indices}  # fmt: skip
+
+    if not _process(args, rows, sidecar, work, 1024, progress):
+        return False, {}
+    kept = [row for i, row in enumerate(rows) if sidecar.done[i]["reason"] is None]
+    write_atomically(Path(args.output), kept)
+    reasons = Counter(r["reason"] for r in sidecar.done.values() if r["reason"] is not None)
+    return True, {"rows": len(rows), "kept": len(kept), "dropped": {k: reasons.get(k, 0) for k in FILTER_REASONS}}
+
+
+def _prompt(row: dict, args: argparse.Namespace) -> Any:
+    prompt = row[args.prompt_column]
+    if isinstance(prompt, list):  # already chat messages: the template applies to the last user turn
+        *head, last = prompt
+        return [*head, {**last, "content": args.template.format(prompt=last["content"])}]
+    return args.template.format(prompt=prompt)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k15-curate", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--input", help="JSONL file, one JSON object per line")
+        source.add_argument("--dataset", help="Hub dataset id (datasets.load_dataset)")
+        p.add_argument("--config-name", default=None, help="Hub dataset configuration")
+        p.add_argument("--split", default="train", help="Hub dataset split (default: train)")
+        p.add_argument("--output", required=True, help="JSONL file to write (atomically, at the end)")
+        p.add_argument("--prompt-column", default="prompt")
+        p.add_argument("--answer-column", default="answer")
+        p.add_argument("--restart", action="store_true", help="discard the progress of an earlier, different job")
+        p.add_argument(
+            "--stop-after",
+            type=int,
+            default=None,
+            metavar="N",
+            help="process at most N more prompts, then stop; rerun the same command to continue",
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def sampling(p: argparse.ArgumentParser, temperature: float) -> None:
+        p.add_argument("--model", required=True, help=f"model path or Hub id; {DEMO_MODEL!r}: the built-in demo model")
+        p.add_argument("--reward", choices=["math", "arithmetic"], default=None,
+                       help="scoring: math (math-verify) or arithmetic (demo task); default: arithmetic for "
+                            f"{DEMO_MODEL}, math otherwise")  # fmt: skip
+        p.add_argument(
+            "--extraction",
+            default="auto",
+            choices=["auto", "boxed", "gsm8k", "last_number"],
+            help="where the math reward finds the final answer (default: auto)",
+        )
+        p.add_argument("--correct-threshold", type=float, default=1.0, help="reward counted as a success (1.0)")
+        p.add_argument("--temperature", type=float, default=temperature)
+        p.add_argument(
+            "--max-new-tokens",
+            type=int,
+            default=None,
+            help="default: 4 for the demo model; 1024 (difficulty) or 32 (easy-to-hack) otherwise",
+        )
+        p.add_argument("--template", default=None, help="prompt template with {prompt}")
+        p.add_argument("--chat", action="store_true", help="send string prompts as a user chat message")
+        p.add_argument(
+            "--backend",
+            choices=["auto", "transformers", "vllm"],
+            default="auto",
+            help="auto: vLLM when importable and a GPU is present, else transformers",
+        )
+        p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (prompts x samples)")
+        p.add_argument("--seed", type=int, default=0)
+
+    p = commands.add_parser("difficulty", help="sample n answers per prompt; write pass_rate and difficulty")
+    common(p)
+    sampling(p, temperature=1.0)  # "high temperature" (paper, section 2.1)
+    p.add_argument("--n", type=int, default=10, help="samples per prompt (paper: 10)")
+    p.set_defaults(func=run_difficulty)
+
+    p = commands.add_parser("easy-to-hack", help="drop prompts the model answers right without reasoning")
+    common(p)
+    sampling(p, temperature=1.0)
+    p.add_argument("--tries", type=int, default=8, help="guesses per prompt (paper: 8)")
+    p.set_defaults(func=run_easy_to_hack)
+
+    p = commands.add_parser("filter", help="drop multiple-choice, true/false and proof questions")
+    common(p)
+    p.set_defaults(func=run_filter)
+    return parser
+
+
+def curate(argv: Sequence[str] | None = None) -> dict:
+    """Run one ``k15-curate`` command; returns its summary (``complete`` False when stopped by ``--stop-after``)."""
+    args = build_parser().parse_args(argv)
+    model_based = args.command != "filter"
+    if model_based:
+        _model_defaults(args, args.command)
+        samples = args.n if args.command == "difficulty" else args.tries
+        if samples < 1 or args.batch_size < 1 or args.temperature <= 0:
+            raise CurationError("--n/--tries and --batch-size must be >= 1 and --temperature > 0")
+    if args.stop_after is not None and args.stop_after < 0:
+        raise CurationError("--stop-after must be >= 0")
+    rows = read_rows(args)
+    _columns(rows, args, need_answer=model_based)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = Sidecar(output, _job(args), restart=args.restart)
+    resumed = len(sidecar.done)
+    try:
+        complete, summary = args.func(args, rows, sidecar, progress=not args.quiet)
+    finally:
+        sidecar.close()
+    new = len(sidecar.done) - resumed
+    if complete:
+        sidecar.remove()
+    return {"command": args.command, "complete": complete, "processed": new, "resumed": resumed,
+            "output": str(output) if complete else None, **summary}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``k15-curate``: prints the summary as one JSON line."""
+    try:
+        summary = curate(argv)
+    except CurationError as err:
+        print(f"k15-curate: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("k15-curate: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    print(json.dumps(summary))
+    if not summary["complete"]:
+        print("k15-curate: stopped early (--stop-after); rerun the same command to continue", file=sys.stderr)
+        sys.exit(EXIT_INCOMPLETE)
+
+
+if __name__ == "__main__":
+    main()
