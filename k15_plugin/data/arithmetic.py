@@ -1,0 +1,498 @@
+"""Built-in demo task: two-digit addition with a verifiable reward, a tiny Llama, and a supervised warm start.
+
+The task is small enough to run RL on one CPU thread in a couple of minutes while still showing a clear learning
+curve: the prompt is ``"a+b="`` with ``a, b`` uniform in 0..99 and the answer is the decimal sum followed by EOS.
+Only 10,000 distinct pairs exist, so a fixed held-out set of 500 pairs is excluded from training and scored with
+greedy decoding.
+
+Pieces:
+
+* :func:`build_tokenizer` -- a 16-token character-level tokenizer built in code (no download). ``tokenizer("12+34=")``
+  gives ``[bos, 1, 2, +, 3, 4, =]``, which is exactly how TRL's ``GRPOTrainer`` tokenizes string prompts
+  (``processing_class(text=prompts)`` with the default ``add_special_tokens=True``).
+* :func:`build_model` / :func:`tiny_test_model` -- ``LlamaForCausalLM`` built from a config.
+* :func:`make_datasets` -- ``(train, heldout)`` ``datasets.Dataset`` s with ``prompt`` and ``answer`` columns.
+* :class:`ArithmeticReward` -- a picklable TRL reward function (1.0 iff the completion is the answer then EOS).
+* :func:`supervised_warm_start` -- teacher forcing until the held-out greedy accuracy crosses a threshold, so that RL
+  starts from a policy that is right sometimes (GRPO needs a non-zero success rate to get any signal).
+* :func:`evaluate_greedy` -- batched greedy decoding on the held-out set.
+* :func:`load_demo_checkpoint` -- the shipped warm-started checkpoint (built by
+  ``python -m k15_plugin.data.make_demo_checkpoint``).
+
+The optional *filler* variant (``filler_max > 0``) puts 0..filler_max random ``.`` tokens before the answer in the
+warm-start data, so the policy emits answers of varying length; this gives the length penalty something to act on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = [
+    "DEMO_CHECKPOINT_DIR",
+    "DEMO_FILLER_CHECKPOINT_DIR",
+    "FILLER",
+    "HELDOUT_SEED",
+    "MAX_OPERAND",
+    "ArithmeticReward",
+    "build_model",
+    "build_tokenizer",
+    "evaluate_greedy",
+    "load_demo_checkpoint",
+    "make_datasets",
+    "read_warm_start_info",
+    "supervised_warm_start",
+    "tiny_test_model",
+]
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+FILLER = "."
+MAX_OPERAND = 99
+# The held-out pairs depend on this constant only, never on the training seed, so every run (and the accuracy
+# recorded next to the shipped checkpoint) is measured on the same 500 pairs.
+HELDOUT_SEED = 1234
+DEFAULT_HELDOUT_SIZE = 500
+
+# Special tokens first so pad=0, bos=1, eos=2; then digits 3..12 and the three symbols: 16 tokens in all.
+VOCAB: dict[str, int] = {
+    PAD: 0,
+    BOS: 1,
+    EOS: 2,
+    **{str(d): 3 + d for d in range(10)},
+    "+": 13,
+    "=": 14,
+    FILLER: 15,
+}
+# Longest completion without filler: three digits ("198") plus EOS.
+_MAX_ANSWER_TOKENS = len(str(2 * MAX_OPERAND)) + 1
+
+DEMO_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo_checkpoint"
+DEMO_FILLER_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo_checkpoint_filler"
+WARM_START_FILE = "warm_start.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer over the 16-token vocabulary, built in code.
+
+    Every character is its own token (a ``Split`` pre-tokenizer on any single character feeding a ``WordLevel``
+    model). The post-processor prepends BOS, so ``tokenizer("12+34=")`` is ``[bos, 1, 2, +, 3, 4, =]`` -- the form
+    the model was warm-started on and the form TRL produces. Padding is on the left, as batched generation needs.
+    Characters outside the vocabulary raise (there is deliberately no unknown token: the task never produces one).
+    """
+    backend = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, VOCAB[BOS])]
+    )
+    # Fuse joins the decoded tokens without the spaces a WordLevel model would otherwise put between them.
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",
+        truncation_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=64,
+    )
+
+
+def _llama(
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    seed: int,
+) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    # Seed only the initialisation and restore the global RNG afterwards, so building a model has no side effect on
+    # whatever sampling the caller does next.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_new_tokens=_MAX_ANSWER_TOKENS,
+        do_sample=False,
+    )
+    return model
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 512,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """The demo policy: a 2-layer Llama with tied embeddings (~527k parameters at the defaults)."""
+    return _llama(tokenizer, hidden_size, num_layers, num_heads, intermediate_size, seed)
+
+
+def tiny_test_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
+    """An even smaller Llama (hidden 64, 2 layers, 4 heads, intermediate 128) for fast unit tests."""
+    return _llama(tokenizer, 64, 2, 4, 128, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _all_pairs() -> list[tuple[int, int]]:
+    return [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+
+
+def _rows(pairs: Sequence[tuple[int, int]]) -> dict[str, list[str]]:
+    return {"prompt": [f"{a}+{b}=" for a, b in pairs], "answer": [str(a + b) for a, b in pairs]}
+
+
+def make_datasets(
+    num_train: int | None = None,
+    seed: int = 0,
+    heldout_size: int = DEFAULT_HELDOUT_SIZE,
+    filler_max: int = 0,
+    heldout_seed: int = HELDOUT_SEED,
+) -> tuple[Dataset, Dataset]:
+    """``(train_ds, heldout_ds)`` with string columns ``prompt`` (``"12+34="``) and ``answer`` (``"46"``).
+
+    The held-out pairs are drawn with ``heldout_seed`` (fixed by default, independent of ``seed``) and never appear
+    in ``train_ds``. ``train_ds`` holds every other pair shuffled with ``seed``; ``num_train`` truncates it, or, if
+    larger than the 10,000 - ``heldout_size`` available pairs, repeats freshly shuffled passes over them.
+
+    With ``filler_max > 0`` the training set gets an extra ``target`` column: the answer preceded by 0..filler_max
+    ``.`` filler tokens (one draw per row), for anyone who wants a fixed supervised target. The held-out set keeps
+    only ``prompt`` and ``answer``; the rewards and :func:`evaluate_greedy` judge against ``answer``.
+    """
+    pairs = _all_pairs()
+    if not 0 < heldout_size < len(pairs):
+        raise ValueError(f"heldout_size must be in 1..{len(pairs) - 1}, got {heldout_size}")
+    if filler_max < 0:
+        raise ValueError(f"filler_max must be >= 0, got {filler_max}")
+    heldout_rng = random.Random(heldout_seed)
+    heldout_idx = set(heldout_rng.sample(range(len(pairs)), heldout_size))
+    heldout = [pairs[i] for i in sorted(heldout_idx)]
+    pool = [p for i, p in enumerate(pairs) if i not in heldout_idx]
+
+    rng = random.Random(seed)
+    n = len(pool) if num_train is None else num_train
+    if n <= 0:
+        raise ValueError(f"num_train must be positive, got {num_train}")
+    train: list[tuple[int, int]] = []
+    while len(train) < n:
+        epoch = list(pool)
+        rng.shuffle(epoch)
+        train.extend(epoch[: n - len(train)])
+
+    train_rows = _rows(train)
+    if filler_max > 0:
+        train_rows["target"] = [FILLER * rng.randint(0, filler_max) + ans for ans in train_rows["answer"]]
+    return Dataset.from_dict(train_rows), Dataset.from_dict(_rows(heldout))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reward
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ArithmeticReward:
+    """TRL reward function: 1.0 iff the completion is exactly the answer's digits followed by EOS, else 0.0.
+
+    The check runs on ``completion_ids`` rather than on the decoded ``completions``: TRL decodes with
+    ``skip_special_tokens=True``, which hides a missing EOS and any stray BOS/PAD inside the completion. TRL truncates
+    ``completion_ids`` after the first EOS, so "ends with EOS" means "stopped by itself".
+
+    With ``allow_filler=True`` any number of leading ``.`` filler tokens is accepted before the digits (the filler
+    variant of the task). Malformed input of any kind scores 0.0; only a missing ``completion_ids`` or ``answer``
+    argument (a wiring mistake, not a bad sample) raises.
+
+    Instances are picklable (they hold only ints and a small dict), as multi-process reward evaluation needs, and
+    carry ``__name__`` because TRL logs rewards under that name.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, allow_filler: bool = False) -> None:
+        vocab = dict(VOCAB) if tokenizer is None else dict(tokenizer.get_vocab())
+        eos_id = VOCAB[EOS] if tokenizer is None else tokenizer.eos_token_id
+        if eos_id is None:
+            raise ValueError("the tokenizer has no eos_token_id")
+        self.__name__ = "arithmetic_correct"
+        self.eos_token_id = int(eos_id)
+        self.allow_filler = bool(allow_filler)
+        # Only digit and filler tokens may appear before EOS; anything else (BOS, PAD, '+', '=') makes it wrong.
+        self._id_to_char = {int(i): tok for tok, i in vocab.items() if tok.isdigit() and len(tok) == 1}
+        self._filler_id = vocab.get(FILLER)
+
+    def score(self, completion_ids: Sequence[int], answer: str | int) -> float:
+        """Reward of a single completion (token ids, EOS included) against ``answer``."""
+        if isinstance(completion_ids, (str, bytes)):  # iterating would read characters as token ids
+            return 0.0
+        try:
+            ids = [int(i) for i in completion_ids]
+            target = str(answer).strip()
+        except (TypeError, ValueError):
+            return 0.0
+        if not ids or ids[-1] != self.eos_token_id or not target.isdigit():
+            return 0.0
+        body = ids[:-1]
+        if self.allow_filler and self._filler_id is not None:
+            start = 0
+            while start < len(body) and body[start] == self._filler_id:
+                start += 1
+            body = body[start:]
+        chars = [self._id_to_char.get(i) for i in body]
+        if not chars or any(c is None for c in chars):
+            return 0.0
+        return 1.0 if "".join(chars) == target else 0.0  # type: ignore[arg-type]
+
+    def __call__(
+        self,
+        prompts: Sequence[Any] | None = None,
+        completions: Sequence[Any] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        answer: Sequence[str | int] | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        if completion_ids is None or answer is None:
+            raise TypeError(
+                "ArithmeticReward needs `completion_ids` and `answer` (the dataset's answer column); "
+                "TRL passes both when the dataset has an `answer` column"
+            )
+        if len(completion_ids) != len(answer):
+            raise ValueError(f"got {len(completion_ids)} completions but {len(answer)} answers")
+        return [self.score(ids, ans) for ids, ans in zip(completion_ids, answer, strict=True)]
+
+    def __repr__(self) -> str:
+        return f"ArithmeticReward(eos_token_id={self.eos_token_id}, allow_filler={self.allow_filler})"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_greedy(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout_ds: Dataset,
+    max_new_tokens: int | None = None,
+    batch_size: int = 500,
+    allow_filler: bool = False,
+) -> dict[str, float]:
+    """Greedy held-out accuracy and mean completion length (tokens up to and including EOS).
+
+    Prompts are left-padded with an attention mask, so ``generate`` derives position ids from the mask and scores
+    exactly what a sampled rollout would see. Correctness uses :class:`ArithmeticReward` (``allow_filler`` selects
+    the filler variant). ``max_new_tokens`` defaults to the longest correct completion: 4, or 4 + 6 with filler
+    (more filler than that counts as wrong -- it would not fit).
+    """
+    if max_new_tokens is None:
+        max_new_tokens = _MAX_ANSWER_TOKENS + (6 if allow_filler else 0)
+    reward = ArithmeticReward(tokenizer, allow_filler=allow_filler)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompts, answers = list(heldout_ds["prompt"]), list(heldout_ds["answer"])
+    correct, total_tokens = 0.0, 0
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            completions = out[:, batch["input_ids"].shape[1] :].tolist()
+            for ids, ans in zip(completions, answers[start : start + batch_size], strict=True):
+                # generate pads finished rows with PAD after EOS; keep up to and including the first EOS.
+                if tokenizer.eos_token_id in ids:
+                    ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+                total_tokens += len(ids)
+                correct += reward.score(ids, ans)
+    finally:
+        model.train(was_training)
+    n = max(len(prompts), 1)
+    return {"accuracy": correct / n, "mean_completion_tokens": total_tokens / n}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Supervised warm start
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sft_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    filler: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``bos prompt [filler] answer eos`` ids and labels that score only the completion tokens.
+
+    Right padding is safe here: with a causal mask no real token attends to the padding that follows it, and RoPE
+    only sees relative positions, so these logits equal those of left-padded generation.
+    """
+    # Tokenize through the tokenizer itself (BOS added by its post-processor) so training sees exactly what TRL feeds.
+    prompt_batch = tokenizer(list(prompts))["input_ids"]
+    targets = [FILLER * k + a for a, k in zip(answers, filler, strict=True)]
+    completion_batch = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    seqs, labels = [], []
+    for prompt_ids, completion_ids in zip(prompt_batch, completion_batch, strict=True):
+        completion_ids = [*completion_ids, tokenizer.eos_token_id]
+        seqs.append(list(prompt_ids) + completion_ids)
+        labels.append([-100] * len(prompt_ids) + completion_ids)
+    width = max(len(s) for s in seqs)
+    input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+    label_ids = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+    return input_ids, label_ids
+
+
+def supervised_warm_start(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_ds: Dataset,
+    heldout_ds: Dataset,
+    *,
+    target_accuracy: float = 0.22,
+    max_steps: int = 600,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    weight_decay: float = 0.01,
+    warmup_steps: int = 60,
+    check_every: int = 25,
+    seed: int = 0,
+    filler_max: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Teacher-force ``prompt [filler] answer eos`` until held-out greedy accuracy reaches ``target_accuracy``.
+
+    AdamW (betas 0.9/0.98, torch's default weight decay 0.01) with linear warm-up then cosine decay planned over
+    ``max_steps``; the loss is the mean cross-entropy over completion tokens only. Accuracy is checked every
+    ``check_every`` steps and training stops at the first check that reaches the target -- a threshold rather than a
+    step count or time budget, because accuracy rises steeply (a few % to ~50% within ~100 steps) and the demo wants a
+    policy that is right only sometimes.
+    With ``filler_max > 0`` every sample gets a fresh 0..filler_max filler count and accuracy accepts filler.
+
+    Returns ``steps``, ``accuracy`` and ``mean_completion_tokens`` at the last check, ``seconds`` (training plus
+    checks), ``reached_target`` and a ``history`` of ``(step, accuracy)`` pairs.
+    """
+    if max_steps <= 0 or check_every <= 0 or batch_size <= 0:
+        raise ValueError("max_steps, check_every and batch_size must be positive")
+    gen = torch.Generator().manual_seed(seed)
+    prompts, answers = list(train_ds["prompt"]), list(train_ds["answer"])
+    allow_filler = filler_max > 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_frac = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_frac)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    history: list[tuple[int, float]] = []
+    metrics: dict[str, float] = {"accuracy": 0.0, "mean_completion_tokens": 0.0}
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    step = 0
+    model.train()
+    while step < max_steps:
+        idx = torch.randint(len(prompts), (batch_size,), generator=gen).tolist()
+        filler = torch.randint(filler_max + 1, (batch_size,), generator=gen).tolist()
+        input_ids, labels = _sft_batch(tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], filler)
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if step % check_every == 0 or step == max_steps:
+            metrics = evaluate_greedy(model, tokenizer, heldout_ds, allow_filler=allow_filler)
+            history.append((step, metrics["accuracy"]))
+            if progress:
+                print(
+                    f"[warm start] step {step:4d}  loss {loss.item():.4f}  heldout acc {metrics['accuracy']:.3f}  "
+                    f"mean len {metrics['mean_completion_tokens']:.2f}  {time.perf_counter() - start:.1f}s",
+                    flush=True,
+                )
+            if metrics["accuracy"] >= target_accuracy:
+                break
+    model.eval()
+    return {
+        "steps": step,
+        "accuracy": metrics["accuracy"],
+        "mean_completion_tokens": metrics["mean_completion_tokens"],
+        "seconds": time.perf_counter() - start,
+        "reached_target": metrics["accuracy"] >= target_accuracy,
+        "history": history,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shipped checkpoint
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_demo_checkpoint(path: str | Path | None = None) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` from a checkpoint directory; defaults to the shipped :data:`DEMO_CHECKPOINT_DIR`.
+
+    Pass :data:`DEMO_FILLER_CHECKPOINT_DIR` for the filler variant. Everything is local: no hub access.
+    """
+    directory = Path(path) if path is not None else DEMO_CHECKPOINT_DIR
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {directory}; build it with `python -m k15_plugin.data.make_demo_checkpoint`"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = LlamaForCausalLM.from_pretrained(directory)
+    model.eval()
+    return model, tokenizer
+
+
+def read_warm_start_info(path: str | Path | None = None) -> dict[str, Any]:
+    """The ``warm_start.json`` written next to a checkpoint (measured accuracy, steps, seconds, filler_max...)."""
+    directory = Path(path) if path is not None else DEMO_CHECKPOINT_DIR
+    return json.loads((directory / WARM_START_FILE).read_text())

@@ -1,0 +1,255 @@
+"""The built-in arithmetic demo task: tokenizer, datasets, reward, greedy evaluation and the shipped checkpoints."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from k15_plugin.data.arithmetic import (
+    DEMO_CHECKPOINT_DIR,
+    DEMO_FILLER_CHECKPOINT_DIR,
+    ArithmeticReward,
+    build_model,
+    build_tokenizer,
+    evaluate_greedy,
+    load_demo_checkpoint,
+    make_datasets,
+    read_warm_start_info,
+    supervised_warm_start,
+    tiny_test_model,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def datasets_pair():
+    return make_datasets(seed=0)
+
+
+def _ids(tok, text: str, eos: bool = True) -> list[int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return [*ids, tok.eos_token_id] if eos else ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_one_token_per_char_with_bos(tok):
+    assert len(tok) == 16
+    ids = tok("12+34=")["input_ids"]
+    assert ids == [tok.bos_token_id] + [tok.convert_tokens_to_ids(c) for c in "12+34="]
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "1", "2", "+", "3", "4", "="]
+    # TRL's GRPOTrainer tokenizes string prompts as processing_class(text=prompts).
+    assert tok(text=["1+2=", "99+99="])["input_ids"][0] == [tok.bos_token_id, *_ids(tok, "1+2=", eos=False)]
+    assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
+    assert tok.padding_side == "left"
+
+
+def test_tokenizer_decode_skips_special_tokens(tok):
+    assert tok.decode(_ids(tok, "46"), skip_special_tokens=True) == "46"
+    assert tok.decode([tok.pad_token_id, *_ids(tok, ".12")], skip_special_tokens=True) == ".12"
+    assert tok.batch_decode([_ids(tok, "7"), _ids(tok, "198")], skip_special_tokens=True) == ["7", "198"]
+
+
+def test_tokenizer_left_pads(tok):
+    batch = tok(["1+2=", "12+34="], padding=True, return_tensors="pt")
+    assert batch["input_ids"][0, :2].tolist() == [tok.pad_token_id] * 2
+    assert batch["attention_mask"][0].tolist() == [0, 0, 1, 1, 1, 1, 1]
+
+
+def test_tokenizer_save_reload(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.get_vocab() == tok.get_vocab()
+    assert reloaded("12+34=")["input_ids"] == tok("12+34=")["input_ids"]
+    assert reloaded.padding_side == "left"
+    assert (reloaded.pad_token_id, reloaded.bos_token_id, reloaded.eos_token_id) == (0, 1, 2)
+    assert reloaded.decode(_ids(tok, "46"), skip_special_tokens=True) == "46"
+
+
+def test_models_and_generation_config(tok):
+    model = build_model(tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 500_000 < n_params < 560_000
+    gc = model.generation_config
+    assert (gc.pad_token_id, gc.bos_token_id, gc.eos_token_id) == (0, 1, 2)
+    tiny = tiny_test_model(tok)
+    assert tiny.config.hidden_size == 64 and tiny.config.intermediate_size == 128
+    # The seed fixes the initialisation without touching the global RNG.
+    state = torch.random.get_rng_state()
+    again = tiny_test_model(tok)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(tiny.parameters(), again.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_datasets_disjoint_and_correct(datasets_pair):
+    train, heldout = datasets_pair
+    assert len(heldout) == 500 and len(train) == 9_500
+    assert set(train.column_names) == {"prompt", "answer"} == set(heldout.column_names)
+    assert not set(train["prompt"]) & set(heldout["prompt"])
+    for ds in (train, heldout):
+        for prompt, answer in zip(ds["prompt"][:200], ds["answer"][:200], strict=True):
+            a, b = prompt.rstrip("=").split("+")
+            assert prompt.endswith("=") and answer == str(int(a) + int(b))
+
+
+def test_datasets_heldout_fixed_across_seeds(datasets_pair):
+    train0, heldout0 = datasets_pair
+    train1, heldout1 = make_datasets(seed=1)
+    assert heldout1["prompt"] == heldout0["prompt"]
+    assert train1["prompt"] != train0["prompt"] and sorted(train1["prompt"]) == sorted(train0["prompt"])
+    small, _ = make_datasets(num_train=100)
+    big, heldout = make_datasets(num_train=20_000)
+    assert len(small) == 100 and len(big) == 20_000
+    assert not set(big["prompt"]) & set(heldout["prompt"])
+
+
+def test_datasets_filler_target_column():
+    train, heldout = make_datasets(filler_max=6)
+    assert "target" in train.column_names and "target" not in heldout.column_names
+    for answer, target in zip(train["answer"][:300], train["target"][:300], strict=True):
+        assert target.endswith(answer) and set(target[: len(target) - len(answer)]) <= {"."}
+        assert len(target) - len(answer) <= 6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reward
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_reward_hand_checked_cases(tok):
+    reward = ArithmeticReward(tok)
+    eos, bos, pad = tok.eos_token_id, tok.bos_token_id, tok.pad_token_id
+    cases = [
+        (_ids(tok, "46"), "46", 1.0),
+        (_ids(tok, "46", eos=False), "46", 0.0),  # no EOS: truncated, not an answer
+        (_ids(tok, "47"), "46", 0.0),
+        (_ids(tok, "460"), "46", 0.0),
+        (_ids(tok, "4"), "46", 0.0),
+        (_ids(tok, "046"), "46", 0.0),
+        (_ids(tok, "..46"), "46", 0.0),  # filler not allowed by default
+        ([eos], "46", 0.0),
+        ([], "46", 0.0),
+        ([*_ids(tok, "4", eos=False), bos, *_ids(tok, "6")], "46", 0.0),  # stray special token, decodes to "46"
+        ([*_ids(tok, "46", eos=False), pad, eos], "46", 0.0),
+        (_ids(tok, "0"), "0", 1.0),
+        (_ids(tok, "198"), 198, 1.0),  # an int answer is accepted
+    ]
+    ids = [c[0] for c in cases]
+    got = reward(
+        prompts=["x"] * len(cases),
+        completions=[""] * len(cases),
+        completion_ids=ids,
+        answer=[c[1] for c in cases],
+        log_metric=None,
+    )
+    assert got == [c[2] for c in cases]
+
+
+def test_reward_filler_only_when_allowed(tok):
+    strict, lenient = ArithmeticReward(tok), ArithmeticReward(tok, allow_filler=True)
+    ids = [_ids(tok, ".46"), _ids(tok, "......46"), _ids(tok, "46"), _ids(tok, "4.6"), _ids(tok, "46."), _ids(tok, ".")]
+    answers = ["46"] * len(ids)
+    assert strict(completion_ids=ids, answer=answers) == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert lenient(completion_ids=ids, answer=answers) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_reward_garbage_scores_zero(tok):
+    reward = ArithmeticReward(tok)
+    ids = [None, "abc", "42", [2.5, "x"], [10**12, 2], [-1, 2], torch.tensor([4, 2]), _ids(tok, "46")]
+    answers = ["46", "46", "1", "46", "46", "46", "1", "not a number"]
+    assert reward(completion_ids=ids, answer=answers) == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    with pytest.raises(TypeError):
+        reward(completions=["46"])
+
+
+def test_reward_picklable_and_named(tok):
+    from trl.trainer.utils import get_callable_name
+
+    reward = ArithmeticReward(tok, allow_filler=True)
+    clone = pickle.loads(pickle.dumps(reward))
+    assert clone.__name__ == "arithmetic_correct" == get_callable_name(reward)
+    assert clone(completion_ids=[_ids(tok, ".12")], answer=["12"]) == [1.0]
+    assert ArithmeticReward()(completion_ids=[_ids(tok, "12")], answer=["12"]) == [1.0]  # default vocabulary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Greedy evaluation and warm start (tiny model)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_greedy_batched_matches_unbatched(tok, datasets_pair):
+    # Left padding + attention mask must not change what a prompt generates.
+    model = tiny_test_model(tok, seed=3)
+    heldout = datasets_pair[1].select(range(40))
+    batched = evaluate_greedy(model, tok, heldout, max_new_tokens=6)
+    one_by_one = [evaluate_greedy(model, tok, heldout.select([i]), max_new_tokens=6) for i in range(len(heldout))]
+    assert batched["accuracy"] == pytest.approx(sum(r["accuracy"] for r in one_by_one) / len(heldout))
+    assert batched["mean_completion_tokens"] == pytest.approx(
+        sum(r["mean_completion_tokens"] for r in one_by_one) / len(heldout)
+    )
+    assert 1.0 <= batched["mean_completion_tokens"] <= 6.0
+
+
+def test_supervised_warm_start_smoke(tok, datasets_pair):
+    train, heldout = datasets_pair
+    model = tiny_test_model(tok)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = supervised_warm_start(
+        model,
+        tok,
+        train,
+        heldout.select(range(50)),
+        target_accuracy=1.1,
+        max_steps=4,
+        batch_size=32,
+        check_every=2,
+        filler_max=3,
+        progress=False,
+    )
+    assert out["steps"] == 4 and not out["reached_target"] and [s for s, _ in out["history"]] == [2, 4]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not model.training
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shipped checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("directory", [DEMO_CHECKPOINT_DIR, DEMO_FILLER_CHECKPOINT_DIR], ids=["plain", "filler"])
+def test_shipped_checkpoint_matches_recorded_accuracy(directory, datasets_pair):
+    model, tok = load_demo_checkpoint(directory)
+    info = read_warm_start_info(directory)
+    assert sum(p.numel() for p in model.parameters()) == info["num_parameters"]
+    assert tok("12+34=")["input_ids"] == build_tokenizer()("12+34=")["input_ids"]
+    size = sum(f.stat().st_size for f in directory.iterdir())
+    assert size < 3_000_000
+    result = evaluate_greedy(model, tok, datasets_pair[1], allow_filler=info["allow_filler"])
+    assert result["accuracy"] == pytest.approx(info["heldout_accuracy"], abs=0.02)
+    # Far enough from both ends that RL has something to learn from and room to improve.
+    assert 0.15 <= result["accuracy"] <= 0.40
+
+
+def test_load_demo_checkpoint_default():
+    model, tok = load_demo_checkpoint()
+    assert model.config.vocab_size == len(tok) == 16
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    with pytest.raises(FileNotFoundError):
+        load_demo_checkpoint(DEMO_CHECKPOINT_DIR / "missing")
