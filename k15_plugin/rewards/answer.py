@@ -11,23 +11,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from k15_plugin.rewards.math import completion_text, last_boxed
+
 EXTRACTIONS = ("last_number", "gsm8k", "boxed")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def _last_boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
 
 
 def extract_answer(text: str, extraction: str) -> str | None:
@@ -37,7 +24,7 @@ def extract_answer(text: str, extraction: str) -> str | None:
     if not isinstance(text, str):
         return None
     if extraction == "boxed":
-        return _last_boxed(text)
+        return last_boxed(text)
     if extraction == "gsm8k":
         if "####" in text:
             text = text.rsplit("####", 1)[1]
@@ -54,14 +41,6 @@ def normalize_answer(answer: str) -> str:
     except ValueError:
         return s
     return str(int(value)) if value == int(value) else repr(value)
-
-
-def _completion_text(completion: Any) -> str:
-    if isinstance(completion, list):  # chat: the assistant messages' content
-        return "".join(
-            m.get("content", "") for m in completion if isinstance(m, dict) and isinstance(m.get("content"), str)
-        )
-    return completion if isinstance(completion, str) else ""
 
 
 class AnswerMatchReward:
@@ -84,7 +63,7 @@ class AnswerMatchReward:
             ref = str(reference)
             if self.reference_extraction is not None:
                 ref = extract_answer(ref, self.reference_extraction)
-            got = extract_answer(_completion_text(completion), self.extraction)
+            got = extract_answer(completion_text(completion), self.extraction)
             if got is None or ref is None:
                 return 0.0
             return 1.0 if normalize_answer(got) == normalize_answer(ref) else 0.0
