@@ -26,6 +26,15 @@ import torch
 from bench.common import RESULTS, build_trainer, demo_task, machine, write_json_line
 
 MAX_TOKENS = 10  # 3 digits + EOS + up to 6 filler tokens
+# Logged every steps/20 steps: sampled accuracy, sampled length, the penalty's weight, the share of groups with no
+# correct answer (they only see min(0, lambda), which favours the shortest wrong answer) and the penalty's mean.
+HISTORY_KEYS = {
+    "rewards/arithmetic_correct/mean": "acc",
+    "completions/mean_length": "len",
+    "length_penalty/weight": "w",
+    "length_penalty/all_wrong_groups": "all_wrong",
+    "rewards/length_penalty/mean": "lp",
+}
 
 
 def one_run(with_penalty: bool, seed: int, steps: int, weight: float, warmup: int, ramp: int) -> dict:
@@ -50,25 +59,40 @@ def one_run(with_penalty: bool, seed: int, steps: int, weight: float, warmup: in
             tmp,
             seed=seed,
             max_steps=steps,
-            logging_steps=steps,
+            logging_steps=max(1, steps // 20),
             max_completion_length=MAX_TOKENS,
             **(penalty if with_penalty else {}),
         )
         trainer.train()
     after = evaluate_greedy(trainer.model, tokenizer, heldout, allow_filler=True)
+    logged = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    history = [{"step": h["step"], **{v: round(h[k], 3) for k, v in HISTORY_KEYS.items() if k in h}} for h in logged]
     return {
         "with_penalty": with_penalty,
         "seed": seed,
         "seconds": time.time() - start,
         "before": before,
         "after": after,
+        "history": history,
     }
+
+
+def _trajectories(runs: list[dict]) -> str:
+    """Sampled accuracy / length / share of all-wrong groups / penalty weight along each run, to see why it ends
+    where it does."""
+    out = ["## Trajectories (sampled, per logging step): acc / len / all-wrong groups / weight", ""]
+    for r in runs:
+        label = f"seed {r['seed']}, {'with' if r['with_penalty'] else 'without'} penalty"
+        points = [f"{h['step']}: {h.get('acc', 0):.2f} / {h.get('len', 0):.1f} / {h.get('all_wrong', float('nan')):.2f}"
+                  f" / {h.get('w', 0):.2f}" for h in r["history"]]  # fmt: skip
+        out.append(f"- {label}: " + "; ".join(points))
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per run")
-    parser.add_argument("--weight", type=float, default=0.5, help="length_penalty_weight")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    parser.add_argument("--weight", type=float, default=0.1, help="length_penalty_weight (0.5 collapsed, see README)")
     parser.add_argument("--warmup", type=int, default=200, help="length_penalty_warmup_steps (paper: a warm-up)")
     parser.add_argument("--ramp", type=int, default=100, help="length_penalty_ramp_steps")
     parser.add_argument("--seeds", type=int, default=3)
@@ -119,7 +143,8 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "length_penalty.md").write_text(
             f"# length_penalty ({time.strftime('%Y-%m-%d')}, {machine()})\n\n{cli.steps} steps, weight {cli.weight}, "
-            f"warm-up {cli.warmup}, ramp {cli.ramp}, {cli.seeds} seeds, greedy on 500 held-out prompts.\n\n{table}\n"
+            f"warm-up {cli.warmup}, ramp {cli.ramp}, {cli.seeds} seeds, greedy on 500 held-out prompts.\n\n{table}\n\n"
+            + _trajectories(runs)
         )
     write_json_line(
         {

@@ -37,7 +37,8 @@ class K15Options:
     length_penalty_ramp_steps (`int`, defaults to `0`):
         After the warm-up, steps over which the weight rises linearly to `length_penalty_weight` (`0`: at once).
     length_penalty_correct_threshold (`float`, defaults to `1.0`):
-        A response counts as correct when the weighted sum of the task rewards reaches this value.
+        A response counts as correct when the weighted sum of the task rewards reaches this value (for the length
+        penalty and for the samplers' success rates).
 
     > Prompt sampling (section 2.3.4)
 
@@ -75,7 +76,10 @@ class K15Options:
     )
     length_penalty_correct_threshold: float = field(
         default=1.0,
-        metadata={"help": "A response is correct when the weighted sum of the task rewards is >= this value."},
+        metadata={
+            "help": "A response is correct (length penalty, sampler success rates) when the weighted sum of the task "
+            "rewards is >= this value."
+        },
     )
     sampler_type: str = field(default="uniform", metadata={"help": f"Prompt sampler, one of {list(SAMPLERS)}."})
     prioritized_floor: float = field(

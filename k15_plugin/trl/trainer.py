@@ -101,7 +101,11 @@ class K15TrainerMixin(K15SamplerMixin):
                 a.length_penalty_ramp_steps,
             )
             rewards_per_func[:, -1] = weight * length_reward(lengths, correct, k).to(rewards_per_func.dtype)
-            self._metrics["train" if training else "eval"]["length_penalty/weight"].append(weight)
+            metrics = self._metrics["train" if training else "eval"]
+            metrics["length_penalty/weight"].append(weight)
+            # Groups with no correct answer only see min(0, lambda), which favours the shortest wrong answer: the
+            # collapse the paper's warm-up guards against. Logged so a run can see it coming.
+            metrics["length_penalty/all_wrong_groups"].append((~correct.view(-1, k).any(dim=1)).float().mean().item())
         if update_sampler:
             local_index = torch.tensor([x[INDEX_COLUMN] for x in inputs], device=device)  # (B,)
             sampler.update(gather(local_index).cpu(), correct.cpu())
