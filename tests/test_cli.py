@@ -166,12 +166,12 @@ def test_wheel_ships_the_configs(tmp_path):
     assert "k15_plugin/data/demo_checkpoint/config.json" in names
 
 
-def test_accelerate_launch_shares_one_run_directory(tmp_path):
-    """Two CPU processes under `accelerate launch` (gloo): one run directory, written by the main process only."""
+def test_distributed_launch_shares_one_run_directory(tmp_path):
+    """Two CPU processes under torchrun (gloo; `accelerate launch` starts GPU processes the same way): one run
+    directory, written by the main process only."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "k15_plugin.cli.train",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "k15_plugin.cli.train",
          "launcher=accelerate_ddp", "launcher.num_processes=2", "trainer.max_steps=2", "trainer.eval_steps=0",
          "trainer.per_device_train_batch_size=64", "trainer.save_steps=2", "data.heldout_size=100"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
@@ -179,6 +179,6 @@ def test_accelerate_launch_shares_one_run_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs").iterdir()  # both processes resolved the same directory
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["train_samples"] == 2 * 128 and summary["steps"] == 2
+    assert summary["train_samples"] == 2 * 128 and summary["steps"] == 2  # 2 processes x 64 completions per step
     assert (run_dir / "checkpoint-2").is_dir()
     assert result.stdout.count("held-out accuracy") == 1  # the final line comes from the main process only
