@@ -103,8 +103,6 @@ def check_overrides(overrides: list[str]) -> None:
             try:
                 cfg = compose(config_name="config", overrides=variant)
                 OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-            except ConfigError:
-                raise
             except Exception as err:  # composition errors of any kind become one line
                 raise ConfigError(_one_line(err)) from None
             check_config(cfg)
@@ -112,7 +110,7 @@ def check_overrides(overrides: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def _load_model(model_cfg, trainer_cfg):
+def _load_model(model_cfg):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,7 +163,7 @@ def run(cfg: DictConfig) -> dict:
     args = spec.config_cls(**spec.kwargs)
     is_main = args.process_index == 0
 
-    model, tokenizer = _load_model(cfg.model, cfg.trainer)
+    model, tokenizer = _load_model(cfg.model)
     task = load_task(cfg.data, tokenizer, cfg.seed, cfg.trainer.max_completion_length, cfg.reward)
     before = task.evaluate(model, tokenizer, None)
 
