@@ -33,6 +33,7 @@ class TrainingSpec:
     trainer_name: str  # attribute of k15_plugin.trl (imported lazily by the caller)
     kwargs: dict[str, Any]
     sources: dict[str, str]  # TRL field -> Hydra key it came from
+    args: Any = None  # the built TRL config, set by check_config
 
 
 def _trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
@@ -172,11 +173,14 @@ def _check_ranges(cfg: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig, output_dir: str | os.PathLike = "unused") -> TrainingSpec:
-    """Check every value; returns the training spec. Raises :class:`ConfigError` (one line, names the key)."""
+    """Check every value by building the TRL config; returns the spec with it in ``spec.args``.
+
+    Raises :class:`ConfigError` (one line, names the key).
+    """
     _check_ranges(cfg)
     spec = training_spec(cfg, output_dir)
     try:
-        spec.config_cls(**spec.kwargs)
+        spec.args = spec.config_cls(**spec.kwargs)
     except (ValueError, TypeError) as err:
         message = str(err).strip().splitlines()[0]
         key = next((src for name, src in spec.sources.items() if message.startswith(name)), None)

@@ -160,7 +160,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))  # read by transformers' callback
     spec = check_config(cfg, run_dir)
-    args = spec.config_cls(**spec.kwargs)
+    args = spec.args  # built once, by check_config
     is_main = args.process_index == 0
 
     model, tokenizer = _load_model(cfg.model)
