@@ -244,3 +244,54 @@ def test_length_penalty_weight_schedule():
         length_penalty_weight(0, -1.0)
     with pytest.raises(ValueError, match="warmup_steps"):
         length_penalty_weight(0, 1.0, warmup_steps=-1)
+
+
+# ---------------------------------------------------------------- unscorable samples, importance weights
+def test_baseline_and_advantages_skip_unscorable_samples_by_hand():
+    # group 0: scored rewards (1, 0, 1), the third sample unscorable (NaN): mean b = 2/3
+    #   advantages (1/3, -2/3, 0 [unscorable], 1/3)
+    # group 1: nothing scored -> every advantage 0
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 0.0, nan, 1.0, nan, nan, nan, nan])
+    scorable = ~torch.isnan(rewards)
+    adv = mirror_descent_advantages(rewards, 4, tau=1.0, scorable=scorable)
+    assert torch.allclose(adv, torch.tensor([1 / 3, -2 / 3, 0.0, 1 / 3, 0.0, 0.0, 0.0, 0.0]))
+    # log_mean_exp over the three scored samples, tau = 1: b = log((e + 1 + e) / 3)
+    b = math.log((2 * math.e + 1) / 3)
+    adv = mirror_descent_advantages(rewards, 4, tau=1.0, estimator="log_mean_exp", scorable=scorable)
+    assert adv[:4].tolist() == pytest.approx([1 - b, -b, 0.0, 1 - b], abs=1e-6)
+    assert adv[4:].abs().sum().item() == 0.0
+
+
+def test_masked_estimates_equal_the_estimates_of_the_scored_subset():
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, 8, generator=g) < 0.6
+    mask[:, 0] = True  # every group keeps one scored sample
+    for estimator in ("mean", "log_mean_exp"):
+        masked = log_partition_estimate(rewards.masked_fill(~mask, float("nan")), 0.7, estimator, mask=mask)
+        for i in range(6):
+            subset = rewards[i][mask[i]].unsqueeze(0)
+            assert masked[i].item() == pytest.approx(log_partition_estimate(subset, 0.7, estimator).item(), rel=1e-12)
+
+
+def test_length_reward_ignores_unscorable_lengths_by_hand():
+    # scored lengths (3, 9, 5), the unscorable one has length 1: min 3, max 9, span 6
+    #   lambda = 0.5 - (3-3)/6 = 0.5; 0.5 - 6/6 = -0.5; 0.5 - 2/6 = 1/6; unscorable -> 0
+    lengths = torch.tensor([3, 9, 1, 5])
+    correct = torch.tensor([True, False, False, True])
+    scorable = torch.tensor([True, True, False, True])
+    out = length_reward(lengths, correct, 4, scorable=scorable)
+    assert out.tolist() == pytest.approx([0.5, -0.5, 0.0, 1 / 6])
+    # every sample unscorable: all zero, no NaN
+    assert length_reward(lengths, correct, 4, scorable=torch.zeros(4, dtype=torch.bool)).tolist() == [0.0] * 4
+
+
+def test_importance_weights_scale_each_sample_and_its_gradient():
+    # w = (2, 0.5), adv = (1, -1), tau = 1, old = (0, 0), logp = (-1, -2) leaf:
+    #   policy = -w*adv*logp = (2, -1); l2 = w*0.5*logp^2 = (1, 1); d/dlogp = -w*adv + w*logp = (-4, 0.5 - 1) = (-4, -0.5)
+    logp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    policy, l2 = mirror_descent_terms(logp, torch.zeros(2), torch.tensor([1.0, -1.0]), 1.0, torch.tensor([2.0, 0.5]))
+    assert policy.tolist() == pytest.approx([2.0, -1.0]) and l2.tolist() == pytest.approx([1.0, 1.0])
+    (policy + l2).sum().backward()
+    assert logp.grad.tolist() == pytest.approx([-4.0, -0.5])

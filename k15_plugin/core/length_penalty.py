@@ -18,13 +18,17 @@ import torch
 from k15_plugin.core.mirror_descent import _check_1d, _check_num_generations
 
 
-def length_reward(lengths: torch.Tensor, correct: torch.Tensor, num_generations: int) -> torch.Tensor:
+def length_reward(
+    lengths: torch.Tensor, correct: torch.Tensor, num_generations: int, scorable: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-sample length reward of section 2.3.3.
 
     Args:
         lengths: (N,) completion lengths in tokens (non-negative).
         correct: (N,) bool, whether each response is correct.
         num_generations: k, the group size; groups are ``num_generations`` consecutive samples.
+        scorable: optional (N,) bool; samples marked False (no reward function could score them) are left out of
+            their group's min_len / max_len and get 0.
 
     Returns:
         (N,) float32 tensor (float64 if ``lengths`` is float64).
@@ -34,15 +38,21 @@ def length_reward(lengths: torch.Tensor, correct: torch.Tensor, num_generations:
     _check_num_generations(num_generations, lengths.numel(), "lengths")
     if correct.dtype != torch.bool:
         raise ValueError(f"correct must be a bool tensor, got dtype {correct.dtype}")
+    if scorable is None:
+        scorable = torch.ones_like(correct)
+    _check_1d("scorable", scorable, lengths.numel())
+    if scorable.dtype != torch.bool:
+        raise ValueError(f"scorable must be a bool tensor, got dtype {scorable.dtype}")
     dtype = torch.float64 if lengths.dtype == torch.float64 else torch.float32
     lens = lengths.detach().to(dtype).view(-1, num_generations)  # (G, k)
     if not torch.isfinite(lens).all() or (lens < 0).any():
         raise ValueError("lengths must be finite and non-negative token counts")
-    min_len = lens.min(dim=1, keepdim=True).values  # (G, 1)
-    max_len = lens.max(dim=1, keepdim=True).values  # (G, 1)
-    span = max_len - min_len  # (G, 1)
+    valid = scorable.view(-1, num_generations)  # (G, k)
+    min_len = lens.masked_fill(~valid, math.inf).min(dim=1, keepdim=True).values  # (G, 1) over scored samples
+    max_len = lens.masked_fill(~valid, -math.inf).max(dim=1, keepdim=True).values  # (G, 1)
+    span = max_len - min_len  # (G, 1); -inf when the group has no scored sample
     lam = 0.5 - (lens - min_len) / span.clamp(min=1e-12)  # (G, k)
-    lam = torch.where(span > 0, lam, torch.zeros_like(lam))  # all lengths equal: 0
+    lam = torch.where((span > 0) & valid, lam, torch.zeros_like(lam))  # all lengths equal, or unscored: 0
     lam = lam.reshape(-1)  # (N,)
     return torch.where(correct, lam, lam.clamp(max=0.0))  # (N,)
 

@@ -56,7 +56,9 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be finite, got non-finite values at positions {where}")
 
 
-def log_partition_estimate(rewards: torch.Tensor, tau: float, estimator: str = "mean") -> torch.Tensor:
+def log_partition_estimate(
+    rewards: torch.Tensor, tau: float, estimator: str = "mean", mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Estimate of tau * log Z per prompt, the baseline b of the mirror-descent loss.
 
     Args:
@@ -65,6 +67,9 @@ def log_partition_estimate(rewards: torch.Tensor, tau: float, estimator: str = "
         estimator: ``"mean"``: the group's mean reward (the paper's practical choice); ``"log_mean_exp"``:
             ``tau * log(mean_j exp(r_j / tau))``, the sample estimate of tau * log Z under pi_i, computed with
             logsumexp in float64 so it stays finite for tau down to 1e-4 and rewards up to 1e4.
+        mask: optional (G, k) bool, the samples that have a reward (a host marks completions no reward function
+            could score as False); the estimate uses only those, and their entries of ``rewards`` may be NaN. A
+            group without any is given 0.
 
     Returns:
         (G,) tensor, same dtype as ``rewards``; carries no gradient.
@@ -73,33 +78,60 @@ def log_partition_estimate(rewards: torch.Tensor, tau: float, estimator: str = "
     _check_estimator(estimator)
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2 or rewards.size(1) < 1:
         raise ValueError(f"rewards must be a (G, k) tensor with k >= 1, got {getattr(rewards, 'shape', type(rewards))}")
-    _check_finite("rewards", rewards)
     r = rewards.detach()
+    if mask is None:
+        _check_finite("rewards", r)
+        if estimator == "mean":
+            return r.mean(dim=1)  # (G,)
+        r64 = r.to(torch.float64)  # (G, k); float64: r / tau reaches 1e8 for tau=1e-4, r=1e4
+        log_z = torch.logsumexp(r64 / tau, dim=1) - math.log(r.size(1))  # (G,)  log mean_j exp(r_j / tau)
+        return (tau * log_z).to(r.dtype)  # (G,)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != r.shape:
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(r.shape)}, got {getattr(mask, 'shape', mask)}")
+    _check_finite("rewards", r[mask])
+    count = mask.sum(dim=1)  # (G,) scored samples per group
+    r64 = r.to(torch.float64).masked_fill(~mask, 0.0)  # (G, k)
     if estimator == "mean":
-        return r.mean(dim=1)  # (G,)
-    k = r.size(1)
-    r64 = r.to(torch.float64)  # (G, k); float64: r / tau reaches 1e8 for tau=1e-4, r=1e4
-    log_z = torch.logsumexp(r64 / tau, dim=1) - math.log(k)  # (G,)  log mean_j exp(r_j / tau)
-    return (tau * log_z).to(r.dtype)  # (G,)
+        b = r64.sum(dim=1) / count.clamp(min=1)  # (G,)
+    else:
+        lse = torch.logsumexp((r64 / tau).masked_fill(~mask, -math.inf), dim=1)  # (G,) -inf where count == 0
+        b = tau * (lse - count.clamp(min=1).to(torch.float64).log())  # (G,)  tau * log mean_{j scored} exp(r_j/tau)
+    return b.masked_fill(count == 0, 0.0).to(r.dtype)  # (G,)
 
 
 def mirror_descent_advantages(
-    rewards: torch.Tensor, num_generations: int, tau: float, estimator: str = "mean"
+    rewards: torch.Tensor,
+    num_generations: int,
+    tau: float,
+    estimator: str = "mean",
+    scorable: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """r_j - b_g for every sample, groups of ``num_generations`` consecutive samples sharing one baseline.
 
     Hosts call this on the *gathered* rewards of the whole generation batch, before splitting it into micro-batches,
-    so the baseline always sees the full group. Returns (N,), no gradient.
+    so the baseline always sees the full group. ``scorable``: optional (N,) bool; samples marked False (no reward
+    function could score them) neither enter their group's baseline nor get an advantage (0). Returns (N,), no
+    gradient.
     """
     _check_1d("rewards", rewards)
     _check_num_generations(num_generations, rewards.numel(), "rewards")
     grouped = rewards.detach().view(-1, num_generations)  # (G, k)
-    b = log_partition_estimate(grouped, tau, estimator)  # (G,)
-    return (grouped - b.unsqueeze(1)).reshape(-1)  # (N,)
+    if scorable is None:
+        b = log_partition_estimate(grouped, tau, estimator)  # (G,)
+        return (grouped - b.unsqueeze(1)).reshape(-1)  # (N,)
+    _check_1d("scorable", scorable, rewards.numel())
+    mask = scorable.view(-1, num_generations)  # (G, k)
+    b = log_partition_estimate(grouped, tau, estimator, mask=mask)  # (G,)
+    advantages = (grouped - b.unsqueeze(1)).masked_fill(~mask, 0.0)  # (G, k)
+    return advantages.reshape(-1)  # (N,)
 
 
 def mirror_descent_terms(
-    seq_logps: torch.Tensor, old_seq_logps: torch.Tensor, advantages: torch.Tensor, tau: float
+    seq_logps: torch.Tensor,
+    old_seq_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    tau: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two per-sample terms of the mirror-descent loss, for any subset of samples (e.g. a micro-batch).
 
@@ -108,9 +140,12 @@ def mirror_descent_terms(
         old_seq_logps: (B,) log pi_i(y_j|x) of the policy that generated the batch, fixed for the iteration.
         advantages: (B,) r_j - b_g from :func:`mirror_descent_advantages` (treated as a constant).
         tau: the KL weight (> 0).
+        weights: optional (B,) importance weights pi_i(y_j|x) / mu(y_j|x) (constants) for samples drawn from a
+            sampler mu other than pi_i (e.g. a vLLM engine whose numerics differ from the trainer's). Both terms are
+            expectations over y ~ pi_i, so each sample's whole loss is weighted.
 
     Returns:
-        ``(policy_term, l2_term)``, each (B,): ``-(r_j - b) * logp_j`` and ``tau/2 * (logp_j - old_j)^2``.
+        ``(policy_term, l2_term)``, each (B,): ``-w_j (r_j - b) logp_j`` and ``w_j tau/2 (logp_j - old_j)^2``.
     """
     _check_tau(tau)
     _check_1d("seq_logps", seq_logps)
@@ -119,6 +154,10 @@ def mirror_descent_terms(
     policy_term = -advantages.detach() * seq_logps  # (B,)
     log_ratio = seq_logps - old_seq_logps.detach()  # (B,)  log pi_theta / pi_i, zero at the iteration's first update
     l2_term = 0.5 * tau * log_ratio.pow(2)  # (B,)
+    if weights is not None:
+        _check_1d("weights", weights, seq_logps.numel())
+        w = weights.detach().to(seq_logps.dtype)  # (B,)
+        policy_term, l2_term = w * policy_term, w * l2_term
     return policy_term, l2_term
 
 
