@@ -200,12 +200,14 @@ def test_length_penalty_uses_the_gathered_group(monkeypatch, tmp_path, tokenizer
     rewards = trainer._calculate_rewards(inputs, ["1+1="] * 2, ["x", "xxxx"], local_ids)
     # task rewards over the group: (1, 0, 0, 0) (only the 2-token completion is <= 3 tokens)
     # lengths (2, 5, 8, 4): min 2, max 8 -> lambda = 0.5 - (len - 2) / 6 = (0.5, 0, -0.5, 1/6)
-    # correct (T, F, F, F) -> (0.5, min(0, 0) = 0, -0.5, min(0, 1/6) = 0); times the weight 0.5
+    # correct (T, F, F, F) -> (0.5, min(0, 0) = 0, -0.5, min(0, 1/6) = 0); TRL applies the weight 0.5 through
+    # reward_weights, so the column holds the unweighted length reward
     assert torch.allclose(rewards[:, 0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
-    assert torch.allclose(rewards[:, 1], 0.5 * torch.tensor([0.5, 0.0, -0.5, 0.0]))
+    assert torch.allclose(rewards[:, 1], torch.tensor([0.5, 0.0, -0.5, 0.0]))
+    assert trainer.reward_weights.tolist() == [1.0, 0.5]
     # the per-process slice alone would have given (0.5, -0.5) for this process: a different answer
     local_only = length_reward(torch.tensor([2, 5]), torch.tensor([True, False]), 2)
-    assert not torch.allclose(rewards[:2, 1], 0.5 * local_only)
+    assert not torch.allclose(rewards[:2, 1], local_only)
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
@@ -222,7 +224,8 @@ def test_length_penalty_with_host_baselines_and_warmup(tmp_path, tokenizer, trai
     trainer.train()
     logs = [h for h in trainer.state.log_history if "length_penalty/weight" in h]
     assert [h["length_penalty/weight"] for h in logs] == [0.0, 0.0, 0.5]  # off during the 2 warm-up steps
-    assert logs[0]["rewards/length_penalty/mean"] == 0.0
+    # during the warm-up the reward is the task reward alone; the length column (unweighted) is still logged
+    assert logs[0]["reward"] == pytest.approx(logs[0]["rewards/_length_reward_func/mean"])
     assert logs[2]["rewards/length_penalty/std"] > 0.0
 
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig, RLOOConfig
 
@@ -154,18 +154,49 @@ class K15RLOOConfig(K15Options, RLOOConfig):
     """TRL's ``RLOOConfig`` plus the plugin's length penalty and samplers; the RLOO loss itself is TRL's."""
 
 
+# GRPOConfig options the mirror-descent loss has no use for (it has its own loss, no clipping, no reference model, no
+# entropy terms, its own baseline): a non-default value is refused rather than silently ignored.
+_UNUSED_BY_MIRROR_DESCENT = {
+    "beta": "mirror descent regularises towards pi_i through tau, not towards a fixed reference model",
+    "loss_type": "the mirror-descent loss replaces TRL's loss types",
+    "epsilon": "the mirror-descent loss has no ratio clipping (the squared term keeps updates near pi_i)",
+    "epsilon_high": "the mirror-descent loss has no ratio clipping",
+    "delta": "the mirror-descent loss has no ratio clipping",
+    "scale_rewards": "the baseline is tau*log Z (log_z_estimator); rewards are not scaled",
+    "importance_sampling_level": "the mirror-descent loss is on sequence log-probs, it has no PPO ratio",
+    "multi_objective_aggregation": "rewards enter as their weighted sum r_j (reward_weights)",
+    "top_entropy_quantile": "the mirror-descent loss trains on every completion token",
+    "entropy_coef": "the mirror-descent objective has no entropy bonus",
+    "use_adaptive_entropy": "the mirror-descent objective has no entropy bonus",
+    "sync_ref_model": "there is no reference model (beta = 0)",
+    "off_policy_mask_threshold": "the squared term, not a mask, handles off-policy updates",
+    "use_bias_correction_kl": "there is no KL term to a reference model (beta = 0)",
+}
+_GRPO_DEFAULTS = {f.name: f.default for f in fields(GRPOConfig) if f.name in _UNUSED_BY_MIRROR_DESCENT}
+_SEQUENCE_IS_MODES = ("sequence_mask", "sequence_truncate")
+
+
 @dataclass
 class KimiMirrorDescentConfig(K15GRPOConfig):
     r"""
     Configuration for [`KimiMirrorDescentTrainer`]: online policy mirror descent (Kimi k1.5, section 2.3).
 
-    Updates per rollout batch use TRL's own fields: `num_iterations` passes over each generation batch, each split
-    into `steps_per_generation` micro-batches, `gradient_accumulation_steps` micro-batches per optimizer step. The
-    paper's several updates per batch are `num_iterations > 1`.
+    Updates per rollout batch use TRL's own fields: a rollout batch of `generation_batch_size` completions is split
+    into `steps_per_generation` micro-batches of `per_device_train_batch_size` (per process), `gradient_accumulation_steps`
+    micro-batches make one optimizer step, and the whole batch is passed over `num_iterations` times. The paper takes
+    several optimizer steps per rollout batch against pi_i (`num_iterations * steps_per_generation >
+    gradient_accumulation_steps`); with exactly one, and the optimizer reset on, every update is Adam's first step
+    (`lr * sign(g)`) and tau has no effect, which the trainer warns about.
+
+    GRPOConfig options the loss has no use for (`beta`, `loss_type`, `epsilon*`, `delta`, `scale_rewards`,
+    `importance_sampling_level`, `multi_objective_aggregation`, entropy options, `sync_ref_model`,
+    `off_policy_mask_threshold`, `use_bias_correction_kl`) must keep their defaults. With vLLM generation, TRL's
+    importance-sampling correction (on by default) weights each sample's loss by pi_i / pi_vllm; only its sequence-level
+    modes apply to a sequence-level loss.
 
     tau (`float`, defaults to `1.0`):
-        Weight of the KL term towards the reference policy pi_i. The paper gives no value; 1.0 was stable with 4
-        updates per batch on the demo task, 0.1 was not (see MEASURED.md).
+        Weight of the KL term towards the reference policy pi_i. The paper gives no value; on the demo task 1.0 was
+        stable with 4 updates per batch and 0.1 was not.
     log_z_estimator (`str`, defaults to `"mean"`):
         Estimate of tau * log Z: `"mean"` (the group's mean reward, the paper's practical choice) or
         `"log_mean_exp"` (tau * log mean_j exp(r_j / tau)).
@@ -197,8 +228,12 @@ class KimiMirrorDescentConfig(K15GRPOConfig):
             self.log_z_estimator in ESTIMATORS,
             f"log_z_estimator must be one of {list(ESTIMATORS)}, got {self.log_z_estimator!r}",
         )
+        for name, why in _UNUSED_BY_MIRROR_DESCENT.items():
+            value, default = getattr(self, name), _GRPO_DEFAULTS[name]
+            _require(value == default, f"{name}={value!r} is not used by KimiMirrorDescent ({why}); leave it at {default!r}")
         _require(
-            self.beta == 0.0,
-            f"beta must be 0.0 for mirror descent (it regularises towards pi_i through tau), got {self.beta!r}",
+            not (self.vllm_importance_sampling_correction and self.vllm_importance_sampling_mode not in _SEQUENCE_IS_MODES),
+            f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is per token; the mirror-descent loss "
+            f"is per sequence: use one of {list(_SEQUENCE_IS_MODES)} or vllm_importance_sampling_correction=False",
         )
         super().__post_init__()

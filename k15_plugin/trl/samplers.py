@@ -21,7 +21,7 @@ the rollout batch a checkpoint falls inside; its second report to :meth:`K15Repe
 mixin restores TRL's micro-step counter ``_step`` so later rollout batches start at the uninterrupted run's steps.
 
 Private TRL 1.16 / transformers methods overridden by the mixin: ``_get_train_sampler``, ``_save_checkpoint``,
-``_load_optimizer_and_scheduler`` (and the public ``get_train_dataloader``, only to refuse iterable datasets).
+``_load_optimizer_and_scheduler``; iterable datasets are refused at construction (:func:`check_sampler_dataset`).
 """
 
 from __future__ import annotations
@@ -185,11 +185,13 @@ class K15RepeatSampler(Sampler[int]):
     # Statistics
     # ------------------------------------------------------------------------------------------------------------------
 
-    def update(self, indices: torch.Tensor, successes: torch.Tensor) -> None:
+    def update(self, indices: torch.Tensor, successes: torch.Tensor, scored: torch.Tensor | None = None) -> None:
         """Record one generation batch: (N,) gathered dataset indices and (N,) success flags, one per completion.
 
-        After a resume inside a rollout batch, TRL regenerates that batch (its completions are not checkpointed) and
-        reports it again; its statistics are already in the restored tracker, so that one report is dropped.
+        ``scored``: optional (N,) bool; completions marked False (no reward function could score them) are not
+        counted as attempts. After a resume inside a rollout batch, TRL regenerates that batch (its completions are
+        not checkpointed) and reports it again; its statistics are already in the restored tracker, so that one report
+        is dropped.
         """
         if self._pending_duplicate is not None:
             expected = self._pending_duplicate.repeat_interleave(self.mini_repeat_count).sort().values  # (N,)
@@ -202,6 +204,8 @@ class K15RepeatSampler(Sampler[int]):
                 "checkpoint was taken in; counting it (the statistics may differ from an uninterrupted run).",
                 stacklevel=2,
             )
+        if scored is not None:
+            indices, successes = indices[scored], successes[scored]
         self.tracker.update(indices, successes)
         self.num_updates += 1
 
@@ -422,7 +426,17 @@ class CurriculumSampler(K15RepeatSampler):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _is_iterable_dataset(dataset) -> bool:
+def check_sampler_dataset(sampler_type: str, dataset) -> None:
+    """Refuse a dataset the sampler cannot index: TRL never calls ``_get_train_sampler`` for an iterable dataset, so
+    the plugin's samplers would silently be replaced by TRL's buffered shuffle."""
+    if sampler_type != "uniform" and is_iterable_dataset(dataset):
+        raise ValueError(
+            f"sampler_type={sampler_type!r} needs a map-style (indexable) train_dataset, got an iterable dataset: use a "
+            "datasets.Dataset, or sampler_type='uniform'"
+        )
+
+
+def is_iterable_dataset(dataset) -> bool:
     if isinstance(dataset, torch.utils.data.IterableDataset):
         return True
     try:
@@ -505,16 +519,6 @@ class K15SamplerMixin:
         if not torch.isfinite(difficulty).all():
             raise ValueError(f"curriculum_difficulty_column={column!r} holds non-finite values")
         return difficulty
-
-    # Overrides GRPOTrainer/RLOOTrainer.get_train_dataloader only to fail loudly: TRL does not call
-    # _get_train_sampler for iterable datasets, so the sampler would silently be TRL's buffered shuffle.
-    def get_train_dataloader(self):
-        if getattr(self.args, "sampler_type", "uniform") != "uniform" and _is_iterable_dataset(self.train_dataset):
-            raise ValueError(
-                f"sampler_type={self.args.sampler_type!r} needs a map-style (indexable) train_dataset; got an iterable "
-                "dataset. Use a datasets.Dataset, or sampler_type='uniform'."
-            )
-        return super().get_train_dataloader()
 
     # Overrides GRPOTrainer/RLOOTrainer._save_checkpoint: same pattern as TRL's entropy_ctrl_state.json.
     def _save_checkpoint(self, model, trial):

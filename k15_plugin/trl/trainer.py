@@ -6,18 +6,24 @@ Private TRL 1.16 methods overridden here (pinned in pyproject.toml):
 
 * ``_calculate_rewards`` (GRPOTrainer, RLOOTrainer): after TRL has gathered every process's rewards, fill the
   length-penalty column on whole groups and feed the sampler's success statistics.
+* ``_set_signature_columns_if_needed`` (GRPOTrainer, RLOOTrainer): keep the sampler's row-index column when
+  ``remove_unused_columns=True``.
 * ``_generate_and_score_completions`` (GRPOTrainer): replace TRL's advantages by r - b from the mirror-descent baseline,
   computed on the gathered generation batch before TRL shuffles and splits it; reset the optimizer per rollout batch.
 * ``_compute_loss`` (GRPOTrainer): the mirror-descent loss on sequence log-probs.
-* ``_get_train_sampler``, ``get_train_dataloader``, ``_save_checkpoint``, ``_load_optimizer_and_scheduler``: the
-  plugin's samplers and their checkpointed state, see :mod:`k15_plugin.trl.samplers`.
+* ``_get_train_sampler``, ``_save_checkpoint``, ``_load_optimizer_and_scheduler``: the plugin's samplers and their
+  checkpointed state, see :mod:`k15_plugin.trl.samplers`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 from accelerate.utils import gather
 from trl import GRPOTrainer, RLOOTrainer
+from trl.trainer.utils import get_config_model_id
 
 from k15_plugin.core import (
     length_penalty_weight,
@@ -27,7 +33,10 @@ from k15_plugin.core import (
     sequence_logps,
 )
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
-from k15_plugin.trl.samplers import K15SamplerMixin
+from k15_plugin.trl.samplers import K15SamplerMixin, check_sampler_dataset
+from k15_plugin.trl.vllm_cpu import keep_linear_weights_on_vllm_cpu
+
+logger = logging.getLogger(__name__)
 
 INDEX_COLUMN = "k15_index"
 LENGTH_PENALTY_NAME = "length_penalty"
@@ -37,79 +46,107 @@ class LengthPenaltySlot:
     """Placeholder reward function that reserves TRL's reward column for the length penalty.
 
     TRL calls reward functions on each process's slice only, but the length reward needs whole groups; so this
-    returns zeros, and the trainer overwrites the column after TRL has gathered all processes' rewards. Reserving a
-    real column keeps TRL's per-function logging (``rewards/length_penalty/mean``) and weighting as they are.
+    returns ``None`` (no opinion: a completion no task reward can score stays unscorable, and TRL still warns about
+    it), and the trainer fills the column after TRL has gathered all processes' rewards. Reserving a real column
+    keeps TRL's per-function logging (``rewards/length_penalty/mean``, the unweighted length reward) and weighting
+    (``reward_weights[-1]`` is the penalty's weight at the current step, so TRL's ``normalize_then_sum`` honours it).
     """
 
     __name__ = LENGTH_PENALTY_NAME
 
-    def __call__(self, completions, **kwargs) -> list[float]:
-        return [0.0] * len(completions)
+    def __call__(self, completions, **kwargs) -> list[float | None]:
+        return [None] * len(completions)
 
 
 class K15TrainerMixin(K15SamplerMixin):
     """What every trainer of the plugin adds to its TRL base: the length penalty and the samplers' statistics.
 
-    Place it before the TRL trainer in the bases. The config must be a :class:`K15Options` subclass.
+    Place it before the TRL trainer in the bases; subclasses name their config class in ``_k15_config_class``.
     """
 
-    def __init__(self, model, reward_funcs, args=None, train_dataset=None, *rest, **kwargs):
-        if args is None or not hasattr(args, "length_penalty_weight"):
+    _k15_config_class: type = K15GRPOConfig
+    _k15_config_suffix = "GRPO"
+
+    def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, *rest, **kwargs):
+        if args is None:  # what TRL's trainers do: a default config named after the model
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = self._k15_config_class(f"{name.split('/')[-1]}-{self._k15_config_suffix}")
+        if not isinstance(args, self._k15_config_class):
             raise ValueError(
-                f"{type(self).__name__} needs a config with the plugin's options "
-                "(K15GRPOConfig, K15RLOOConfig or KimiMirrorDescentConfig), got "
-                f"{type(args).__name__ if args is not None else None}"
+                f"{type(self).__name__} needs a {self._k15_config_class.__name__} (it carries the plugin's options), "
+                f"got {type(args).__name__}"
             )
-        if args.sampler_type != "uniform" and train_dataset is not None:
+        if train_dataset is not None and args.sampler_type != "uniform":
+            check_sampler_dataset(args.sampler_type, train_dataset)
             # The sampler's statistics are keyed by dataset row; the row index travels with the batch as a column
             # (reward functions receive it as a keyword they can ignore).
             if INDEX_COLUMN in train_dataset.column_names:
                 train_dataset = train_dataset.remove_columns(INDEX_COLUMN)
             train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
+        if args.use_vllm and args.vllm_mode == "colocate":
+            keep_linear_weights_on_vllm_cpu()  # before TRL builds the engine; no-op unless vLLM runs on its CPU build
         super().__init__(model, reward_funcs, args, train_dataset, *rest, **kwargs)
-        self._k15_num_task_funcs = len(self.reward_funcs)
+        n = self._k15_num_task_funcs = len(self.reward_funcs)  # TRL's environment columns included
+        best = float(self.reward_weights[:n].clamp(min=0).sum())
+        if args.length_penalty_correct_threshold > best and (args.length_penalty_weight > 0 or args.sampler_type
+                                                             == "prioritized"):  # fmt: skip
+            logger.warning(
+                "length_penalty_correct_threshold=%s is above the sum of the positive task reward weights (%s): with "
+                "rewards in [0, 1] no completion ever counts as correct (length penalty, sampler success rates)",
+                args.length_penalty_correct_threshold,
+                best,
+            )
         self._k15_length_penalty = args.length_penalty_weight > 0
         if self._k15_length_penalty:
-            # Same pattern TRL uses for environment rewards (GRPOTrainer.__init__): one more column, weight 1; the
-            # penalty's own weight and warm-up are applied when the column is filled.
+            # Same pattern TRL uses for environment rewards (GRPOTrainer.__init__): one more column; its weight is
+            # set to the penalty's scheduled weight each time the column is filled.
             self.reward_funcs.append(LengthPenaltySlot())
             self.reward_func_names.append(LENGTH_PENALTY_NAME)
             self.reward_processing_classes.append(None)
-            self.reward_weights = torch.cat([self.reward_weights, torch.ones(1)])
+            self.reward_weights = torch.cat([self.reward_weights, torch.zeros(1)])
         self._k15_gathered_rewards = None
+        self._k15_scorable = None
+
+    # Overrides GRPOTrainer/RLOOTrainer._set_signature_columns_if_needed: keep the row index the sampler reads.
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._k15_sampler_type() != "uniform" and INDEX_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, INDEX_COLUMN]
+
+    def _k15_sampler_type(self) -> str:
+        return getattr(self.args, "sampler_type", "uniform")
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # (N, F)
         device = rewards_per_func.device
         training = self.model.training
-        sampler = getattr(self, "_k15_sampler", None)
-        update_sampler = training and sampler is not None
-        if self._k15_length_penalty or update_sampler:
-            n = self._k15_num_task_funcs
-            task_weights = self.reward_weights[:n].to(device)  # (n,)
-            task_reward = (rewards_per_func[:, :n] * task_weights).nansum(dim=1)  # (N,)
-            correct = task_reward >= self.args.length_penalty_correct_threshold  # (N,)
+        n = self._k15_num_task_funcs
+        task = rewards_per_func[:, :n]  # (N, n)
+        scorable = ~torch.isnan(task).all(dim=1)  # (N,) some task reward function scored it
+        task_reward = (task * self.reward_weights[:n].to(device)).nansum(dim=1)  # (N,)
+        correct = (task_reward >= self.args.length_penalty_correct_threshold) & scorable  # (N,)
         if self._k15_length_penalty:
             local_lengths = torch.tensor([len(ids) for ids in completion_ids_list], device=device)  # (B,) tokens
             lengths = gather(local_lengths)  # (N,) whole groups, in the same order as rewards_per_func
             k = self.num_generations if training else self.num_generations_eval
             a = self.args
             weight = length_penalty_weight(
-                self.state.global_step,
-                a.length_penalty_weight,
-                a.length_penalty_warmup_steps,
-                a.length_penalty_ramp_steps,
+                self.state.global_step, a.length_penalty_weight, a.length_penalty_warmup_steps, a.length_penalty_ramp_steps
             )
-            rewards_per_func[:, -1] = weight * length_reward(lengths, correct, k).to(rewards_per_func.dtype)
+            lam = length_reward(lengths, correct, k, scorable).to(rewards_per_func.dtype)  # (N,)
+            rewards_per_func[:, -1] = lam.masked_fill(~scorable, math.nan)
+            self.reward_weights[-1] = weight  # TRL weights (and, for normalize_then_sum, normalises) the column
             metrics = self._metrics["train" if training else "eval"]
             metrics["length_penalty/weight"].append(weight)
             # Groups with no correct answer only see min(0, lambda), which favours the shortest wrong answer: the
             # collapse the paper's warm-up guards against. Logged so a run can see it coming.
             metrics["length_penalty/all_wrong_groups"].append((~correct.view(-1, k).any(dim=1)).float().mean().item())
-        if update_sampler:
+        sampler = getattr(self, "_k15_sampler", None)
+        if training and sampler is not None:
             local_index = torch.tensor([x[INDEX_COLUMN] for x in inputs], device=device)  # (B,)
-            sampler.update(gather(local_index).cpu(), correct.cpu())
+            sampler.update(gather(local_index).cpu(), correct.cpu(), scored=scorable.cpu())
         self._k15_gathered_rewards = rewards_per_func
+        self._k15_scorable = scorable
         return rewards_per_func
 
 
@@ -118,7 +155,7 @@ class K15GRPOTrainer(K15TrainerMixin, GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "k15-plugin"]
 
-    def __init__(self, model, reward_funcs, args: K15GRPOConfig | None = None, *rest, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: K15GRPOConfig | None = None, *rest, **kwargs):
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
 
 
@@ -126,8 +163,10 @@ class K15RLOOTrainer(K15TrainerMixin, RLOOTrainer):
     """TRL's ``RLOOTrainer`` (its loss unchanged) with the plugin's length penalty and samplers, for comparisons."""
 
     _tag_names = ["trl", "rloo", "k15-plugin"]
+    _k15_config_class = K15RLOOConfig
+    _k15_config_suffix = "RLOO"
 
-    def __init__(self, model, reward_funcs, args: K15RLOOConfig | None = None, *rest, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: K15RLOOConfig | None = None, *rest, **kwargs):
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
 
 
@@ -138,63 +177,84 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
 
         -(r_j - b) * log pi_theta(y_j|x) + tau/2 * (log pi_theta(y_j|x) - log pi_i(y_j|x))^2
 
-    on sequence log-probs (:func:`k15_plugin.core.mirror_descent_loss`), with b = tau*log Z estimated per group
+    on sequence log-probs (:func:`k15_plugin.core.mirror_descent_terms`), with b = tau*log Z estimated per group
     (``log_z_estimator``) and log pi_i the log-probs of the policy that generated the batch. There is no value network
-    and no fixed reference model (``beta`` must stay 0). ``num_iterations > 1`` reuses each rollout batch for several
-    updates; the squared term is what keeps those off-policy updates close to pi_i.
+    and no fixed reference model (``beta`` must stay 0). Each rollout batch feeds
+    ``num_iterations * steps_per_generation / gradient_accumulation_steps`` optimizer steps; the squared term keeps
+    the later ones close to pi_i, and the optimizer state is cleared before the first (``reset_optimizer_each_iteration``).
+    With vLLM generation, TRL's importance-sampling ratio pi_i / pi_vllm weights each sample's loss.
     """
 
     _tag_names = ["trl", "k15-plugin", "kimi-mirror-descent"]
     _name = "KimiMirrorDescent"
+    _k15_config_class = KimiMirrorDescentConfig
+    _k15_config_suffix = "KimiMD"
 
-    def __init__(self, model, reward_funcs, args: KimiMirrorDescentConfig | None = None, *rest, **kwargs):
-        if args is not None and not isinstance(args, KimiMirrorDescentConfig):
-            raise ValueError(f"args must be a KimiMirrorDescentConfig, got {type(args).__name__}")
+    def __init__(self, model, reward_funcs=None, args: KimiMirrorDescentConfig | None = None, *rest, **kwargs):
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
-        # Updates per rollout batch; above 1, pi_i's log-probs must come from the generation pass. TRL computes them
-        # exactly when gradient_accumulation_steps is not a multiple of steps_per_generation * num_iterations, which
-        # covers that case and skips the extra forward pass otherwise; _compute_loss double-checks.
-        self._k15_generate_every = self.args.steps_per_generation * self.num_iterations
-        self._k15_needs_old_logps = self.args.gradient_accumulation_steps % self._k15_generate_every != 0
+        a = self.args
+        # Micro-batches per rollout batch; above gradient_accumulation_steps a rollout batch feeds several optimizer
+        # steps and pi_i's log-probs must come from the generation pass. TRL computes them exactly when
+        # gradient_accumulation_steps is not a multiple of it (or for vLLM importance sampling); _compute_loss checks.
+        self._k15_generate_every = a.steps_per_generation * self.num_iterations
+        self._k15_needs_old_logps = a.gradient_accumulation_steps % self._k15_generate_every != 0
+        if a.reset_optimizer_each_iteration and self._k15_generate_every <= a.gradient_accumulation_steps:
+            logger.warning(
+                "reset_optimizer_each_iteration=True with one optimizer step per rollout batch (num_iterations=%d x "
+                "steps_per_generation=%d <= gradient_accumulation_steps=%d): every update is Adam's first, "
+                "lr * sign(gradient), so gradient clipping, the loss scale and tau have no effect. Take several steps "
+                "per rollout batch (steps_per_generation or num_iterations > 1) or turn the reset off.",
+                self.num_iterations,
+                a.steps_per_generation,
+                a.gradient_accumulation_steps,
+            )
+        self._k15_resets = 0
+        self._k15_generated_at_step = -1  # optimizer step (global_step) at which the current rollout batch was made
 
     def _generate_and_score_completions(self, inputs):
         training = self.model.training
-        if training and self.args.reset_optimizer_each_iteration:
-            self._reset_optimizer_state()
+        if training:
+            # A new rollout batch starts every generate_every micro-steps. TRL also regenerates when a resumed run
+            # has no buffered batch; that batch replaces one whose optimizer state was just restored, so no reset.
+            if self.args.reset_optimizer_each_iteration and self._step % self._k15_generate_every == 0:
+                self._reset_optimizer_state()
+            self._k15_generated_at_step = self.state.global_step
         output = super()._generate_and_score_completions(inputs)
 
         # Gathered rewards (all processes, whole groups, before TRL shuffles/splits): r_j as TRL weights them.
         rewards_per_func = self._k15_gathered_rewards  # (N, F)
+        scorable = self._k15_scorable  # (N,) completions some task reward function scored
         weights = self.reward_weights.to(rewards_per_func.device)  # (F,)
         rewards = (rewards_per_func * weights).nansum(dim=1)  # (N,)
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)  # (N,) every reward function returned None
         k = self.num_generations if training else self.num_generations_eval
-        if unscorable.any():
-            # Fill with the group's mean of the scored samples so they do not move the baseline, then give them no
-            # advantage (TRL does the same for its own advantages).
-            grouped = rewards.masked_fill(unscorable, float("nan")).view(-1, k)  # (G, k)
-            fill = torch.nan_to_num(torch.nanmean(grouped, dim=1, keepdim=True), nan=0.0).expand_as(grouped)
-            rewards = torch.where(unscorable.view(-1, k), fill, grouped).reshape(-1)
-        advantages = mirror_descent_advantages(rewards, k, self.args.tau, self.args.log_z_estimator)  # (N,)
-        advantages = advantages.masked_fill(unscorable, 0.0)
-        baseline = rewards - advantages  # (N,) b_g per sample
+        advantages = mirror_descent_advantages(rewards, k, self.args.tau, self.args.log_z_estimator, scorable)  # (N,)
 
         local = len(output["prompt_ids"])
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start : start + local]  # (B,) this process's slice, r_j - b_g
+        logged = self._logs["advantages"]  # TRL logged its own (r - mean) / std for the completions table
+        for _ in range(min(len(advantages), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
         mode = "train" if training else "eval"
-        self._metrics[mode]["k15/baseline"].append(baseline.view(-1, k)[:, 0].mean().item())
+        baseline = (rewards - advantages).view(-1, k)[:, 0]  # (G,) b_g (0 in a group nothing scored)
+        self._metrics[mode]["k15/baseline"].append(baseline.mean().item())
         return output
 
     def _reset_optimizer_state(self) -> None:
-        """Clear the optimizer's moments and step counts (paper: reset at every iteration); lr schedule untouched."""
-        optimizer = self.optimizer
-        # Accelerate (and DeepSpeed) wrap the torch optimizer; its state lives on the innermost one.
-        while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            optimizer = getattr(optimizer, "optimizer", None)
-        if optimizer is not None and optimizer.state:
-            optimizer.state.clear()
-            self._metrics["train"]["k15/optimizer_resets"].append(1.0)
+        """Clear the optimizer's moments and step counts (paper: reset at every iteration); lr schedule untouched.
+
+        Accelerate's ``AcceleratedOptimizer`` and DeepSpeed's ZeRO optimizers expose the inner optimizer's ``state``
+        as their own, so clearing it clears the real one.
+        """
+        if self.optimizer is not None and self.optimizer.state:
+            self.optimizer.state.clear()
+            self._k15_resets += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and self.args.reset_optimizer_each_iteration:
+            logs["k15/optimizer_resets"] = float(self._k15_resets)  # cumulative count
+        super().log(logs, start_time)
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -209,26 +269,35 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
                 "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
             )
         }  # fmt: skip
-        per_token_logps, _, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), **multimodal
+        per_token_logps, _, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_aux_loss=self.aux_loss_enabled,
+            **multimodal,
         )  # (B, C)
 
         mode = "train" if self.model.training else "eval"
         old_per_token_logps = inputs.get("old_per_token_logps")  # (B, C) pi_i, from the generation pass
-        if old_per_token_logps is None:
-            if mode == "train" and self._k15_needs_old_logps:
-                raise RuntimeError("old_per_token_logps missing although a rollout batch feeds several updates")
-            old_per_token_logps = per_token_logps.detach()  # first update of the iteration: pi_theta == pi_i
+        if old_per_token_logps is None and mode == "train" and self._k15_needs_old_logps:
+            raise RuntimeError("old_per_token_logps missing although a rollout batch feeds several optimizer steps")
+        if old_per_token_logps is None or mode == "eval" or self.state.global_step == self._k15_generated_at_step:
+            # No optimizer step since the batch was generated: pi_theta is pi_i exactly. (TRL's generation-time
+            # forward, present for vLLM importance sampling, may differ by numerics the squared term should not see.)
+            old_per_token_logps = per_token_logps.detach()
 
         normalize = self.args.length_normalize
         seq_logps = sequence_logps(per_token_logps, mask, normalize)  # (B,)
         old_seq_logps = sequence_logps(old_per_token_logps, mask, normalize)  # (B,)
-        policy_term, l2_term = mirror_descent_terms(seq_logps, old_seq_logps, inputs["advantages"], self.args.tau)
+        is_ratio = inputs.get("importance_sampling_ratio")  # (B, 1) pi_i / pi_vllm (sequence modes only, see config)
+        weights = is_ratio.view(-1) if is_ratio is not None else None  # (B,)
+        policy_term, l2_term = mirror_descent_terms(
+            seq_logps, old_seq_logps, inputs["advantages"], self.args.tau, weights
+        )  # (B,), (B,)
         # Micro-batches have equal sizes, so the mean over each, divided by the accumulation steps, sums to the mean
         # over the whole accumulated batch (DDP then averages over processes).
-        loss = (policy_term + l2_term).mean()
-        if mode == "train":
-            loss = loss / self.current_gradient_accumulation_steps
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        loss = (policy_term + l2_term).mean() / normalizer
+        if self.aux_loss_enabled:  # mixture-of-experts router load balancing, as TRL adds it
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         stats = torch.stack(
             [policy_term.mean(), l2_term.mean(), (seq_logps - old_seq_logps).abs().mean()]
@@ -239,3 +308,4 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
         self._metrics[mode]["k15/l2_loss"].append(l2_mean)
         self._metrics[mode]["k15/abs_log_ratio"].append(abs_log_ratio)
         return loss
+
