@@ -51,6 +51,7 @@ def _trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
         "warmup_steps": "trainer.warmup_steps",
         "per_device_train_batch_size": "trainer.per_device_train_batch_size",
         "gradient_accumulation_steps": "trainer.gradient_accumulation_steps",
+        "steps_per_generation": "trainer.steps_per_generation",
         "num_generations": "trainer.num_generations",
         "max_completion_length": "trainer.max_completion_length",
         "temperature": "trainer.temperature",
@@ -111,6 +112,7 @@ _RANGES = [
     ("trainer.num_generations", lambda v: v >= 2, "an integer >= 2 (the group baseline needs two samples)"),
     ("trainer.per_device_train_batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.gradient_accumulation_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.steps_per_generation", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.max_completion_length", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.temperature", lambda v: v > 0, "a number > 0"),
     ("trainer.logging_steps", lambda v: v >= 1, "an integer >= 1"),
@@ -146,24 +148,36 @@ def _check_ranges(cfg: DictConfig) -> None:
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
     t = cfg.trainer
-    per_step = t.per_device_train_batch_size * max(1, cfg.launcher.num_processes)
-    if per_step % t.num_generations != 0:
+    rollout = t.per_device_train_batch_size * max(1, cfg.launcher.num_processes) * t.steps_per_generation
+    if rollout % t.num_generations != 0:
         raise ConfigError(
-            f"trainer.per_device_train_batch_size={t.per_device_train_batch_size} (x launcher.num_processes="
-            f"{cfg.launcher.num_processes}) must be divisible by trainer.num_generations={t.num_generations}"
+            f"trainer.per_device_train_batch_size={t.per_device_train_batch_size} x launcher.num_processes="
+            f"{cfg.launcher.num_processes} x trainer.steps_per_generation={t.steps_per_generation} (completions per "
+            f"rollout batch) must be divisible by trainer.num_generations={t.num_generations}"
         )
     if t.bf16 and t.use_cpu:
         raise ConfigError("trainer.bf16=true is not allowed with trainer.use_cpu=true: set trainer.bf16=false on CPU")
+    m = cfg.model
+    deepspeed = cfg.launcher.name.startswith("accelerate_deepspeed")
+    if m.dtype != "float32" and not m.lora.enabled and not deepspeed:
+        # Pure half-precision weights: an AdamW step moves each weight by about lr, below half a bf16 ulp for
+        # |w| > ~2.6e-4 at lr 1e-6, so most weights never change. DeepSpeed keeps fp32 master weights itself.
+        raise ConfigError(
+            f"model.dtype={m.dtype} trains the weights in {m.dtype} (small updates round away): use "
+            "model.dtype=float32 with trainer.bf16=true (bf16 compute, fp32 weights), model.lora.enabled=true, or a "
+            "DeepSpeed launcher"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise ConfigError(
+            "FSDP (accelerate launch with an FSDP config) is not supported by k15-train's held-out evaluation: use "
+            "launcher=accelerate_ddp or a DeepSpeed launcher"
+        )
     d = cfg.data
     if d.source in ("hub", "jsonl") and (OmegaConf.is_missing(d, "path") or not d.path):
         raise ConfigError(f"data.path is required for data.source={d.source} (a Hub dataset id or a JSONL file)")
     if d.source == "jsonl" and not Path(d.path).is_file():
         raise ConfigError(f"data.path={d.path!r} is not a file: expected a JSONL file with prompt and answer fields")
-    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
-        raise ConfigError(f"model.path={cfg.model.path!r} is not a directory: expected a saved model or null")
-    ckpt = t.resume_from_checkpoint
-    if ckpt is not None and not Path(ckpt).is_dir():
-        raise ConfigError(f"trainer.resume_from_checkpoint={ckpt!r} is not a directory: expected a checkpoint-<step>")
+    # model.path and trainer.resume_from_checkpoint are checked by k15_plugin.cli.inputs.check_inputs (what they hold)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and world != cfg.launcher.num_processes:
         raise ConfigError(

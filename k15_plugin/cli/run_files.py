@@ -20,8 +20,11 @@ PLOT_FILE = "curves.png"
 class RunFilesCallback(TrainerCallback):
     """Progress bar, one JSON line per logging step, and greedy held-out evaluation every ``eval_steps``.
 
-    ``evaluate(model, limit)`` returns ``{"accuracy", "mean_completion_tokens"}``; its results are logged through
-    the trainer (so TensorBoard gets them too) as ``heldout/accuracy`` and ``heldout/mean_completion_tokens``.
+    ``evaluate(limit)`` returns ``{"accuracy", "mean_completion_tokens"}`` on the first ``limit`` held-out prompts (all
+    of them for ``None``). It is collective: every process calls it at the same points (each decodes a shard), so the
+    evaluation also holds under DeepSpeed ZeRO-3. The accuracy before training is taken when training begins (the
+    model is then on its device, and a resumed run's checkpoint is loaded); results are logged through the trainer
+    (so TensorBoard gets them too) as ``heldout/accuracy`` and ``heldout/mean_completion_tokens``.
     """
 
     def __init__(self, run_dir: Path, evaluate, eval_steps: int, eval_size: int, is_main: bool):
@@ -31,21 +34,22 @@ class RunFilesCallback(TrainerCallback):
         self.eval_size = eval_size
         self.is_main = is_main
         self.trainer = None  # set after the trainer exists, to log evaluation results through it
+        self.before: dict | None = None  # held-out metrics when training began
         self.bar = None
         self.postfix: dict[str, str] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.before = self.evaluate(None)
         if self.is_main:
             self.bar = tqdm(
                 total=state.max_steps, initial=state.global_step, desc="k15", unit="step", dynamic_ncols=True
             )
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
         if self.eval_steps and state.global_step % self.eval_steps == 0 and state.global_step < state.max_steps:
-            if self.is_main:  # greedy evaluation on the main process's unwrapped model (no collectives involved)
-                result = self.evaluate(model, self.eval_size)
-                if self.trainer is not None:
-                    self.trainer.log({f"heldout/{k}": v for k, v in result.items()})
+            result = self.evaluate(self.eval_size)  # every process: the evaluation is collective
+            if self.trainer is not None:
+                self.trainer.log({f"heldout/{k}": v for k, v in result.items()})
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 

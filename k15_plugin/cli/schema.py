@@ -185,6 +185,7 @@ class Trainer:
     warmup_steps: int = 0
     per_device_train_batch_size: int = 128
     gradient_accumulation_steps: int = 1
+    steps_per_generation: int = 4
     num_generations: int = 8
     max_completion_length: int = 4
     temperature: float = 1.0

@@ -21,6 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from k15_plugin.cli.build import ConfigError, check_config
+from k15_plugin.cli.inputs import check_inputs
 from k15_plugin.cli.schema import register_schemas
 
 _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc", "--version")
@@ -106,6 +107,7 @@ def check_overrides(overrides: list[str]) -> None:
             except Exception as err:  # composition errors of any kind become one line
                 raise ConfigError(_one_line(err)) from None
             check_config(cfg)
+            check_inputs(cfg)  # the data file, model directory and checkpoint it names
     GlobalHydra.instance().clear()
 
 
@@ -150,6 +152,7 @@ def run(cfg: DictConfig) -> dict:
     from transformers.trainer_callback import PrinterCallback
 
     import k15_plugin.trl as k15_trl
+    from k15_plugin.cli.heldout import heldout_metrics
     from k15_plugin.cli.run_files import SUMMARY_FILE, RunFilesCallback, write_plots
     from k15_plugin.data.tasks import load_task
 
@@ -165,10 +168,11 @@ def run(cfg: DictConfig) -> dict:
 
     model, tokenizer = _load_model(cfg.model)
     task = load_task(cfg.data, tokenizer, cfg.seed, cfg.trainer.max_completion_length, cfg.reward)
-    before = task.evaluate(model, tokenizer, None)
 
     t = cfg.trainer
-    evaluate = lambda m, n: task.evaluate(m, tokenizer, n)  # noqa: E731
+    # Evaluated through the trainer (its device, its DDP/DeepSpeed wrapping), on every process; the callback takes the
+    # "before" figure when training begins.
+    evaluate = lambda limit: heldout_metrics(trainer, task, tokenizer, limit)  # noqa: E731
     callback = RunFilesCallback(run_dir, evaluate, t.eval_steps, t.eval_size, is_main)
     trainer = getattr(k15_trl, spec.trainer_name)(
         model=model,
@@ -183,8 +187,7 @@ def run(cfg: DictConfig) -> dict:
     trainer.remove_callback(PrinterCallback)  # the progress bar replaces the dict printed at every logging step
     trainer.train(resume_from_checkpoint=cfg.trainer.resume_from_checkpoint)
 
-    final_model = trainer.accelerator.unwrap_model(trainer.model)
-    after = task.evaluate(final_model, tokenizer, None)
+    before, after = callback.before, evaluate(None)
     state = trainer.state
     rollouts = -(
         -state.global_step * args.gradient_accumulation_steps // (args.steps_per_generation * args.num_iterations)
@@ -199,6 +202,7 @@ def run(cfg: DictConfig) -> dict:
         "steps": state.global_step,
         "wall_seconds": round(time.time() - start, 1),
         "heldout_size": len(task.heldout),
+        "device": str(args.device),  # where training and the held-out evaluation ran
         "run_dir": str(run_dir),
         "overrides": list(HydraConfig.get().overrides.task),
     }

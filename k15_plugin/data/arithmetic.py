@@ -55,6 +55,7 @@ __all__ = [
     "build_model",
     "build_tokenizer",
     "evaluate_greedy",
+    "greedy_kwargs",
     "load_demo_checkpoint",
     "make_datasets",
     "read_warm_start_info",
@@ -310,6 +311,24 @@ class ArithmeticReward:
 
 
 @torch.no_grad()
+def greedy_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> dict:
+    """``generate`` options for plain greedy decoding of the policy, whatever the checkpoint's generation config says.
+
+    transformers fills every option ``generate`` is not given from the model's ``generation_config``; an instruct
+    checkpoint's ``repetition_penalty`` (Qwen2.5: 1.05) or ``no_repeat_ngram_size`` would then change even greedy
+    decoding, and TRL's rollouts do not use them.
+    """
+    return {
+        "do_sample": False,
+        "num_beams": 1,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 def evaluate_greedy(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -337,13 +356,7 @@ def evaluate_greedy(
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model.generate(
-                **batch,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            out = model.generate(**batch, **greedy_kwargs(tokenizer, max_new_tokens))
             completions = out[:, batch["input_ids"].shape[1] :].tolist()
             for ids, ans in zip(completions, answers[start : start + batch_size], strict=True):
                 # generate pads finished rows with PAD after EOS; keep up to and including the first EOS.

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from datasets import Dataset, load_dataset
 
-from k15_plugin.data.arithmetic import ArithmeticReward, evaluate_greedy, make_datasets
+from k15_plugin.data.arithmetic import ArithmeticReward, evaluate_greedy, greedy_kwargs, make_datasets
 from k15_plugin.rewards.answer import AnswerMatchReward, extract_answer
 
 
@@ -29,8 +29,9 @@ class Task:
     train: Dataset
     heldout: Dataset
     reward_funcs: list[Callable]
-    # evaluate(model, tokenizer, limit) -> {"accuracy": float, "mean_completion_tokens": float}, greedy decoding
-    evaluate: Callable[[Any, Any, int | None], dict[str, float]]
+    # evaluate(model, tokenizer, rows) -> {"accuracy": float, "mean_completion_tokens": float}: greedy decoding of
+    # `rows` (held-out rows) on the model's device
+    evaluate: Callable[[Any, Any, Dataset], dict[str, float]]
 
 
 def arithmetic_difficulty(prompt: str) -> int:
@@ -85,54 +86,96 @@ def _demo_task(data, tokenizer, seed: int, reward=None) -> Task:
     train = train.add_column("difficulty", [arithmetic_difficulty(p) for p in train["prompt"]])
     allow_filler = data.filler_max > 0
 
-    def evaluate(model, tokenizer, limit=None):
-        subset = heldout if limit is None or limit >= len(heldout) else heldout.select(range(limit))
-        return evaluate_greedy(model, tokenizer, subset, allow_filler=allow_filler)
+    def evaluate(model, tokenizer, rows):
+        return evaluate_greedy(model, tokenizer, rows, allow_filler=allow_filler)
 
     exact = ArithmeticReward(tokenizer, allow_filler=allow_filler)
     return Task(train, heldout, reward_funcs(reward, data, train.column_names, exact), evaluate)
 
 
-def _format_rows(ds: Dataset, data) -> Dataset:
+def _format_rows(ds: Dataset, data, prompt_column: str, answer_column: str) -> Dataset:
     def convert(row):
-        text = data.prompt_template.format(prompt=row[data.prompt_column])
-        reference = str(row[data.answer_column]) if data.answer_column in row else ""
+        text = data.prompt_template.format(prompt=row[prompt_column])
+        reference = str(row[answer_column]) if answer_column in row else ""
         if data.answer_extraction in ("gsm8k", "boxed"):
             reference = extract_answer(reference, data.answer_extraction) or reference
         out = {"prompt": [{"role": "user", "content": text}] if data.chat else text, "answer": reference}
         if "difficulty" in row:
-            out["difficulty"] = float(row["difficulty"])
+            out["difficulty"] = None if row["difficulty"] is None else float(row["difficulty"])
         return out
 
     keep = {"prompt", "answer", "difficulty", "tests"}
     return ds.map(convert, remove_columns=[c for c in ds.column_names if c not in keep])
 
 
+def _jsonl_rows(path: str, key: str, fmt, exclude: set[int], exclude_id) -> Dataset:
+    """The rows of a JSONL file as ``k15_plugin.cli.inputs.read_rows`` reads (and checks) them: the same reader as
+    the CLI's pre-run check, so the loader accepts exactly what the check accepts. Duplicate prompts, and prompts in
+    ``exclude`` (the held-out file's), are dropped. ``difficulty`` is kept only when every row has one."""
+    import hashlib
+
+    from datasets import Features, Value
+    from datasets.exceptions import DatasetGenerationError
+
+    from k15_plugin.cli.inputs import ConfigError, file_identity, read_rows
+
+    features = {"prompt": Value("string"), "answer": Value("string"), "difficulty": Value("float64")}
+    if fmt.code:
+        features["tests"] = [{"input": Value("string"), "output": Value("string")}]
+    # read_rows' rules are part of the key (k15-jsonl-1): a new file version, format or exclusion builds a new cache
+    identity = repr(("k15-jsonl-1", file_identity(path), fmt, exclude_id))
+    try:
+        ds = Dataset.from_generator(
+            read_rows, features=Features(features), gen_kwargs={"path": path, "key": key, "fmt": fmt,
+                                                                "exclude": exclude},
+            fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:32],
+        )  # fmt: skip
+    except DatasetGenerationError as err:  # datasets wraps what the generator raised
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
+    if ds.data.column("difficulty").null_count > 0:
+        ds = ds.remove_columns("difficulty")
+    return ds
+
+
 def _loaded_task(data, seed: int, max_new_tokens: int, reward_cfg=None) -> Task:
+    from k15_plugin.cli.inputs import heldout_count  # the CLI's pre-run check counts the same split
+
+    code = reward_cfg is not None and _plain(reward_cfg.verifier) == "code"
     if data.source == "jsonl":
-        full = load_dataset("json", data_files=data.path, split="train")
-        heldout = None
+        from k15_plugin.cli.inputs import RowFormat, file_identity, prompt_key
+
+        fmt = RowFormat.of(data, reward_cfg)
+        heldout, held_keys, held_id = None, set(), None
+        if data.heldout_split is not None:  # a second JSONL file
+            heldout = _jsonl_rows(data.heldout_split, "data.heldout_split", fmt, set(), None)
+            held_keys, held_id = {prompt_key(p) for p in heldout["prompt"]}, file_identity(data.heldout_split)
+        full = _jsonl_rows(data.path, "data.path", fmt, held_keys, held_id)
+        prompt_column, answer_column = "prompt", "answer"  # read_rows' names
     else:
         full = load_dataset(data.path, data.config_name, split=data.split)
         heldout = load_dataset(data.path, data.config_name, split=data.heldout_split) if data.heldout_split else None
-    code = reward_cfg is not None and _plain(reward_cfg.verifier) == "code"
-    for column in (data.prompt_column,) if code else (data.prompt_column, data.answer_column):  # code: `tests`
-        if column not in full.column_names:
-            raise ValueError(f"data: column {column!r} not in the dataset (columns: {full.column_names})")
+        prompt_column, answer_column = data.prompt_column, data.answer_column
+        keys = {"data.prompt_column": prompt_column} if code else {"data.prompt_column": prompt_column,
+                                                                    "data.answer_column": answer_column}  # fmt: skip
+        for key, column in keys.items():  # code: the `tests` column is checked by reward_funcs
+            if column not in full.column_names:
+                raise ValueError(f"{key}={column!r} is not a column of data.path={data.path} (split {data.split}); "
+                                 f"its columns: {full.column_names}")  # fmt: skip
     if heldout is None:
-        parts = full.train_test_split(test_size=min(data.heldout_size, len(full) // 5 or 1), seed=seed)
+        parts = full.train_test_split(test_size=heldout_count(len(full), data.heldout_size), seed=seed)
         full, heldout = parts["train"], parts["test"]
     elif len(heldout) > data.heldout_size:
         heldout = heldout.shuffle(seed=seed).select(range(data.heldout_size))
-    train = _format_rows(full, data)
+    train = _format_rows(full, data, prompt_column, answer_column)
     if data.num_train is not None:
         train = train.shuffle(seed=seed).select(range(min(data.num_train, len(train))))
-    heldout = _format_rows(heldout, data)
+    heldout = _format_rows(heldout, data, prompt_column, answer_column)
     funcs = reward_funcs(reward_cfg, data, train.column_names, AnswerMatchReward(extraction=data.answer_extraction))
 
-    def evaluate(model, tokenizer, limit=None):
-        subset = heldout if limit is None or limit >= len(heldout) else heldout.select(range(limit))
-        return evaluate_with_reward(model, tokenizer, subset, funcs[0], max_new_tokens)
+    def evaluate(model, tokenizer, rows):
+        return evaluate_with_reward(model, tokenizer, rows, funcs[0], max_new_tokens)
 
     return Task(train, heldout, funcs, evaluate)
 
@@ -163,8 +206,7 @@ def evaluate_with_reward(model, tokenizer, heldout: Dataset, reward, max_new_tok
             else:
                 texts = prompts
             batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(device)
-            out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            out = model.generate(**batch, **greedy_kwargs(tokenizer, max_new_tokens))
             completion_ids = out[:, batch["input_ids"].shape[1] :]
             lengths = (completion_ids != tokenizer.pad_token_id).sum(dim=1)
             completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
