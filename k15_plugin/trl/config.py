@@ -182,11 +182,11 @@ class KimiMirrorDescentConfig(K15GRPOConfig):
     Configuration for [`KimiMirrorDescentTrainer`]: online policy mirror descent (Kimi k1.5, section 2.3).
 
     Updates per rollout batch use TRL's own fields: a rollout batch of `generation_batch_size` completions is split
-    into `steps_per_generation` micro-batches of `per_device_train_batch_size` (per process), `gradient_accumulation_steps`
-    micro-batches make one optimizer step, and the whole batch is passed over `num_iterations` times. The paper takes
-    several optimizer steps per rollout batch against pi_i (`num_iterations * steps_per_generation >
-    gradient_accumulation_steps`); with exactly one, and the optimizer reset on, every update is Adam's first step
-    (`lr * sign(g)`) and tau has no effect, which the trainer warns about.
+    into `steps_per_generation` micro-batches of `per_device_train_batch_size` (per process),
+    `gradient_accumulation_steps` micro-batches make one optimizer step, and the whole batch is passed over
+    `num_iterations` times. The paper takes several optimizer steps per rollout batch against pi_i
+    (`num_iterations * steps_per_generation > gradient_accumulation_steps`); with exactly one, and the optimizer reset
+    on, every update is Adam's first step (`lr * sign(g)`) and tau has no effect, which the trainer warns about.
 
     GRPOConfig options the loss has no use for (`beta`, `loss_type`, `epsilon*`, `delta`, `scale_rewards`,
     `importance_sampling_level`, `multi_objective_aggregation`, entropy options, `sync_ref_model`,
@@ -230,10 +230,15 @@ class KimiMirrorDescentConfig(K15GRPOConfig):
         )
         for name, why in _UNUSED_BY_MIRROR_DESCENT.items():
             value, default = getattr(self, name), _GRPO_DEFAULTS[name]
-            _require(value == default, f"{name}={value!r} is not used by KimiMirrorDescent ({why}); leave it at {default!r}")
+            if name == "scale_rewards" and isinstance(value, bool):  # GRPOConfig's aliases: True "group", False "none"
+                value = "group" if value else "none"
+            _require(
+                value == default, f"{name}={value!r} is not used by KimiMirrorDescent ({why}); leave it at {default!r}"
+            )
         _require(
-            not (self.vllm_importance_sampling_correction and self.vllm_importance_sampling_mode not in _SEQUENCE_IS_MODES),
-            f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is per token; the mirror-descent loss "
-            f"is per sequence: use one of {list(_SEQUENCE_IS_MODES)} or vllm_importance_sampling_correction=False",
+            not self.vllm_importance_sampling_correction
+            or self.vllm_importance_sampling_mode in _SEQUENCE_IS_MODES,
+            f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is per token; the mirror-descent "
+            f"loss is per sequence: use one of {list(_SEQUENCE_IS_MODES)} or vllm_importance_sampling_correction=False",
         )
         super().__post_init__()

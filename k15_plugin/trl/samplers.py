@@ -431,8 +431,8 @@ def check_sampler_dataset(sampler_type: str, dataset) -> None:
     the plugin's samplers would silently be replaced by TRL's buffered shuffle."""
     if sampler_type != "uniform" and is_iterable_dataset(dataset):
         raise ValueError(
-            f"sampler_type={sampler_type!r} needs a map-style (indexable) train_dataset, got an iterable dataset: use a "
-            "datasets.Dataset, or sampler_type='uniform'"
+            f"sampler_type={sampler_type!r} needs a map-style (indexable) train_dataset, got an iterable dataset: "
+            "use a datasets.Dataset, or sampler_type='uniform'"
         )
 
 

