@@ -15,7 +15,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# The demo recipe (MEASURED.md): 16 prompts x 8 samples, 4 new tokens, AdamW 1e-4 (beta2 0.99), clip 1.0.
+# The demo recipe: 16 prompts x 8 samples, 4 new tokens, AdamW 1e-4 (beta2 0.99), clip 1.0.
 DEMO = dict(
     per_device_train_batch_size=128,
     num_generations=8,

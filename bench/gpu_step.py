@@ -1,104 +1,207 @@
-"""One training step of Qwen2.5-0.5B-Instruct on GSM8K with vLLM colocated generation: k1.5 vs TRL's GRPO.
+"""The GPU check: training-step time of k1.5 vs TRL's GRPO on a 0.5B model, then `k15-train` on the GPU.
 
-GPU only (not run in CI): `bash bench/gpu_step.sh`. Needs `pip install -e ".[vllm]"` and Hub access for the model
-and the dataset. Both trainers get identical settings and alternate runs; TRL's own `step_time` metric is reported.
+    bash bench/gpu_step.sh            # on a GPU machine, after the README's install (+ ".[vllm]" for vLLM)
+    python -m bench.gpu_step --smoke  # seconds on CPU, a tiny model: checks the plumbing (the test suite runs it)
+
+1. Step time: `KimiMirrorDescentTrainer` and TRL's `GRPOTrainer` with identical settings (8 prompts x 8 samples,
+   bf16 compute on float32 master weights, lr 1e-6, 2 optimizer steps per rollout batch), alternating runs; TRL's own
+   `step_time` metric, first step dropped (up to 128 new tokens). Also the share of weights a single lr-1e-6 step
+   changes.
+2. `k15-train` on the GPU: `experiment=gsm8k_qwen0.5b` for a few steps with held-out evaluation, on the GPU
+   (and vLLM colocate generation when vLLM is installed).
+
+Qwen2.5-0.5B-Instruct and GSM8K come from the Hugging Face cache or Hub. A machine without either (an offline GPU
+box) runs the same code on a model of Qwen2.5-0.5B's architecture with random weights and a synthetic arithmetic
+JSONL file, and says so in the result. Last line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import torch
-from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import GRPOConfig, GRPOTrainer
-
-from k15_plugin import KimiMirrorDescentConfig, KimiMirrorDescentTrainer
-from k15_plugin.rewards.answer import AnswerMatchReward, extract_answer
 
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+# Qwen2.5-0.5B's architecture, for machines that cannot download it (random weights: timing, not learning)
+QWEN_0_5B = dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+)  # fmt: skip
+TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
 
 
-def gsm8k(n: int):
-    ds = load_dataset("openai/gsm8k", "main", split="train").select(range(n))
-    return ds.map(
-        lambda row: {
-            "prompt": [{"role": "user", "content": row["question"] + "\nGive the final answer after ####."}],
-            "answer": extract_answer(row["answer"], "gsm8k"),
-        },
-        remove_columns=ds.column_names,
-    )
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
-def step_times(algorithm: str, steps: int, data) -> list[float]:
+def _model_source(smoke: bool, workdir: Path) -> tuple[str, bool]:
+    """A directory (or Hub id) holding the model and its tokenizer; True when it is the real Qwen checkpoint."""
+    if not smoke:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(MODEL), True
+        except Exception:  # offline: no cache, no Hub
+            pass
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from k15_plugin.data.arithmetic import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(**(TINY if smoke else QWEN_0_5B), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    path = workdir / "model"
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path), False
+
+
+def _gsm8k_rows(n: int) -> list[dict] | None:
+    try:
+        from datasets import load_dataset
+
+        from k15_plugin.rewards.answer import extract_answer
+
+        ds = load_dataset("openai/gsm8k", "main", split="train").select(range(n))
+        return [{"prompt": r["question"], "answer": extract_answer(r["answer"], "gsm8k")} for r in ds]
+    except Exception:  # offline
+        return None
+
+
+def _arithmetic_rows(n: int) -> list[dict]:
+    from k15_plugin.data.arithmetic import make_datasets
+
+    train, _ = make_datasets(num_train=n, seed=0)
+    return [{"prompt": p, "answer": a} for p, a in zip(train["prompt"], train["answer"], strict=True)]
+
+
+def _length_reward(completion_ids, **kwargs):
+    """Signal on any model, trained or random: shorter completions score higher."""
+    return [1.0 / (1 + len(ids)) for ids in completion_ids]
+
+
+def step_times(algorithm: str, source: str, rows: list[dict], steps: int, smoke: bool) -> tuple[list[float], float]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from k15_plugin import KimiMirrorDescentConfig, KimiMirrorDescentTrainer
+
+    cuda = torch.cuda.is_available()
     common = dict(
-        output_dir=tempfile.mkdtemp(),
-        max_steps=steps,
-        per_device_train_batch_size=64,
-        num_generations=8,
-        max_completion_length=256,
-        learning_rate=1e-6,
-        bf16=True,
-        use_vllm=True,
-        vllm_mode="colocate",
-        vllm_gpu_memory_utilization=0.3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-    )
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL, padding_side="left")
+        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=32, steps_per_generation=2,
+        num_generations=8, max_completion_length=16 if smoke else 128, learning_rate=1e-6, bf16=cuda,
+        use_cpu=not cuda, use_vllm=cuda and _vllm_installed(), vllm_mode="colocate", vllm_gpu_memory_utilization=0.3,
+        logging_steps=1, report_to=[], save_strategy="no", seed=0, gradient_checkpointing=False,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)  # fp32 master weights
+    tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+    data = Dataset.from_list(rows)
     if algorithm == "kimi_md":
-        trainer = KimiMirrorDescentTrainer(
-            model=model,
-            reward_funcs=[AnswerMatchReward("gsm8k")],
-            train_dataset=data,
-            args=KimiMirrorDescentConfig(**common),
-            processing_class=tokenizer,
-        )
+        config, trainer_cls = KimiMirrorDescentConfig(**common), KimiMirrorDescentTrainer
     else:
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=[AnswerMatchReward("gsm8k")],
-            train_dataset=data,
-            args=GRPOConfig(**common),
-            processing_class=tokenizer,
-        )
+        config, trainer_cls = GRPOConfig(**common, loss_type="grpo"), GRPOTrainer
+    trainer = trainer_cls(model=model, reward_funcs=[_length_reward], train_dataset=data, args=config,
+                          processing_class=tokenizer)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    first = {}
+
+    class FirstStep(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                changed = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
+                first["changed"] = changed / sum(p.numel() for p in before.values())
+
+    trainer.add_callback(FirstStep())
     trainer.train()
     times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
     del trainer, model
-    torch.cuda.empty_cache()
-    return times[1:]  # the first step includes vLLM and CUDA warm-up
+    if cuda:
+        torch.cuda.empty_cache()
+    return times[1:], first["changed"]
+
+
+def cli_run(source: str, real_model: bool, rows: list[dict] | None, workdir: Path, smoke: bool) -> dict:
+    """`k15-train experiment=gsm8k_qwen0.5b` for a few steps (offline: the same recipe on local files)."""
+    cuda = torch.cuda.is_available()
+    run_dir = workdir / "cli_run"
+    args = ["experiment=gsm8k_qwen0.5b", "trainer.max_steps=4", "trainer.eval_steps=2", "trainer.eval_size=16",
+            "data.heldout_size=32", "trainer.save_steps=0", "trainer.logging_steps=1", "trainer.report_to=[]",
+            f"trainer.use_vllm={str(cuda and _vllm_installed()).lower()}", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    if not real_model:
+        args += [f"model.path={source}"]
+    if rows is None:  # no GSM8K: the same recipe on a local JSONL file
+        path = workdir / "train.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in _arithmetic_rows(512)))
+        args += ["data=jsonl", f"data.path={path}", "data.chat=false", "data.heldout_size=32"]
+    if not cuda:  # --smoke on a CPU machine
+        args += ["trainer.use_cpu=true", "trainer.bf16=false", "trainer.max_completion_length=8",
+                 "trainer.per_device_train_batch_size=16"]  # fmt: skip
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    start = time.time()
+    out = subprocess.run([sys.executable, "-m", "k15_plugin.cli.train", *args], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    if out.returncode != 0:
+        return {"ok": False, "error": out.stderr[-1500:]}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "ok": True,
+        "seconds": round(time.time() - start, 1),
+        "device": summary.get("device"),
+        "accuracy_before_after": [summary["eval_accuracy_before"], summary["eval_accuracy_after"]],
+        "periodic_heldout_evals": sum("heldout/accuracy" in r for r in records),
+        "l2_loss": [r["k15/l2_loss"] for r in records if "k15/l2_loss" in r],
+        "steps": summary["steps"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=4, help="training steps per run (the first is dropped)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (A B A B ...)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the plumbing")
     cli = parser.parse_args()
-    data = gsm8k(512)
-    times = {"kimi_md": [], "grpo": []}
-    for _ in range(cli.rounds):
-        for algorithm in times:
-            times[algorithm] += step_times(algorithm, cli.steps, data)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    if cli.smoke:
+        cli.steps, cli.rounds = 3, 1
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        source, real_model = _model_source(cli.smoke, workdir)
+        gsm8k = None if cli.smoke else _gsm8k_rows(256)
+        rows = gsm8k or _arithmetic_rows(256)
+        times, changed = {"kimi_md": [], "grpo": []}, {}
+        for _ in range(cli.rounds):
+            for algorithm in times:
+                t, changed[algorithm] = step_times(algorithm, source, rows, cli.steps, cli.smoke)
+                times[algorithm] += t
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        cli_result = cli_run(source, real_model, gsm8k, workdir, cli.smoke)
     for k, v in medians.items():
         print(f"{k:<8} median step {v:.3f} s over {len(times[k])} steps")
-    print(
-        json.dumps(
-            {
-                "bench": "gpu_step",
-                "model": MODEL,
-                "median_step_seconds": medians,
-                "step_time_ratio": medians["kimi_md"] / medians["grpo"],
-                "gpu": torch.cuda.get_device_name(),
-            }
-        )
-    )
+    print(json.dumps({
+        "bench": "gpu_step",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": MODEL if real_model else "Qwen2.5-0.5B architecture, random weights (offline)",
+        "data": "gsm8k" if gsm8k else "synthetic arithmetic (offline)",
+        "vllm": torch.cuda.is_available() and _vllm_installed(),
+        "median_step_seconds": {k: round(v, 4) for k, v in medians.items()},
+        "step_time_ratio": round(medians["kimi_md"] / medians["grpo"], 3),
+        "weights_changed_by_one_lr1e-6_step": {k: round(v, 4) for k, v in changed.items()},
+        "k15_train": cli_result,
+    }))  # fmt: skip
 
 
 if __name__ == "__main__":

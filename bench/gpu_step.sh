@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One training step of Qwen2.5-0.5B-Instruct on GSM8K with vLLM colocate generation, k1.5 vs TRL GRPO (GPU only).
-#   pip install -e ".[vllm]" && bash bench/gpu_step.sh
+# The GPU check (bench/gpu_step.py): k1.5 vs TRL GRPO step time on a 0.5B model, then k15-train on the GPU.
+#   pip install -e ".[vllm]" && bash bench/gpu_step.sh        (vLLM optional; without it TRL generates with HF)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/k15_minimal", help="where TRL writes its state")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and data order")
     cli = parser.parse_args()
-    torch.set_num_threads(1)  # 2-core machines: more threads oversubscribe (MEASURED.md)
+    torch.set_num_threads(1)  # 2-core machines: more threads oversubscribe
     show_the_math()
 
     # The built-in task: "a+b=" -> the sum's digits then EOS; 500 held-out pairs never trained on.
@@ -76,7 +76,7 @@ def main() -> None:
         sampler_type="prioritized",  # probability ~ max(1 - success rate, floor)
         prioritized_floor=0.05,  # solved problems still come back now and then
         # --- optimizer
-        learning_rate=1e-4,  # 1e-3 collapses within 25 steps on this task (MEASURED.md)
+        learning_rate=1e-4,  # 1e-3 collapsed within 25 steps on this task
         adam_beta2=0.99,
         max_grad_norm=1.0,
         max_steps=cli.max_steps,
