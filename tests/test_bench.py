@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
         ("overhead", ["step_time_ratio_median", "rss_ratio"]),
         ("sample_efficiency", ["k15_final_acc", "grpo_final_acc", "k15_samples_to_target", "grpo_samples_to_target"]),
         ("length_penalty", ["tokens_ratio", "accuracy_delta"]),
+        ("gpu_step", ["step_time_ratio", "weights_changed_by_one_lr1e-6_step", "k15_train"]),
     ],
 )
 def test_benchmark_smoke(bench, keys):

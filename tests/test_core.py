@@ -289,7 +289,8 @@ def test_length_reward_ignores_unscorable_lengths_by_hand():
 
 def test_importance_weights_scale_each_sample_and_its_gradient():
     # w = (2, 0.5), adv = (1, -1), tau = 1, old = (0, 0), logp = (-1, -2) leaf:
-    #   policy = -w*adv*logp = (2, -1); l2 = w*0.5*logp^2 = (1, 1); d/dlogp = -w*adv + w*logp = (-4, 0.5 - 1) = (-4, -0.5)
+    #   policy = -w*adv*logp = (2, -1); l2 = w*0.5*logp^2 = (1, 1)
+    #   d/dlogp = -w*adv + w*logp = (-2 - 2, 0.5 - 1) = (-4, -0.5)
     logp = torch.tensor([-1.0, -2.0], requires_grad=True)
     policy, l2 = mirror_descent_terms(logp, torch.zeros(2), torch.tensor([1.0, -1.0]), 1.0, torch.tensor([2.0, 0.5]))
     assert policy.tolist() == pytest.approx([2.0, -1.0]) and l2.tolist() == pytest.approx([1.0, 1.0])
