@@ -110,6 +110,9 @@ def _cli(args, cwd, timeout=300):
         (["trainer.max_step=5"], "trainer.max_step"),
         (["algorithm.tau=abc"], "algorithm.tau"),
         (["-m", "algorithm=kimi_md,grpo", "algorithm.tau=0"], "algorithm.tau"),
+        (["trainer.steps_per_generation=0"], "trainer.steps_per_generation"),
+        (["model=qwen2.5_0.5b", "model.dtype=bfloat16"], "model.dtype"),
+        (["trainer.per_device_train_batch_size=12"], "trainer.num_generations"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_loading(tmp_path, args, key):
@@ -133,9 +136,12 @@ def test_short_demo_run_writes_the_run_directory(tmp_path):
     for key in ("algorithm", "eval_accuracy_before", "eval_accuracy_after", "mean_completion_tokens_before",
                 "mean_completion_tokens_after", "train_samples", "wall_seconds"):  # fmt: skip
         assert key in summary, key
-    assert summary["algorithm"] == "kimi_md" and summary["train_samples"] == 4 * 128
+    # kimi_md's default: 2 passes over each rollout batch of 128, so 4 steps are 2 rollout batches
+    assert summary["algorithm"] == "kimi_md" and summary["train_samples"] == 2 * 128
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "k15/policy_loss" in r] == [1, 2, 3, 4]
+    # the squared term works on the second step of each rollout batch (pi_theta has moved away from pi_i)
+    assert [r["k15/l2_loss"] > 0 for r in records if "k15/l2_loss" in r] == [False, True, False, True]
     assert any("heldout/accuracy" in r for r in records)
     assert (run_dir / "curves.png").stat().st_size > 1000
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -179,6 +185,13 @@ def test_distributed_launch_shares_one_run_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs").iterdir()  # both processes resolved the same directory
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["train_samples"] == 2 * 128 and summary["steps"] == 2  # 2 processes x 64 completions per step
+    # 2 processes x 64 completions per rollout batch, 2 steps on it (kimi_md's num_iterations)
+    assert summary["train_samples"] == 128 and summary["steps"] == 2
+    # the held-out evaluation ran sharded over both processes and gathered: the same figure as one process's
+    from k15_plugin.data.arithmetic import evaluate_greedy, load_demo_checkpoint, make_datasets
+
+    model, tokenizer = load_demo_checkpoint()
+    _, heldout = make_datasets(seed=0, heldout_size=100)
+    assert summary["eval_accuracy_before"] == pytest.approx(evaluate_greedy(model, tokenizer, heldout)["accuracy"])
     assert (run_dir / "checkpoint-2").is_dir()
     assert result.stdout.count("held-out accuracy") == 1  # the final line comes from the main process only

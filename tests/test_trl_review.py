@@ -220,3 +220,13 @@ def test_lr_1e6_changes_weights_only_with_fp32_master_weights(
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
     total = sum(p.numel() for p in before.values())
     assert min_changed <= changed / total <= max_changed
+
+
+def test_warns_when_no_completion_can_count_as_correct(tmp_path, tokenizer, train_dataset, caplog):
+    # reward weight 0.5 on a 0/1 reward: the weighted task reward never reaches the default threshold 1.0
+    with caplog.at_level(logging.WARNING, logger="k15_plugin.trl.trainer"):
+        _trainer(
+            K15GRPOTrainer, K15GRPOConfig, tmp_path, tokenizer, train_dataset, reward_weights=[0.5],
+            length_penalty_weight=0.1, scale_rewards="none",
+        )  # fmt: skip
+    assert any("length_penalty_correct_threshold=1.0 is above" in r.message for r in caplog.records)

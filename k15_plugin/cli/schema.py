@@ -23,7 +23,7 @@ class KimiMDAlgorithm:
     log_z_estimator: str = "mean"
     length_normalize: bool = False
     reset_optimizer_each_iteration: bool = True
-    num_iterations: int = 1
+    num_iterations: int = 2
 
 
 @dataclass
@@ -185,7 +185,7 @@ class Trainer:
     warmup_steps: int = 0
     per_device_train_batch_size: int = 128
     gradient_accumulation_steps: int = 1
-    steps_per_generation: int = 4
+    steps_per_generation: int = 1
     num_generations: int = 8
     max_completion_length: int = 4
     temperature: float = 1.0
