@@ -96,7 +96,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="length_penalty_warmup_steps (paper: a warm-up)")
     parser.add_argument("--ramp", type=int, default=100, help="length_penalty_ramp_steps")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="runs at a time, each in its own process (0: one after another in this process)",
+    )
     parser.add_argument("--smoke", action="store_true", help="1 seed, 3 steps, nothing saved")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     cli = parser.parse_args()
@@ -106,9 +111,12 @@ def main() -> None:
     torch.set_num_threads(1)
     if cli.smoke:
         cli.seeds, cli.steps, cli.warmup, cli.ramp = 1, 3, 1, 0
+        cli.workers = 0  # no new processes: the test suite runs this in its own
 
     def run(job):
         with_penalty, seed = job
+        if cli.workers == 0:
+            return one_run(with_penalty, seed, cli.steps, cli.weight, cli.warmup, cli.ramp)
         payload = json.dumps([with_penalty, seed, cli.steps, cli.weight, cli.warmup, cli.ramp])
         out = subprocess.run(
             [sys.executable, "-m", "bench.length_penalty", "--one", payload], capture_output=True, text=True
@@ -117,8 +125,12 @@ def main() -> None:
             raise RuntimeError(out.stderr[-2000:])
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    with ThreadPoolExecutor(cli.workers) as pool:
-        runs = list(pool.map(run, [(p, s) for s in range(cli.seeds) for p in (False, True)]))
+    jobs = [(p, s) for s in range(cli.seeds) for p in (False, True)]
+    if cli.workers == 0:
+        runs = [run(job) for job in jobs]
+    else:
+        with ThreadPoolExecutor(cli.workers) as pool:
+            runs = list(pool.map(run, jobs))
 
     def mean(with_penalty, key):
         return statistics.mean(r["after"][key] for r in runs if r["with_penalty"] == with_penalty)

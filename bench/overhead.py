@@ -1,13 +1,13 @@
 """Per-step cost of KimiMirrorDescentTrainer against TRL's GRPOTrainer on identical settings.
 
     python -m bench.overhead              # ~1-2 minutes on 2 cores
-    python -m bench.overhead --steps 6    # smoke
+    python -m bench.overhead --smoke      # 4 steps: what the test suite runs
 
 Time: both trainers live in one process and take turns, one optimizer step each (A B A B ...), through the real
 TRL/transformers training loop (a callback hands a baton between two threads, only one of which runs at a time);
 the first `--warmup` steps of each are dropped. Memory: each trainer runs alone in a fresh subprocess for the same
-steps and reports its peak RSS. Last line: {"bench": "overhead", "step_time_ratio_median": ..., "rss_ratio": ...},
-k1.5 / GRPO.
+steps (the two processes at once) and reports its peak RSS. Last line:
+{"bench": "overhead", "step_time_ratio_median": ..., "rss_ratio": ...}, k1.5 / GRPO.
 """
 
 from __future__ import annotations
@@ -80,18 +80,29 @@ def interleaved_times(steps: int, seed: int) -> dict[str, list[float]]:
     return {name: batons[name].times for name in ALGORITHMS}
 
 
-def peak_rss_mb(algorithm: str, steps: int, seed: int) -> float:
-    """Peak RSS of a fresh process that trains ``algorithm`` alone for ``steps`` steps."""
-    code = (
-        "import resource, tempfile, torch; torch.set_num_threads(1);"
-        "from bench.common import build_trainer, demo_task;"
-        f"m, t, d, _, r = demo_task({seed});"
-        "tmp = tempfile.mkdtemp();"
-        f"build_trainer({algorithm!r}, m, t, d, r, tmp, max_steps={steps}, seed={seed}, logging_steps={steps}).train();"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def peak_rss_mb(steps: int, seed: int) -> dict[str, float]:
+    """Peak RSS of a fresh process per algorithm that trains it alone for ``steps`` steps (both run at once)."""
+    started = {}
+    for algorithm in ALGORITHMS:
+        code = (
+            "import resource, tempfile, torch; torch.set_num_threads(1);"
+            "from bench.common import build_trainer, demo_task;"
+            f"m, t, d, _, r = demo_task({seed});"
+            "tmp = tempfile.mkdtemp();"
+            f"build_trainer({algorithm!r}, m, t, d, r, tmp, max_steps={steps}, seed={seed}, logging_steps={steps})"
+            ".train();"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        )
+        started[algorithm] = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    rss = {}
+    for algorithm, process in started.items():
+        stdout, stderr = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"{algorithm}: {stderr[-2000:]}")
+        rss[algorithm] = float(stdout.strip().splitlines()[-1])
+    return rss
 
 
 def main() -> None:
@@ -107,7 +118,7 @@ def main() -> None:
     warmup = min(cli.warmup, cli.steps - 1)
 
     times = {k: v[warmup:] for k, v in interleaved_times(cli.steps, cli.seed).items()}
-    rss = {name: peak_rss_mb(name, cli.steps, cli.seed) for name in ALGORITHMS}
+    rss = peak_rss_mb(cli.steps, cli.seed)
     ratios = [a / b for a, b in zip(times["kimi_md"], times["grpo"], strict=True)]  # pairwise: neighbours in time
 
     print(f"{'trainer':<10} {'steps':>5} {'median step s':>14} {'mean step s':>12} {'peak RSS MB':>12}")

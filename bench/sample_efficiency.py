@@ -135,7 +135,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20, help="rollout batches between held-out evaluations")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.35, help="accuracy for the samples-to-target column")
-    parser.add_argument("--workers", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="runs at a time, each in its own process (0: one after another in this process)",
+    )
     parser.add_argument("--smoke", action="store_true", help="2 settings, 1 seed, 2 rollouts: checks the plumbing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting in this process
     cli = parser.parse_args()
@@ -146,9 +151,13 @@ def main() -> None:
     names = list(SETTINGS)
     if cli.smoke:
         names, cli.seeds, cli.rollouts, cli.eval_every = ["k15 tau=1, 2 passes (default)", "grpo, 1 step"], 1, 2, 1
+        cli.workers = 0  # no new processes: the test suite runs this in its own
     jobs = [(n, s) for s in range(cli.seeds) for n in names]
-    with ThreadPoolExecutor(cli.workers) as pool:
-        runs = list(pool.map(lambda j: _subprocess_run(j[0], j[1], cli.rollouts, cli.eval_every), jobs))
+    if cli.workers == 0:
+        runs = [one_run(n, s, cli.rollouts, cli.eval_every) for n, s in jobs]
+    else:
+        with ThreadPoolExecutor(cli.workers) as pool:
+            runs = list(pool.map(lambda j: _subprocess_run(j[0], j[1], cli.rollouts, cli.eval_every), jobs))
 
     rows = []
     for name in names:

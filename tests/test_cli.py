@@ -1,4 +1,6 @@
-"""The Hydra entry point: every config option composes, bad values fail in one line, and short runs go through."""
+"""The Hydra entry point: every config option composes, bad values fail in one line, and short runs go through.
+
+Bad values go through ``k15-train``'s ``main`` in this process; the runs are real processes."""
 
 import json
 import os
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import assert_one_line, main_before_the_job
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -115,48 +118,41 @@ def _cli(args, cwd, timeout=300):
         (["trainer.per_device_train_batch_size=12"], "trainer.num_generations"),
     ],
 )
-def test_bad_values_fail_in_one_line_before_loading(tmp_path, args, key):
-    result = _cli([*args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and key in lines[0], result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()  # nothing half-written
+def test_bad_values_fail_in_one_line_before_loading(tmp_path, monkeypatch, capsys, args, key):
+    code, stderr = main_before_the_job(args, tmp_path, monkeypatch, capsys)
+    assert_one_line(code, stderr, key, tmp_path)
 
 
-def test_short_demo_run_writes_the_run_directory(tmp_path):
-    run_dir = tmp_path / "run"
+def test_multirun_demo_writes_a_run_directory_per_algorithm(tmp_path):
+    """A real ``k15-train -m`` process: kimi_md and GRPO side by side, each with its own complete run directory."""
+    sweep = tmp_path / "sweep"
     result = _cli(
-        ["trainer.max_steps=4", "trainer.eval_steps=2", "trainer.logging_steps=1", "trainer.eval_size=50",
-         f"hydra.run.dir={run_dir}"],
+        ["-m", "algorithm=kimi_md,grpo", "trainer.max_steps=4", "trainer.eval_steps=2", "trainer.logging_steps=1",
+         "trainer.eval_size=50", f"hydra.sweep.dir={sweep}"],
         tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("algorithm", "eval_accuracy_before", "eval_accuracy_after", "mean_completion_tokens_before",
-                "mean_completion_tokens_after", "train_samples", "wall_seconds"):  # fmt: skip
-        assert key in summary, key
-    # kimi_md's default: 2 passes over each rollout batch of 128, so 4 steps are 2 rollout batches
-    assert summary["algorithm"] == "kimi_md" and summary["train_samples"] == 2 * 128
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "k15/policy_loss" in r] == [1, 2, 3, 4]
-    # the squared term works on the second step of each rollout batch (pi_theta has moved away from pi_i)
-    assert [r["k15/l2_loss"] > 0 for r in records if "k15/l2_loss" in r] == [False, True, False, True]
-    assert any("heldout/accuracy" in r for r in records)
-    assert (run_dir / "curves.png").stat().st_size > 1000
-    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert "held-out accuracy" in result.stdout and str(run_dir) in result.stdout
-
-
-def test_multirun_runs_kimi_md_and_grpo(tmp_path):
-    sweep = tmp_path / "sweep"
-    result = _cli(
-        ["-m", "algorithm=kimi_md,grpo", "trainer.max_steps=2", "trainer.eval_steps=0", f"hydra.sweep.dir={sweep}"],
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    algorithms = sorted(json.loads(p.read_text())["algorithm"] for p in sweep.glob("*/summary.json"))
-    assert algorithms == ["grpo", "kimi_md"]
+    run_dirs = {json.loads(p.read_text())["algorithm"]: p.parent for p in sweep.glob("*/summary.json")}
+    assert sorted(run_dirs) == ["grpo", "kimi_md"]
+    for algorithm, run_dir in run_dirs.items():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        for key in ("eval_accuracy_before", "eval_accuracy_after", "mean_completion_tokens_before",
+                    "mean_completion_tokens_after", "train_samples", "wall_seconds"):  # fmt: skip
+            assert key in summary, (algorithm, key)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert any("heldout/accuracy" in r for r in records), algorithm
+        assert (run_dir / "curves.png").stat().st_size > 1000
+        assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        assert str(run_dir) in result.stdout
+        if algorithm == "grpo":  # one step per rollout batch of 128
+            assert summary["train_samples"] == 4 * 128
+            continue
+        # kimi_md's default: 2 passes over each rollout batch of 128, so 4 steps are 2 rollout batches
+        assert summary["train_samples"] == 2 * 128
+        assert [r["step"] for r in records if "k15/policy_loss" in r] == [1, 2, 3, 4]
+        # the squared term works on the second step of each rollout batch (pi_theta has moved away from pi_i)
+        assert [r["k15/l2_loss"] > 0 for r in records if "k15/l2_loss" in r] == [False, True, False, True]
+    assert result.stdout.count("held-out accuracy") == 2
 
 
 def test_wheel_ships_the_configs(tmp_path):

@@ -202,6 +202,7 @@ def test_regenerated_rollout_batch_is_not_counted_twice():
 # End to end with the plugin's trainers on a tiny Llama: exact resume from a TRL checkpoint
 # ----------------------------------------------------------------------------------------------------------------------
 
+
 def _toy_dataset(num_prompts):
     return Dataset.from_dict(
         {

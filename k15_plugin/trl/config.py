@@ -236,8 +236,7 @@ class KimiMirrorDescentConfig(K15GRPOConfig):
                 value == default, f"{name}={value!r} is not used by KimiMirrorDescent ({why}); leave it at {default!r}"
             )
         _require(
-            not self.vllm_importance_sampling_correction
-            or self.vllm_importance_sampling_mode in _SEQUENCE_IS_MODES,
+            not self.vllm_importance_sampling_correction or self.vllm_importance_sampling_mode in _SEQUENCE_IS_MODES,
             f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is per token; the mirror-descent "
             f"loss is per sequence: use one of {list(_SEQUENCE_IS_MODES)} or vllm_importance_sampling_correction=False",
         )

@@ -289,7 +289,11 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
             )
         }  # fmt: skip
         per_token_logps, _, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_aux_loss=self.aux_loss_enabled,
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_aux_loss=self.aux_loss_enabled,
             **multimodal,
         )  # (B, C)
 
@@ -327,4 +331,3 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
         self._metrics[mode]["k15/l2_loss"].append(l2_mean)
         self._metrics[mode]["k15/abs_log_ratio"].append(abs_log_ratio)
         return loss
-
