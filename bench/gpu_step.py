@@ -153,7 +153,7 @@ def cli_run(source: str, real_model: bool, rows: list[dict] | None, workdir: Pat
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     start = time.time()
     out = subprocess.run([sys.executable, "-m", "k15_plugin.cli.train", *args], capture_output=True, text=True,
-                         env=env, timeout=600)  # fmt: skip
+                         env=env, timeout=1800)  # fmt: skip
     if out.returncode != 0:
         return {"ok": False, "error": out.stderr[-1500:]}
     summary = json.loads((run_dir / "summary.json").read_text())

