@@ -141,6 +141,7 @@ def main() -> None:
         default=2,
         help="runs at a time, each in its own process (0: one after another in this process)",
     )
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="the settings to run (default: all)")
     parser.add_argument("--smoke", action="store_true", help="2 settings, 1 seed, 2 rollouts: checks the plumbing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting in this process
     cli = parser.parse_args()
@@ -148,7 +149,7 @@ def main() -> None:
         print(json.dumps(one_run(*json.loads(cli.one))))
         return
     torch.set_num_threads(1)
-    names = list(SETTINGS)
+    names = cli.settings or list(SETTINGS)
     if cli.smoke:
         names, cli.seeds, cli.rollouts, cli.eval_every = ["k15 tau=1, 2 passes (default)", "grpo, 1 step"], 1, 2, 1
         cli.workers = 0  # no new processes: the test suite runs this in its own

@@ -128,7 +128,7 @@ def test_multirun_demo_writes_a_run_directory_per_algorithm(tmp_path):
     sweep = tmp_path / "sweep"
     result = _cli(
         ["-m", "algorithm=kimi_md,grpo", "trainer.max_steps=4", "trainer.eval_steps=2", "trainer.logging_steps=1",
-         "trainer.eval_size=50", f"hydra.sweep.dir={sweep}"],
+         "trainer.eval_size=50", "data.heldout_size=100", f"hydra.sweep.dir={sweep}"],
         tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
