@@ -115,8 +115,6 @@ def main() -> None:
 
     def run(job):
         with_penalty, seed = job
-        if cli.workers == 0:
-            return one_run(with_penalty, seed, cli.steps, cli.weight, cli.warmup, cli.ramp)
         payload = json.dumps([with_penalty, seed, cli.steps, cli.weight, cli.warmup, cli.ramp])
         out = subprocess.run(
             [sys.executable, "-m", "bench.length_penalty", "--one", payload], capture_output=True, text=True
@@ -127,7 +125,7 @@ def main() -> None:
 
     jobs = [(p, s) for s in range(cli.seeds) for p in (False, True)]
     if cli.workers == 0:
-        runs = [run(job) for job in jobs]
+        runs = [one_run(p, s, cli.steps, cli.weight, cli.warmup, cli.ramp) for p, s in jobs]
     else:
         with ThreadPoolExecutor(cli.workers) as pool:
             runs = list(pool.map(run, jobs))
