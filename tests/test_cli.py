@@ -116,6 +116,8 @@ def _cli(args, cwd, timeout=1800):  # a slow, loaded 2-core machine: minutes of 
         (["trainer.steps_per_generation=0"], "trainer.steps_per_generation"),
         (["model=qwen2.5_0.5b", "model.dtype=bfloat16"], "model.dtype"),
         (["trainer.per_device_train_batch_size=12"], "trainer.num_generations"),
+        (["reward=code", "reward.code.isolation=container"], "reward.code.isolation"),
+        (["reward=code", "reward.code.allow_paths=[/nonexistent/k15]"], "reward.code.allow_paths: /nonexistent/k15"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_loading(tmp_path, monkeypatch, capsys, args, key):

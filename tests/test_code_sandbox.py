@@ -6,12 +6,14 @@ program's fork bomb must not starve its neighbours), and the host-side effect is
 listener, leftover processes, the secret in the output).
 """
 
+import json
 import os
 import pickle
 import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -23,7 +25,7 @@ import pytest
 
 from k15_plugin.rewards import CodeReward, Sandbox, SandboxConfig, SandboxUnavailableError, get_code_reward
 from k15_plugin.rewards.code import extract_program, normalize_output, parse_tests
-from k15_plugin.rewards.sandbox import DEFAULT_UID_BASE, _Mode
+from k15_plugin.rewards.sandbox import DEFAULT_UID_BASE
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox uses Linux namespaces")
 
@@ -135,8 +137,18 @@ def test_pickle_round_trip(reward):
 def test_config_is_validated():
     with pytest.raises(ValueError, match="timeout_seconds"):
         SandboxConfig(timeout_seconds=0)
-    with pytest.raises(ValueError, match="network_isolation"):
-        SandboxConfig(network_isolation="off")
+    with pytest.raises(ValueError, match="isolation"):
+        SandboxConfig(isolation="off")
+    with pytest.raises(ValueError, match="cgroup"):
+        SandboxConfig(cgroup="maybe")
+    with pytest.raises(ValueError, match="allow_paths: relative is not an absolute path"):
+        SandboxConfig(allow_paths=["relative"])
+    with pytest.raises(ValueError, match="allow_paths: /nonexistent/k15 does not exist"):
+        SandboxConfig(allow_paths=["/nonexistent/k15"])
+    with pytest.raises(ValueError, match="lies under /tmp"):
+        SandboxConfig(allow_paths=[tempfile.gettempdir()])
+    with pytest.raises(ValueError, match="lists of paths"):
+        SandboxConfig(allow_paths="/usr")
     with pytest.raises(ValueError, match="language"):
         CodeReward(language="cobol")
 
@@ -355,6 +367,218 @@ def test_test_answers_are_not_readable_from_disk(reward, monkeypatch):
         answers_dir.rmdir()
 
 
+def _world_readable_dir(prefix: str) -> Path:
+    """A world-readable directory outside the trainer's working directory and $HOME (/srv where we may write)."""
+    for parent in ("/srv", "/opt", "/var/tmp"):
+        if os.access(parent, os.W_OK):
+            path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            path.chmod(0o755)
+            return path
+    pytest.skip("no writable directory outside /tmp for the world-readable file")
+
+
+def test_a_file_outside_the_allow_list_cannot_be_read_and_one_inside_can():
+    """The issue's case: a dataset's test cases in a world-readable JSONL under /srv. Listed in allow_paths, the same
+    file becomes readable: the check can fail."""
+    data_dir = _world_readable_dir("k15_dataset_")
+    try:
+        rows = data_dir / "tests.jsonl"
+        rows.write_text(json.dumps({"input": "", "output": "PASS"}) + "\n")
+        rows.chmod(0o644)
+        cheat = textwrap.dedent(f"""
+            import glob, json, os
+            try:
+                print(json.loads(open({str(rows)!r}).readline())["output"])
+            except OSError:
+                print("contained", os.path.exists({str(data_dir)!r}), glob.glob("/srv/*") + glob.glob("/opt/*"))
+        """)
+        (blocked,) = Sandbox(timeout_seconds=2.0).run(cheat, [""])
+        assert blocked.ok and blocked.stdout.split() == ["contained", "False", "[]"], blocked
+        (allowed,) = Sandbox(timeout_seconds=2.0, allow_paths=[str(data_dir)]).run(cheat, [""])
+        assert allowed.ok and allowed.stdout.strip() == "PASS", allowed
+    finally:
+        rows.unlink(missing_ok=True)
+        data_dir.rmdir()
+
+
+def test_the_root_holds_the_allow_list_and_nothing_else():
+    """Every path the program can see (outside its own /proc, /dev and /tmp) is one the plan put there."""
+    box = Sandbox(timeout_seconds=20.0, max_output_bytes=16 << 20)
+    plan = box.mode().root["ops"]
+    walk = textwrap.dedent("""
+        import os
+        for top, dirs, files in os.walk("/"):
+            if top == "/":
+                dirs[:] = [d for d in dirs if d not in ("proc", "dev", "tmp")]
+            for name in dirs + files:
+                print(os.path.join(top, name))
+    """)
+    (result,) = box.run(walk, [""])
+    assert result.ok, result
+    seen = result.stdout.splitlines()
+    binds = [op[1] for op in plan if op[0] == "bind"]
+    made = {op[1] for op in plan if op[0] in ("dir", "symlink", "mask")} | {"/dev", "/proc", "/tmp"}
+    made |= {"/etc/passwd", "/etc/group", "/etc/hosts", "/etc/hostname", "/etc"}
+    stray = [p for p in seen if p not in made and not any(p == b or p.startswith(b + "/") for b in binds)]
+    assert stray == [] and len(seen) > 100, stray[:20]
+    assert not any("site-packages/" in p for p in seen)  # masked: the interpreter's packages stay out
+    assert not any(p.startswith(("/work", "/home", "/srv", "/opt", "/var", "/mnt", "/run", "/sys")) for p in seen)
+
+
+def test_reads_of_host_secrets_are_contained(reward):
+    """/etc/shadow-like files, the host's /etc, other processes through /proc, the package's own files."""
+    import k15_plugin
+
+    package = Path(k15_plugin.__file__).resolve().parent
+    host_users = [line.split(":")[0] for line in Path("/etc/passwd").read_text().splitlines() if ":" in line]
+    host_only = [u for u in host_users if u not in ("root", "sandbox")][:5]
+    targets = ["/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/root/.ssh/id_rsa", "/root/.bash_history",
+               "/etc/machine-id", "/proc/1/environ", f"/proc/{os.getpid()}/environ", f"/proc/{os.getpid()}/cmdline",
+               str(package / "rewards" / "code.py"), str(package / "__init__.py"), sys.prefix + "/pyvenv.cfg",
+               str(Path(json.__file__))]  # fmt: skip
+    snoop = textwrap.dedent(f"""
+        import os
+        leaked = []
+        for path in {targets!r}:
+            try:
+                if open(path, "rb").read(64):
+                    leaked.append(path)
+            except OSError:
+                pass
+        passwd = open("/etc/passwd").read()
+        leaked += [u for u in {host_only!r} if u + ":" in passwd]
+        others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+        for pid in others:
+            try:
+                if "sandbox.py" in open(f"/proc/{{pid}}/cmdline").read():
+                    leaked.append(f"/proc/{{pid}}/cmdline")
+            except OSError:
+                pass
+        for path in {[str(package), str(package.parent), sys.prefix]!r}:
+            if os.path.exists(path):
+                leaked.append(path)
+        print(leaked)
+        print("PASS" if leaked else "contained")
+    """)
+    # json's own file is the one target the program may read (the standard library): the probe works
+    (result,) = Sandbox(timeout_seconds=2.0).run(snoop, [""])
+    assert result.ok and result.stdout.splitlines()[0] == repr([str(Path(json.__file__))]), result
+    del targets[-1]
+    assert _score_with_neighbour(reward, snoop.replace(repr(str(Path(json.__file__))), "'/nonexistent'")) == 0.0
+
+
+def test_sockets_on_the_host_are_unreachable(reward):
+    """A unix socket in /run (or another host directory) and an abstract one: neither is in the sandbox's world."""
+    directory = "/run" if os.access("/run", os.W_OK) else str(_world_readable_dir("k15_run_"))
+    token = secrets.token_hex(6)
+    path = os.path.join(directory, f"k15-{token}.sock")
+    servers = []
+    for address in (path, f"\0k15-{token}"):
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(address)
+        if address == path:
+            os.chmod(path, 0o777)
+        server.listen(8)
+        server.settimeout(0.2)
+        servers.append(server)
+    connections = []
+    done = threading.Event()
+
+    def accept(server):
+        while not done.is_set():
+            try:
+                connections.append(server.accept()[0])
+            except (TimeoutError, OSError):
+                continue
+
+    threads = [threading.Thread(target=accept, args=(s,), daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    attack = textwrap.dedent(f"""
+        import glob, socket
+        won = []
+        for address in ({path!r}, "\\0k15-{token}", *glob.glob("/run/*.sock"), *glob.glob("/var/run/*/*.sock")):
+            try:
+                s = socket.socket(socket.AF_UNIX); s.settimeout(1); s.connect(address); won.append(address)
+            except OSError:
+                pass
+        print("PASS" if won else "contained")
+    """)
+    try:
+        assert _score_with_neighbour(reward, attack) == 0.0
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+        for server in servers:
+            server.close()
+        os.unlink(path)
+        if directory != "/run":
+            os.rmdir(directory)
+    assert connections == []
+
+
+def test_nothing_carries_over_from_one_program_to_the_next():
+    """A slot runs program after program: files, shared memory and processes of one are gone for the next."""
+    marker = f"k15marker_{secrets.token_hex(6)}"
+    box = Sandbox(timeout_seconds=2.0, concurrency=1)
+    first = textwrap.dedent(f"""
+        import os, subprocess, sys
+        for path in ("/tmp/{marker}", "/dev/shm/{marker}", "{marker}"):
+            open(path, "w").write("left behind")
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "{marker}"], start_new_session=True)
+        print("ok")
+    """)
+    second = textwrap.dedent(f"""
+        import os
+        left = [p for p in ("/tmp/{marker}", "/dev/shm/{marker}", "{marker}") if os.path.exists(p)]
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if "{marker}" in open(f"/proc/{{pid}}/cmdline").read():
+                    left.append(pid)
+            except OSError:
+                pass
+        print(left)
+    """)
+    assert box.run(first, [""])[0].stdout.strip() == "ok"
+    assert box.run(second, [""])[0].stdout.strip() == "[]"
+    assert _sandbox_processes(marker) == []
+
+
+def test_a_dead_slot_is_rebuilt_on_its_next_use():
+    import k15_plugin.rewards.sandbox as sandbox_module
+
+    box = Sandbox(timeout_seconds=2.0, concurrency=1, memory_mb=120)
+    assert box.run("print(1)", [""])[0].stdout.strip() == "1"
+    (slot,) = box._pool().slots.values()
+    os.killpg(slot.proc.pid, signal.SIGKILL)
+    slot.proc.wait()
+    assert box.run("print(2)", [""])[0].stdout.strip() == "2"
+    assert box._pool().slots[0] is not slot
+    box.close()
+    assert not slot.alive and isinstance(box._pool(), sandbox_module._Pool)
+
+
+def test_concurrent_callers_share_the_slots():
+    box = Sandbox(timeout_seconds=5.0, concurrency=2)
+    box.mode()
+    jobs = [(f"print(int(input()) * {k})\n", [f"{i}\n" for i in range(3)]) for k in range(6)]
+    outcomes = []
+
+    def call():
+        outcomes.append(box.run_many(jobs))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    want = [[str(i * k) for i in range(3)] for k in range(6)]
+    assert len(outcomes) == 3
+    for results in outcomes:
+        assert [[r.stdout.strip() for r in runs] for runs in results] == want
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Modes and throughput
 # ----------------------------------------------------------------------------------------------------------------------
@@ -366,33 +590,170 @@ def test_required_isolation_refuses_rather_than_running_unisolated(monkeypatch):
     monkeypatch.setattr(sandbox_module, "_python_candidates", lambda config: ["/nonexistent/python3"])
     with pytest.raises(SandboxUnavailableError, match="interpreter"):
         Sandbox(timeout_seconds=1.0, memory_mb=100).mode()  # a config no other test probed
+    monkeypatch.undo()
+    _without_cap_sys_admin(monkeypatch)
+    with pytest.raises(SandboxUnavailableError, match=r"^no working code sandbox: allowlist: .*unshare.*set "
+                                                      r"isolation=denylist") as refused:  # fmt: skip
+        Sandbox(timeout_seconds=1.0, memory_mb=101).mode()
+    assert "\n" not in str(refused.value)
+    with pytest.raises(SandboxUnavailableError, match="set isolation=none"):
+        Sandbox(timeout_seconds=1.0, memory_mb=102, isolation="denylist").mode()
+
+
+def _without_cap_sys_admin(monkeypatch) -> None:
+    """Start the launchers as root without CAP_SYS_ADMIN (a default Docker container): no namespaces."""
+    import k15_plugin.rewards.sandbox as sandbox_module
+
     if os.geteuid() != 0 or not shutil.which("setpriv"):
-        return
-    # Root without CAP_SYS_ADMIN (a default Docker container): no namespaces can be made.
+        pytest.skip("needs root and setpriv to take CAP_SYS_ADMIN away")
     launcher = sandbox_module._launcher_command()
     no_caps = ["setpriv", "--bounding-set=-sys_admin", *launcher]
     monkeypatch.setattr(sandbox_module, "_launcher_command", lambda: no_caps)
-    monkeypatch.setattr(sandbox_module, "_python_candidates", lambda config: ["/usr/bin/python3"])
-    with pytest.raises(SandboxUnavailableError, match="network_isolation=best_effort"):
-        Sandbox(timeout_seconds=1.0, memory_mb=101).mode()
-    with pytest.warns(RuntimeWarning, match="WITHOUT network"):
-        mode = Sandbox(timeout_seconds=1.0, memory_mb=102, network_isolation="best_effort").mode()
-    assert not mode.namespaces
 
 
-def test_best_effort_fallback_still_limits_and_warns():
-    sandbox = Sandbox(timeout_seconds=2.0, network_isolation="best_effort")
-    real = sandbox.mode()
-    plain = _Mode(namespaces=False, userns=False, drop_uid=real.drop_uid, uid_base=real.uid_base, python=real.python)
+def test_no_namespaces_fallback_still_limits_and_warns(monkeypatch):
+    _without_cap_sys_admin(monkeypatch)
+    box = Sandbox(timeout_seconds=2.0, memory_mb=103, isolation="none")
     with pytest.warns(RuntimeWarning, match="WITHOUT network"):
-        Sandbox._warn_about(plain)
-    results, _ = sandbox._launch(plain, 0, "import os\nprint(os.getuid(), sorted(os.environ))\n", ["", ""], None)
+        mode = box.mode()
+    assert mode.isolation == "none" and not mode.namespaces
+    results = box.run("import os\nprint(os.getuid(), sorted(os.environ))\n", ["", ""])
     assert [r.ok for r in results] == [True, True]
-    if os.geteuid() == 0:
-        assert results[0].stdout.split()[0] == str(DEFAULT_UID_BASE)  # still the unprivileged uid
+    assert results[0].stdout.split()[0] == str(DEFAULT_UID_BASE)  # still the unprivileged uid
     assert "K15" not in results[0].stdout and "HOME" in results[0].stdout
-    results, _ = sandbox._launch(plain, 0, "while True:\n    pass\n", [""], None)
-    assert results[0].timed_out
+    assert box.run("while True:\n    pass\n", [""])[0].timed_out
+    box.close()
+
+
+def test_denylist_mode_hides_the_trainers_directories_but_not_the_rest(monkeypatch):
+    """The weaker mode, as documented: the host's file system read-only, minus cwd, $HOME and hide_paths."""
+    import k15_plugin.rewards.sandbox as sandbox_module
+
+    def no_root(config, python):
+        raise SandboxUnavailableError("simulated: no allow-list root")
+
+    monkeypatch.setattr(sandbox_module, "_root_plan", no_root)
+    hidden = Path(tempfile.mkdtemp(prefix="k15_hidden_", dir="/var/tmp"))
+    try:
+        hidden.chmod(0o755)
+        (hidden / "answers.txt").write_text("secret")
+        (hidden / "answers.txt").chmod(0o644)
+        with pytest.raises(SandboxUnavailableError, match="simulated: no allow-list root"):
+            Sandbox(timeout_seconds=2.0, hide_paths=[str(hidden)]).mode()
+        box = Sandbox(timeout_seconds=2.0, hide_paths=[str(hidden)], isolation="denylist")
+        with pytest.warns(RuntimeWarning, match="isolation=denylist"):
+            assert box.mode().isolation == "denylist"
+        probe = f"import os\nprint(os.path.exists({str(hidden / 'answers.txt')!r}), os.path.isdir('/var'), " \
+                f"os.path.exists({os.getcwd()!r} + '/pyproject.toml'))\n"  # fmt: skip
+        (result,) = box.run(probe, [""])
+        box.close()
+        assert result.ok, result.stderr_tail
+        assert result.stdout.split() == ["False", "True", "False"], result.stdout
+    finally:
+        (hidden / "answers.txt").unlink()
+        hidden.rmdir()
+
+
+def test_unprivileged_trainer_builds_the_root_in_a_user_namespace(tmp_path):
+    """Not root: the same allow-list root inside a user namespace (run here as nobody with the system Python)."""
+    python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists(python):
+        pytest.skip("needs root (to become nobody), setpriv and /usr/bin/python3")
+    module = Path(sys.modules[Sandbox.__module__].__file__)
+    if not os.stat(module).st_mode & 0o004 or any(not os.stat(p).st_mode & 0o001 for p in module.parents):
+        pytest.skip(f"{module} is not readable by nobody")
+    script = textwrap.dedent(f"""
+        import json, sys, types, warnings
+        # the sandbox's two modules alone (the system Python has none of the package's dependencies)
+        packages = {{"k15_plugin": {str(module.parent.parent)!r}, "k15_plugin.rewards": {str(module.parent)!r}}}
+        for name, path in packages.items():
+            sys.modules[name] = types.ModuleType(name)
+            sys.modules[name].__path__ = [path]
+        import k15_plugin.rewards.sandbox as sandbox
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            box = sandbox.Sandbox(timeout_seconds=5.0, concurrency=1)
+            mode = box.mode()
+        (result,) = box.run("import os\\nprint(os.getuid(), sorted(os.listdir('/')), os.path.exists('/work'))", [""])
+        print(json.dumps({{"isolation": mode.isolation, "userns": mode.userns, "stdout": result.stdout,
+                          "error": result.error, "warnings": [str(w.message) for w in caught]}}))
+    """)
+    run = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", script],
+                         capture_output=True, text=True, timeout=120, cwd="/")  # fmt: skip
+    if "unshare" in run.stdout + run.stderr and "Operation not permitted" in run.stdout + run.stderr:
+        pytest.skip("unprivileged user namespaces are disabled here")
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["isolation"] == "allowlist" and report["userns"], report
+    uid, *listing = report["stdout"].split(maxsplit=1)
+    assert uid == "1000"  # mapped, not root
+    assert "'work'" not in listing[0] and report["stdout"].split()[-1] == "False", report
+
+
+def test_cgroup_is_required_only_when_asked(caplog):
+    import k15_plugin.rewards.sandbox as sandbox_module
+
+    parent, _ = sandbox_module._cgroup_parent(SandboxConfig())
+    if parent is not None:
+        sandbox_module._remove_cgroup(parent)
+        pytest.skip("this machine delegates cgroup v2: see test_cgroup_limits_the_whole_slot")
+    with pytest.raises(SandboxUnavailableError, match=r"no per-sandbox cgroup: .*set cgroup=auto"):
+        Sandbox(timeout_seconds=1.0, memory_mb=110, cgroup="require").mode()
+    sandbox_module._CGROUP_LOGGED.clear()
+    with caplog.at_level("WARNING", logger=sandbox_module.__name__):
+        Sandbox(timeout_seconds=1.0, memory_mb=111).mode()
+        Sandbox(timeout_seconds=1.0, memory_mb=112).mode()
+    logged = [r.getMessage() for r in caplog.records if "cgroup" in r.getMessage()]
+    assert len(logged) == 1 and "per-process limits" in logged[0], logged  # said once, not per configuration
+
+
+def test_cgroup_files_of_each_slot(tmp_path, monkeypatch):
+    """The cgroup v2 plumbing against a stand-in hierarchy: the limits each slot's leaf gets, and the launcher joins
+    its leaf before it starts anything. (Enforcement needs a delegated hierarchy: next test.)"""
+    import k15_plugin.rewards.sandbox as sandbox_module
+
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("\n")
+    monkeypatch.setattr(sandbox_module, "_cgroup_v2_base", lambda: str(tmp_path))
+    box = Sandbox(timeout_seconds=2.0, memory_mb=300, max_processes=20, cpus=0.5, concurrency=1, cgroup="require")
+    try:
+        mode = box.mode()
+        assert mode.cgroup and Path(mode.cgroup).parent == tmp_path
+        assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+        assert box.run("print(6 * 7)", [""])[0].stdout.strip() == "42"
+        leaf = Path(mode.cgroup) / "slot0"
+        assert (leaf / "memory.max").read_text() == str(300 << 20)
+        assert (leaf / "pids.max").read_text() == "22"
+        assert (leaf / "cpu.max").read_text() == "50000 100000"
+        assert (leaf / "cgroup.procs").read_text() == "0"  # written by the launcher itself: "move me"
+    finally:
+        box.close()
+
+
+def test_cgroup_limits_the_whole_slot():
+    """Where cgroup v2 is delegated: processes that each stay under RLIMIT_AS but together exceed memory.max die."""
+    import k15_plugin.rewards.sandbox as sandbox_module
+
+    parent, why = sandbox_module._cgroup_parent(SandboxConfig())
+    if parent is None:
+        pytest.skip(f"no delegated cgroup v2 here ({why})")
+    sandbox_module._remove_cgroup(parent)
+    hog = textwrap.dedent("""
+        import os, time
+        children = []
+        for _ in range(4):
+            pid = os.fork()
+            if pid == 0:
+                block = bytearray(150 * 2**20)
+                for i in range(0, len(block), 4096):
+                    block[i] = 1
+                time.sleep(3)
+                os._exit(0)
+            children.append(pid)
+        print("PASS" if all(os.waitpid(p, 0)[1] == 0 for p in children) else "contained")
+    """)
+    (result,) = Sandbox(timeout_seconds=10.0, memory_mb=256, cgroup="require").run(hog, [""])
+    assert "PASS" not in result.stdout, result
 
 
 def test_throughput_smoke(capsys):
@@ -410,8 +771,6 @@ def test_throughput_smoke(capsys):
 
 
 def test_reward_code_config_builds_the_code_reward(tmp_path):
-    import json
-
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -434,7 +793,7 @@ def test_reward_code_config_builds_the_code_reward(tmp_path):
     task = load_task(cfg.data, build_tokenizer(), 0, 8, cfg.reward)
     (reward,) = task.reward_funcs
     assert isinstance(reward, CodeReward) and not reward.partial_credit
-    assert reward.sandbox_config.timeout_seconds == 2.0 and reward.sandbox_config.network_isolation == "require"
+    assert reward.sandbox_config.timeout_seconds == 2.0 and reward.sandbox_config.isolation == "allowlist"
     assert "tests" in task.train.column_names and "tests" in task.heldout.column_names
     row = task.train[0]
     assert reward([fenced(ADD), fenced("print(3)")], tests=[row["tests"]] * 2) == [1.0, 0.0]

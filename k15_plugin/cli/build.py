@@ -172,6 +172,13 @@ def _check_ranges(cfg: DictConfig) -> None:
             "FSDP (accelerate launch with an FSDP config) is not supported by k15-train's held-out evaluation: use "
             "launcher=accelerate_ddp or a DeepSpeed launcher"
         )
+    if cfg.reward.code.allow_paths:
+        from k15_plugin.rewards.sandbox import SandboxConfig
+
+        try:
+            SandboxConfig(allow_paths=tuple(cfg.reward.code.allow_paths))
+        except ValueError as err:
+            raise ConfigError(f"reward.code.{err}") from None
     d = cfg.data
     if d.source in ("hub", "jsonl") and (OmegaConf.is_missing(d, "path") or not d.path):
         raise ConfigError(f"data.path is required for data.source={d.source} (a Hub dataset id or a JSONL file)")

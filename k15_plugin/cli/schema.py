@@ -97,9 +97,16 @@ class MathExtraction(str, Enum):
     last_number = "last_number"
 
 
-class NetworkIsolation(str, Enum):
+class Isolation(str, Enum):
+    allowlist = "allowlist"  # a root of the interpreter, its libraries and allow_paths only
+    denylist = "denylist"  # else the host's file system read-only, minus the trainer's directories
+    none = "none"  # else no namespaces (no network or file-system isolation)
+
+
+class Cgroup(str, Enum):
+    auto = "auto"
     require = "require"
-    best_effort = "best_effort"
+    off = "off"
 
 
 @dataclass
@@ -114,7 +121,9 @@ class CodeVerifier:
     timeout_seconds: float = 5.0
     memory_mb: int = 512
     concurrency: int = 0
-    network_isolation: NetworkIsolation = NetworkIsolation.require
+    isolation: Isolation = Isolation.allowlist
+    allow_paths: list[str] = field(default_factory=list)
+    cgroup: Cgroup = Cgroup.auto
 
 
 @dataclass

@@ -74,7 +74,8 @@ def reward_funcs(reward, data, columns: list[str], task_reward: Callable) -> lis
         try:
             return [get_code_reward(partial_credit=code.partial_credit, timeout_seconds=code.timeout_seconds,
                                     memory_mb=code.memory_mb, concurrency=code.concurrency,
-                                    network_isolation=_plain(code.network_isolation))]  # fmt: skip
+                                    isolation=_plain(code.isolation), allow_paths=tuple(code.allow_paths),
+                                    cgroup=_plain(code.cgroup))]  # fmt: skip
         except ValueError as err:
             raise ValueError(f"reward.code: {err}") from None
     raise ValueError(f"reward.verifier={verifier!r} is not one of ['task', 'math', 'code']")

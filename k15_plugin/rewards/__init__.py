@@ -43,6 +43,6 @@ def get_code_reward(**options: Any) -> CodeReward:
     """A :class:`CodeReward`: share of the ``tests`` column's cases the completion's program passes, sandboxed.
 
     Options: ``partial_credit``, ``language``, ``tests_column``, ``max_tests``, and the :class:`SandboxConfig` fields
-    (``timeout_seconds``, ``memory_mb``, ``concurrency``, ``network_isolation``, ``max_processes``, ...).
+    (``timeout_seconds``, ``memory_mb``, ``concurrency``, ``isolation``, ``allow_paths``, ``max_processes``, ...).
     """
     return CodeReward(**options)

@@ -11,7 +11,7 @@ The reward is the fraction of tests passed (``partial_credit=True``) or 1.0 only
 failure stops the remaining tests of that program). Expected outputs never leave the trainer process: the sandbox
 gets the program and the inputs only. A program that cannot be found, a malformed test list, a crash, a timeout or a
 sandbox failure scores 0 for that test; only a missing ``tests`` column (a wiring mistake) or a sandbox that cannot
-give the required isolation (``network_isolation="require"``, the default) raises.
+give the required isolation (``isolation="allowlist"``, the default) raises.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class CodeReward:
         tests_column: the dataset column with the test cases (see :func:`parse_tests`).
         max_tests: run at most this many tests per problem (the first ones); None: all.
         sandbox: a :class:`SandboxConfig`; or give its fields as keyword arguments (``timeout_seconds``,
-            ``memory_mb``, ``concurrency``, ``network_isolation``, ...).
+            ``memory_mb``, ``concurrency``, ``isolation``, ``allow_paths``, ...).
 
     Picklable (only options travel; each process probes its own sandbox on first use). Logs ``code/timeouts``,
     ``code/sandbox_errors`` and ``code/pass_rate`` through TRL's ``log_metric``.

@@ -2,389 +2,88 @@
 
 k1.5 scores coding problems by running the model's program on test cases in a sandbox. During RL the policy writes
 thousands of programs per step, and some of them will fork-bomb, allocate without bound, loop forever, print without
-end, poke the network or the file system, or try to read the answers. This module runs each program so that none of
-that reaches the trainer, and a batch of them in parallel.
+end, poke the network, or look around the file system for the expected answers. This module runs each program so
+that none of that reaches the trainer, and many of them in parallel.
 
-One call runs one program on a list of stdin inputs. It starts a *launcher* (this file, run by path with
-``python -I -S``, so it imports nothing but the standard library) in a new session; on Linux the launcher
+**Slots.** ``concurrency`` slots run programs side by side. Each slot is a long-lived *launcher*
+(:mod:`k15_plugin.rewards._launcher`, run by path with ``python -I -S``, so it imports nothing but the standard
+library) that builds the sandbox once and then runs program after program in it, each in a fresh working directory,
+with everything the previous one started killed and every writable file system emptied in between. A slot that
+overruns its time budget is killed and rebuilt on its next use. On Linux the launcher
 
-1. enters new mount, network, PID, IPC and UTS namespaces (as root; otherwise inside a new user namespace as well):
-   the network namespace has only a loopback that is down, so no connection goes anywhere, not even to
+1. joins its own cgroup v2 leaf when the machine delegates the ``memory``, ``pids`` and ``cpu`` controllers
+   (``memory.max``, ``pids.max`` and ``cpu.max`` per slot; otherwise the per-process limits below are all there is,
+   and the trainer logs that once);
+2. enters new mount, network, PID, IPC, UTS and cgroup namespaces (as root; otherwise inside a new user namespace as
+   well): the network namespace has only a loopback that is down, so no connection goes anywhere, not even to
    127.0.0.1; the PID namespace makes its first process (*init*, the launcher's child) the reaper of every process
-   the program starts, and when init exits the kernel kills whatever is left, daemons included;
-2. makes every mount read-only (``mount_setattr(AT_RECURSIVE)``, Linux >= 5.12), puts empty private tmpfs over
-   ``/tmp``, ``/var/tmp`` and ``/dev/shm``, hides the trainer's working directory, ``$HOME`` and ``hide_paths`` under
-   empty read-only tmpfs, and mounts a fresh ``/proc`` that shows only the sandbox's own processes (so not the
-   trainer's environment variables either);
-3. for each input: writes the program into a fresh working directory inside that tmpfs, forks the program with
-   stdin = the input (an in-memory file: the expected outputs are never written anywhere it can see), resource
-   limits (``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_NPROC``, ``RLIMIT_NOFILE``, ``RLIMIT_FSIZE``, no core files),
-   ``no_new_privs``, an environment with nothing but a minimal ``PATH``, ``HOME`` = the working directory and a
-   locale, and -- when the trainer is root -- a dedicated unprivileged uid (``setgroups([])``, ``setgid``,
-   ``setuid``, after the namespaces were made); it reads stdout up to ``max_output_bytes`` and kills everything in
-   the namespace (``kill(-1, SIGKILL)`` from init) on a wall-clock timeout, on overflow, and after every run.
+   a program starts, and when init exits the kernel kills whatever is left;
+3. ``isolation="allowlist"`` (the default): builds a new root file system on an empty tmpfs from an allow-list and
+   ``pivot_root``\\ s into it, so nothing else of the host exists for the program: the interpreter, its standard
+   library and the shared libraries they load (found with ``ldd``), ``/etc/ld.so.cache`` and the C.UTF-8 locale,
+   all read-only bind mounts, with ``site-packages`` masked empty; a generated ``/etc/passwd``, ``/etc/group`` and
+   ``/etc/hosts``; ``/dev/null``, ``/dev/zero``, ``/dev/urandom`` and the ``/dev/std*`` links; a fresh ``/proc``
+   of the sandbox's own PID namespace; empty private tmpfs ``/tmp`` and ``/dev/shm``; plus ``allow_paths``,
+   read-only. ``isolation="denylist"`` keeps the host's file system, read-only, and hides the trainer's working
+   directory, ``$HOME`` and ``hide_paths`` (weaker: everything else world-readable stays readable);
+4. for each input: writes the program into a fresh working directory in that tmpfs, forks the program with stdin =
+   the input (an in-memory file: the expected outputs are never written anywhere it can see), resource limits
+   (``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_NPROC``, ``RLIMIT_NOFILE``, ``RLIMIT_FSIZE``, no core files),
+   ``no_new_privs``, the first in line for the OOM killer, an environment with nothing but a minimal ``PATH``,
+   ``HOME`` = the working directory and a locale, and -- when the trainer is root -- a dedicated unprivileged uid
+   per slot (``setgroups([])``, ``setgid``, ``setuid``); it reads stdout up to ``max_output_bytes`` and kills
+   everything in the namespace (``kill(-1, SIGKILL)`` from init) on a wall-clock timeout, on overflow, and after
+   every run.
 
-The trainer side streams one JSON line per input back and kills the launcher's process group (``killpg``) if the
-whole call overruns; that kills init, and with it the namespace. ``RLIMIT_NPROC`` counts processes per real uid, so
-each concurrent slot gets its own uid (``uid_base + slot``) and one fork bomb cannot starve its neighbours.
+The trainer streams one JSON line per input back and kills the slot's process group if a run overruns; that kills
+init, and with it the namespace. ``RLIMIT_NPROC`` counts processes per real uid, so each slot gets its own uid
+(``uid_base + slot``) and one fork bomb cannot starve its neighbours.
 
-Where namespaces are not available (no ``CAP_SYS_ADMIN`` and no unprivileged user namespaces), ``network_isolation``
-decides: ``require`` (default) raises :class:`SandboxUnavailableError`; ``best_effort`` warns once and runs with the
-resource limits, a new session, a scrubbed environment, a temporary working directory and (as root) the
-unprivileged uid, but with the network and the file system of the host. It never runs silently without them.
+Nothing falls back silently. ``isolation`` is the weakest isolation the caller accepts: where the allow-list root
+cannot be built (no ``CAP_SYS_ADMIN`` and no unprivileged user namespaces, no ``pivot_root``), the default raises
+:class:`SandboxUnavailableError` with one line saying what is missing; ``denylist`` accepts the read-only host file
+system and ``none`` accepts running without namespaces at all (resource limits, a new session, a scrubbed
+environment, a temporary working directory and, as root, the unprivileged uid; the network and the host's file
+system stay reachable). Both warn once when they are what the machine gives.
 """
 
-from __future__ import annotations
-
-# The launcher (this file run as a script) needs only these; keep them few, they are paid on every program run.
-import ctypes
+# ----------------------------------------------------------------------------------------------------------------------
+import atexit
 import json
+import logging
+import math
 import os
-import resource
+import queue
 import selectors
+import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 
-NETWORK_ISOLATION = ("require", "best_effort")
+from k15_plugin.rewards import _launcher
+from k15_plugin.rewards._launcher import MINIMAL_PATH, SETUP_FAILED, WORKDIR
+
+ISOLATION = ("allowlist", "denylist", "none")  # strongest first
+CGROUP = ("auto", "require", "off")
 # Dedicated uids for the sandbox slots when the trainer is root: an unnamed range no account or system service uses,
 # so RLIMIT_NPROC counts each slot alone and a leftover process can be told apart from everything else on the host.
 DEFAULT_UID_BASE = 2_000_000_000
-SETUP_FAILED = 120  # launcher exit status: the sandbox could not be built (message on stderr)
-_WORKDIR = "/tmp/sandbox"
-_PROGRAM = "main.py"
-_MINIMAL_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Never hidden even if they are the trainer's working directory or home: the program's interpreter needs them.
 _SYSTEM_DIRS = ("/", "/usr", "/bin", "/lib", "/lib64", "/etc", "/proc", "/dev", "/sys", "/tmp", "/var")
+# Host paths the allow-list root replaces with its own: nothing may be bound under them.
+_OWN_TREES = ("/tmp", "/dev", "/proc")
 
-# Linux constants (include/uapi/linux/sched.h, mount.h, prctl.h).
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 4096, 16384, 1 << 18
-AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, SYS_MOUNT_SETATTR = -100, 0x8000, 0x1, 442
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Launcher side: runs as `python -I -S sandbox.py`, standard library only
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
-
-
-def _prctl(libc, option: int, value: int) -> None:
-    zero = ctypes.c_ulong(0)  # prctl is variadic: unused arguments must be zero as unsigned longs
-    _check(libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero), f"prctl({option})")
-
-
-def _setup_failed(message: str) -> None:
-    os.write(2, f"k15 sandbox setup failed: {message}\n".encode())
-    os._exit(SETUP_FAILED)
-
-
-def _launcher_main() -> None:
-    spec = json.loads(sys.stdin.buffer.read())
-    os.close(0)
-    if not spec["namespaces"]:
-        _init_main(spec, None)
-        return
-    libc = _libc()
-    uid, gid = os.getuid(), os.getgid()
-    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    try:
-        if spec["userns"]:
-            _check(libc.unshare(CLONE_NEWUSER | flags), "unshare(user, mount, net, pid, ipc, uts namespaces)")
-            # Map the trainer's uid to 1000, not 0: the program's execve then drops every capability, while this
-            # process (the namespace's creator) keeps them until then to set up the mounts.
-            for name, text in (("uid_map", f"1000 {uid} 1"), ("setgroups", "deny"), ("gid_map", f"1000 {gid} 1")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
-        else:
-            _check(libc.unshare(flags), "unshare(mount, net, pid, ipc, uts namespaces)")
-    except OSError as err:
-        _setup_failed(str(err))
-    pid = os.fork()
-    if pid == 0:
-        _init_main(spec, libc)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-
-
-def _mount(libc, source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    encoded_fstype = fstype.encode() if fstype else None
-    encoded_data = data.encode() if data else None
-    result = libc.mount(source.encode(), target.encode(), encoded_fstype, ctypes.c_ulong(flags), encoded_data)
-    _check(result, f"mount {fstype or source} on {target}")
-
-
-def _setup_mounts(spec: dict, libc) -> dict:
-    """Inside the new namespaces, before any program runs; returns notes on what could not be done."""
-    notes: dict = {}
-    _mount(libc, "none", "/", None, MS_REC | MS_PRIVATE, None)  # nothing we mount may propagate to the host
-    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)  # struct mount_attr: attr_set, attr_clr, ...
-    # syscall() is variadic: every argument gets its exact C type, or the kernel may read garbage in the upper bits.
-    args = (ctypes.c_int(AT_FDCWD), b"/", ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(32))
-    if libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), *args) != 0:
-        notes["read_only_root"] = f"mount_setattr failed ({os.strerror(ctypes.get_errno())}); host mounts stay writable"
-    for path in spec["hide"]:
-        if os.path.isdir(path):
-            _mount(libc, "tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
-        else:
-            _mount(libc, "/dev/null", path, None, MS_BIND, None)
-    for path in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(path):
-            _mount(libc, "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={spec['tmpfs_mb']}m,mode=1777")
-    try:
-        _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-    except OSError as err:  # e.g. a container's masked /proc inside a user namespace: hide /proc rather than leak it
-        _mount(libc, "tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
-        notes["proc"] = f"fresh /proc not mountable ({err.strerror}); /proc is empty in the sandbox"
-    return notes
-
-
-def _fresh_workdir(spec: dict, workdir: str, uid: int | None) -> None:
-    if spec["namespaces"]:  # wipe everything a previous run left in the private tmpfs mounts
-        for root in ("/tmp", "/var/tmp", "/dev/shm"):
-            if os.path.isdir(root):
-                for name in os.listdir(root):
-                    _remove(os.path.join(root, name))
-    elif os.path.exists(workdir):
-        _remove(workdir)
-    os.mkdir(workdir, 0o700)
-    path = os.path.join(workdir, _PROGRAM)
-    with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
-        f.write(spec["program"])
-    os.chmod(path, 0o644)
-    if uid is not None:
-        os.chown(workdir, uid, uid)
-
-
-def _remove(path: str) -> None:
-    """``rm -rf path`` without shutil: after the mounts, the launcher's own standard library may be hidden."""
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            with os.scandir(path) as entries:
-                for entry in entries:
-                    _remove(entry.path)
-            os.rmdir(path)
-        else:
-            os.unlink(path)
-    except OSError:
-        pass
-
-
-def _init_main(spec: dict, libc) -> None:
-    """Init of the PID namespace (or, without namespaces, the launcher itself): runs the program once per input."""
-    libc = libc or _libc()
-    uid = spec["uid"]
-    notes: dict = {}
-    try:
-        if spec["namespaces"]:
-            notes = _setup_mounts(spec, libc)
-            workdir = _WORKDIR
-        else:
-            import tempfile
-
-            workdir = tempfile.mkdtemp(prefix="k15_sandbox_")
-            os.rmdir(workdir)
-    except OSError as err:
-        _setup_failed(str(err))
-    out = os.fdopen(1, "wb", buffering=0)
-    out.write(json.dumps({"setup": notes}).encode() + b"\n")
-    try:
-        for text in spec["inputs"]:
-            _fresh_workdir(spec, workdir, uid)
-            record = _run_program(spec, workdir, text.encode(errors="surrogatepass"), libc)
-            _kill_leftovers(spec, record.pop("pid"))
-            out.write(json.dumps(record).encode() + b"\n")
-    finally:
-        if not spec["namespaces"]:
-            _remove(workdir)
-
-
-def _run_program(spec: dict, workdir: str, stdin: bytes, libc) -> dict:
-    memfd = os.memfd_create("k15-stdin", 0)  # stdin as an in-memory file: no writer thread, no pipe deadlock
-    view = memoryview(stdin)
-    while view:
-        view = view[os.write(memfd, view) :]
-    os.lseek(memfd, 0, os.SEEK_SET)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        _exec_program(spec, workdir, memfd, out_w, err_w, libc)
-    for fd in (memfd, out_w, err_w):
-        os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    sel = selectors.DefaultSelector()
-    sel.register(out_r, selectors.EVENT_READ, "out")
-    sel.register(err_r, selectors.EVENT_READ, "err")
-    sel.register(pidfd, selectors.EVENT_READ, "exit")
-    stdout, stderr = bytearray(), bytearray()
-    timed_out = overflow = exited = False
-    deadline = start + spec["timeout"]
-    limit = spec["max_output"]
-    while not exited:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            timed_out = True
-            break
-        for key, _ in sel.select(timeout=remaining):
-            if key.data == "exit":
-                exited = True
-                continue
-            chunk = os.read(key.fd, 1 << 16)
-            if not chunk:
-                sel.unregister(key.fd)
-                continue
-            if key.data == "out":
-                stdout += chunk
-            else:
-                stderr = (stderr + chunk)[-2048:]
-        if len(stdout) > limit:
-            overflow = True
-            break
-    if exited:  # what the program wrote before it exited is in the pipe now; a daemon may still hold it open
-        for fd in (out_r, err_r):
-            os.set_blocking(fd, False)
-            try:
-                while chunk := os.read(fd, 1 << 16):
-                    if fd == out_r:
-                        stdout += chunk
-                        if len(stdout) > limit:
-                            overflow = True
-                            break
-                    else:
-                        stderr = (stderr + chunk)[-2048:]
-            except BlockingIOError:
-                pass
-    sel.close()
-    for fd in (out_r, err_r, pidfd):
-        os.close(fd)
-    if not exited:
-        _kill_program(spec, pid)
-    _, status = os.waitpid(pid, 0)
-    return {
-        "pid": pid,
-        "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-        "timed_out": timed_out,
-        "overflow": overflow,
-        "stdout": bytes(stdout[:limit]).decode("latin-1"),
-        "stderr": bytes(stderr).decode(errors="replace"),
-        "seconds": round(time.monotonic() - start, 4),
-    }
-
-
-def _exec_program(spec: dict, workdir: str, memfd: int, out_w: int, err_w: int, libc) -> None:
-    """In the forked child: wire stdio, set limits, drop privileges, exec the interpreter. Never returns."""
-    try:
-        os.dup2(memfd, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.closerange(3, 1 << 16)
-        os.setpgid(0, 0)  # its own process group, so the fallback without namespaces can killpg it
-        os.chdir(workdir)
-        cpu = spec["cpu"]
-        for limit, value in (
-            (resource.RLIMIT_CPU, (cpu, cpu + 1)),  # SIGXCPU at the soft limit, SIGKILL one second later
-            (resource.RLIMIT_AS, (spec["memory"],) * 2),
-            (resource.RLIMIT_NPROC, (spec["nproc"],) * 2),
-            (resource.RLIMIT_NOFILE, (spec["nofile"],) * 2),
-            (resource.RLIMIT_FSIZE, (spec["fsize"],) * 2),
-            (resource.RLIMIT_CORE, (0, 0)),
-        ):
-            resource.setrlimit(limit, value)
-        _prctl(libc, PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary can give privileges back
-        uid = spec["uid"]
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        _prctl(libc, PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid, which clears it
-        env = {"PATH": _MINIMAL_PATH, "HOME": workdir, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
-        python = spec["python"]
-        os.execve(python[0], [*python, _PROGRAM], env)
-    except BaseException as err:  # report anything, then leave without running the launcher's cleanup
-        try:
-            os.write(2, f"k15 sandbox: cannot start the program: {err!r}\n".encode())
-        finally:
-            os._exit(127)
-
-
-def _kill_all_in_namespace() -> None:
-    try:
-        os.kill(-1, signal.SIGKILL)  # from init of a PID namespace: every process in it except init itself
-    except ProcessLookupError:  # nothing left
-        pass
-
-
-def _kill_program(spec: dict, pid: int) -> None:
-    if spec["namespaces"]:
-        _kill_all_in_namespace()
-    else:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _kill_leftovers(spec: dict, pid: int) -> None:
-    """After each run: nothing the program started may outlive it (daemons, processes that left its group)."""
-    if spec["namespaces"]:
-        _kill_all_in_namespace()
-        while True:  # orphans were reparented to us (init): reap them all
-            try:
-                os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    if spec["uid"] is not None and spec["uid_is_dedicated"]:
-        killer = os.fork()  # "kill -9 -1" as the slot's own uid reaches exactly its processes
-        if killer == 0:
-            try:
-                os.setgid(spec["uid"])
-                os.setuid(spec["uid"])
-                os.kill(-1, signal.SIGKILL)
-            except OSError:
-                pass
-            finally:
-                os._exit(0)
-        os.waitpid(killer, 0)
-
-
-if __name__ == "__main__":
-    _launcher_main()
-    sys.exit(0)
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Trainer side (the launcher never gets here: importing what follows would double its start-up time)
-# ----------------------------------------------------------------------------------------------------------------------
-
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+logger = logging.getLogger(__name__)
 
 
 class SandboxUnavailableError(RuntimeError):
-    """The sandbox cannot give the isolation the configuration requires (e.g. no network namespace)."""
+    """The sandbox cannot give the isolation the configuration requires (e.g. no mount or network namespace)."""
 
 
 @dataclass(frozen=True)
@@ -394,23 +93,33 @@ class SandboxConfig:
     Attributes:
         timeout_seconds: wall-clock limit per input (the program is killed, the run fails).
         cpu_seconds: ``RLIMIT_CPU`` per process; None: ``ceil(timeout_seconds) + 1``.
-        memory_mb: ``RLIMIT_AS`` (address space) per process, in MiB. Per process, not per sandbox: without cgroups
-            a program's worst case is ``max_processes * memory_mb`` (16 GiB at the defaults) per concurrent slot.
-        max_processes: ``RLIMIT_NPROC``: processes and threads of the sandbox uid (the program counts as one).
+        memory_mb: ``RLIMIT_AS`` (address space) per process, in MiB, and, where cgroup v2 is delegated, the
+            slot's ``memory.max`` (all its processes and its tmpfs files together). Without cgroups a program's
+            worst case is ``max_processes * memory_mb`` per slot.
+        max_processes: ``RLIMIT_NPROC``: processes and threads of the slot's uid (the program counts as one); with
+            cgroups also the slot's ``pids.max`` (plus the slot's own two).
         max_open_files: ``RLIMIT_NOFILE``.
         max_file_mb: ``RLIMIT_FSIZE``: largest file the program may write, in MiB.
-        tmpfs_mb: size of each private tmpfs (``/tmp``, ``/var/tmp``, ``/dev/shm``), in MiB.
+        tmpfs_mb: size of each private tmpfs (``/tmp``, ``/dev/shm``), in MiB.
         max_output_bytes: stdout kept per run; a program that prints more is killed and fails.
-        concurrency: programs run at once by :meth:`Sandbox.run_many`; 0: ``os.cpu_count()``.
-        network_isolation: ``require`` (raise when the sandbox cannot cut the network) or ``best_effort`` (warn
-            once and run without namespaces).
+        concurrency: slots, i.e. programs run at once; 0: ``os.cpu_count()``.
+        isolation: the weakest isolation accepted. ``allowlist``: a root file system of the interpreter, its
+            libraries and ``allow_paths`` only (raise where it cannot be built); ``denylist``: else the host's file
+            system read-only, without the trainer's working directory, ``$HOME`` and ``hide_paths``; ``none``:
+            else no namespaces at all (no network or file-system isolation). Weaker than asked raises; weaker
+            than ``allowlist`` warns once.
+        allow_paths: host files or directories the program may read (read-only, at the same path), e.g. a
+            ``site-packages`` with numpy. Absolute, existing, not under ``/tmp``, ``/dev`` or ``/proc``.
+        hide_paths: host paths to hide: in ``denylist`` mode besides the trainer's working directory and ``$HOME``;
+            in ``allowlist`` mode, parts of ``allow_paths`` to leave out.
+        cgroup: ``auto``: a cgroup v2 leaf per slot where the machine delegates the memory, pids and cpu
+            controllers (logged once when it does not); ``require``: raise when it does not; ``off``.
+        cpus: the slot's ``cpu.max`` quota, in CPUs (cgroup only).
         uid: the uid every slot runs as when the trainer is root; None: ``DEFAULT_UID_BASE + slot`` (one uid per
             slot; falls back to 65534 = nobody if that range is not mapped in this user namespace).
         python: the interpreter that runs programs; None: the first of the trainer's base interpreter,
             ``/usr/local/bin/python3`` and ``/usr/bin/python3`` that works inside the sandbox (found by a probe).
         python_args: interpreter flags (``-I``: isolated mode, ignores ``PYTHON*`` variables and user site-packages).
-        hide_paths: more host paths to hide (besides the trainer's working directory and ``$HOME``), e.g. the
-            directory of the dataset with the test answers.
     """
 
     timeout_seconds: float = 5.0
@@ -422,15 +131,18 @@ class SandboxConfig:
     tmpfs_mb: int = 64
     max_output_bytes: int = 1 << 20
     concurrency: int = 0
-    network_isolation: str = "require"
+    isolation: str = "allowlist"
+    allow_paths: tuple[str, ...] = ()
+    hide_paths: tuple[str, ...] = ()
+    cgroup: str = "auto"
+    cpus: float = 1.0
     uid: int | None = None
     python: str | None = None
     python_args: tuple[str, ...] = ("-I",)
-    hide_paths: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         positive = ("timeout_seconds", "memory_mb", "max_processes", "max_open_files", "max_file_mb", "tmpfs_mb",
-                    "max_output_bytes")  # fmt: skip
+                    "max_output_bytes", "cpus")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -439,16 +151,33 @@ class SandboxConfig:
             raise ValueError(f"cpu_seconds must be None or an integer >= 1, got {self.cpu_seconds!r}")
         if self.concurrency < 0:
             raise ValueError(f"concurrency must be >= 0 (0: os.cpu_count()), got {self.concurrency!r}")
-        if self.network_isolation not in NETWORK_ISOLATION:
-            raise ValueError(
-                f"network_isolation must be one of {list(NETWORK_ISOLATION)}, got {self.network_isolation!r}"
-            )
+        if self.isolation not in ISOLATION:
+            raise ValueError(f"isolation must be one of {list(ISOLATION)}, got {self.isolation!r}")
+        if self.cgroup not in CGROUP:
+            raise ValueError(f"cgroup must be one of {list(CGROUP)}, got {self.cgroup!r}")
+        if isinstance(self.allow_paths, str) or isinstance(self.hide_paths, str):
+            raise ValueError("allow_paths and hide_paths are lists of paths, not one string")
         object.__setattr__(self, "python_args", tuple(self.python_args))
         object.__setattr__(self, "hide_paths", tuple(str(p) for p in self.hide_paths))
+        object.__setattr__(self, "allow_paths", tuple(str(p) for p in self.allow_paths))
+        for path in self.allow_paths:
+            if not os.path.isabs(path):
+                raise ValueError(f"allow_paths: {path} is not an absolute path")
+            if not os.path.exists(path):
+                raise ValueError(f"allow_paths: {path} does not exist")
+            real = os.path.realpath(path)
+            if real == "/" or any(_under(real, tree) for tree in _OWN_TREES):
+                raise ValueError(f"allow_paths: {path} is the root or lies under /tmp, /dev or /proc, which the "
+                                 "sandbox replaces with its own")  # fmt: skip
 
     @property
     def workers(self) -> int:
         return self.concurrency or os.cpu_count() or 1
+
+
+def _under(path: str, tree: str) -> bool:
+    """Whether ``path`` is ``tree`` or lies inside it (both normalized absolute paths)."""
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
 
 
 @dataclass
@@ -474,17 +203,19 @@ class RunResult:
 class _Mode:
     """How this process builds sandboxes, decided once by a probe."""
 
-    namespaces: bool
+    isolation: str
     userns: bool
     drop_uid: bool
     uid_base: int | None  # None: the one configured uid for every slot
     python: str
-    hide: list[str] = field(default_factory=list)
+    hide: list[str] = field(default_factory=list)  # denylist mode
+    root: dict | None = None  # allowlist mode: {"ops": [...]} without the per-slot /etc files
+    cgroup: str | None = None  # the directory holding one leaf cgroup per slot
     notes: dict = field(default_factory=dict)
 
-
-_MODES: dict[tuple, _Mode] = {}
-_MODES_LOCK = threading.Lock()
+    @property
+    def namespaces(self) -> bool:
+        return self.isolation != "none"
 
 
 def _uid_range_mapped(start: int, count: int) -> bool:
@@ -498,8 +229,8 @@ def _uid_range_mapped(start: int, count: int) -> bool:
 
 
 def _launcher_command() -> list[str]:
-    """This file as a script: ``-I`` keeps ``PYTHON*`` variables and the script's directory out, ``-S`` skips site."""
-    return [sys.executable, "-I", "-S", os.path.abspath(__file__)]
+    """The launcher as a script: ``-I`` keeps ``PYTHON*`` variables and its directory out, ``-S`` skips site."""
+    return [sys.executable, "-I", "-S", os.path.abspath(_launcher.__file__)]
 
 
 def _python_candidates(config: SandboxConfig) -> list[str]:
@@ -521,14 +252,388 @@ def _paths_to_hide(config: SandboxConfig, python: str) -> list[str]:
         path = os.path.realpath(raw)
         if path in _SYSTEM_DIRS or not os.path.exists(path) or path in hide:
             continue
-        if prefix == path or prefix.startswith(path.rstrip("/") + "/"):
+        if _under(prefix, path):
             continue  # hiding it would hide the interpreter
         hide.append(path)
     return hide
 
 
+# -- the allow-list root ------------------------------------------------------------------------------------------
+
+_ENV = {"PATH": MINIMAL_PATH, "LANG": "C.UTF-8"}  # for the helper processes: no trainer secrets, no LD_* variables
+_INTERPRETER_PROBE = ("import json, site, sys; print(json.dumps({'path': sys.path, 'sites': site.getsitepackages() "
+                      "+ [site.getusersitepackages()]}))")  # fmt: skip
+_LOCALES = ("/usr/lib/locale/C.utf8", "/usr/lib/locale/C.UTF-8")
+
+
+def _interpreter_files(python: str) -> tuple[list[str], list[str]]:
+    """``(paths to bind, site directories to mask)`` for ``python``: itself, its standard library (``sys.path`` of
+    ``-I -S``), and every shared library the interpreter and its extension modules load (``ldd``)."""
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", _INTERPRETER_PROBE], capture_output=True, text=True,
+                             timeout=120, env=_ENV, cwd="/", check=True)  # fmt: skip
+        info = json.loads(out.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as err:
+        raise SandboxUnavailableError(f"{python}: cannot list its standard library ({err})") from None
+    stdlib = [os.path.realpath(p) for p in info["path"] if p and os.path.exists(p)]
+    elves = [os.path.realpath(python)]
+    for directory in stdlib:
+        if os.path.isdir(directory):
+            elves += sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".so"))
+    ldd = shutil.which("ldd", path=MINIMAL_PATH)
+    if ldd is None:
+        raise SandboxUnavailableError("ldd not found: the allow-list root needs it to list the interpreter's shared "
+                                      "libraries (install libc-bin), or set isolation=denylist")  # fmt: skip
+    try:  # exits 1 when a file is not dynamic (a static interpreter): what it printed is still right
+        listing = subprocess.run([ldd, *elves], capture_output=True, text=True, timeout=120, env=_ENV, cwd="/").stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise SandboxUnavailableError(f"ldd {python}: {err}") from None
+    libraries = set()
+    for line in listing.splitlines():
+        if line[:1].isspace():  # "\tlibc.so.6 => /lib/.../libc.so.6 (0x...)", "\t/lib64/ld-linux-x86-64.so.2 (0x...)"
+            libraries.update(token for token in line.split() if token.startswith("/"))
+    return [python, *stdlib, *sorted(libraries)], [os.path.realpath(p) for p in info["sites"]]
+
+
+def _add_path(ops: list, seen: dict, path: str, depth: int = 0) -> None:
+    """Ops that make ``path`` exist in the new root as on the host: its directories, every symlink on the way
+    (so ``/lib -> usr/lib`` and ``libz.so.1 -> libz.so.1.2.13`` resolve as they do on the host), and a read-only
+    bind of what it finally names. Paths under a directory already bound are covered."""
+    if depth > 40:
+        raise SandboxUnavailableError(f"too many symlinks resolving {path}")
+    parts = [p for p in os.path.normpath(path).split("/") if p]
+    current = ""
+    for i, part in enumerate(parts):
+        current += "/" + part
+        if seen.get(current) == "bind":
+            return
+        if os.path.islink(current):
+            target = os.readlink(current)
+            if current not in seen:
+                ops.append(("symlink", current, target))
+                seen[current] = "symlink"
+            resolved = os.path.normpath(os.path.join(os.path.dirname(current), target))
+            _add_path(ops, seen, "/".join([resolved, *parts[i + 1 :]]), depth + 1)
+            return
+        if i + 1 < len(parts) and current not in seen:
+            ops.append(("dir", current))
+            seen[current] = "dir"
+    if current and current not in seen:
+        ops.append(("bind", current, os.path.isdir(current)))
+        seen[current] = "bind"
+
+
+def _root_plan(config: SandboxConfig, python: str) -> dict:
+    """What the allow-list root holds for ``python``; the launcher builds it (see :func:`_build_root`)."""
+    files, sites = _interpreter_files(python)
+    for path in (python, *files):
+        if any(_under(os.path.realpath(path), tree) for tree in _OWN_TREES):
+            raise SandboxUnavailableError(
+                f"{path} (the interpreter's) lies under /tmp, /dev or /proc, which the sandbox replaces; set `python` "
+                "to an interpreter installed elsewhere"
+            )
+    extra = ["/etc/ld.so.cache", *(p for p in _LOCALES if os.path.isdir(p)), *config.allow_paths]
+    ops: list = []
+    seen: dict = {}
+    for path in sorted({p for p in [*files, *extra] if os.path.exists(p)}, key=lambda p: (p.count("/"), p)):
+        _add_path(ops, seen, path)
+    binds = [op[1] for op in ops if op[0] == "bind"]
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+    masks = []
+    for raw in (*sites, os.getcwd(), os.path.expanduser("~"), *config.hide_paths):
+        path = os.path.realpath(raw)
+        if not os.path.isdir(path) or path in masks or _under(prefix, path):
+            continue
+        if any(_under(path, b) for b in binds):
+            masks.append(path)
+    ops += [("mask", path) for path in masks]
+    return {"ops": ops}
+
+
+def _etc_files(uid: int, gid: int) -> list:
+    """The allow-list root's ``/etc``: what ``getpass``, ``pwd`` and name lookups of localhost need, nothing else."""
+    nologin = "/usr/sbin/nologin"
+    return [
+        ("file", "/etc/passwd", f"root:x:0:0::/:{nologin}\nsandbox:x:{uid}:{gid}::{WORKDIR}:{nologin}\n"),
+        ("file", "/etc/group", f"root:x:0:\nsandbox:x:{gid}:\n"),
+        ("file", "/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n"),
+        ("file", "/etc/hostname", "sandbox\n"),
+    ]  # fmt: skip
+
+
+# -- cgroup v2 ------------------------------------------------------------------------------------------------------
+
+_CONTROLLERS = ("memory", "pids", "cpu")
+_CGROUP_LOGGED: set = set()
+
+
+def _cgroup_v2_base() -> str:
+    """This process's cgroup v2 directory (raises OSError/StopIteration without a cgroup v2 hierarchy)."""
+    with open("/proc/self/cgroup") as f:
+        relative = next(line[3:].strip() for line in f if line.startswith("0::"))
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[fields.index("-") + 1] == "cgroup2":
+                return os.path.join(fields[4], relative.lstrip("/"))
+    raise StopIteration
+
+
+def _cgroup_parent(config: SandboxConfig) -> tuple[str | None, str | None]:
+    """``(directory for the slots' leaf cgroups, None)`` where the machine delegates cgroup v2, else ``(None, why)``."""
+    if config.cgroup == "off":
+        return None, None
+    try:
+        base = _cgroup_v2_base()
+        with open(os.path.join(base, "cgroup.controllers")) as f:
+            available = f.read().split()
+    except (OSError, StopIteration):
+        return None, "no cgroup v2 hierarchy for this process"
+    missing = [c for c in _CONTROLLERS if c not in available]
+    if missing:
+        return None, f"cgroup v2 controllers {missing} are not delegated to {base}"
+    parent = os.path.join(base, f"k15-sandbox-{os.getpid()}-{threading.get_ident() % 100000}-{time.monotonic_ns()}")
+    try:
+        with open(os.path.join(base, "cgroup.subtree_control")) as f:
+            enabled = f.read().split()
+        todo = [c for c in _CONTROLLERS if c not in enabled]
+        if todo:  # fails with EBUSY where this process's own cgroup holds processes (and is not the root)
+            with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
+                f.write(" ".join("+" + c for c in todo))
+        os.mkdir(parent)
+        with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+            f.write(" ".join("+" + c for c in _CONTROLLERS))
+    except OSError as err:
+        _remove_cgroup(parent)
+        return None, f"cannot create the sandbox's cgroups under {base}: {err.strerror}"
+    atexit.register(_remove_cgroup, parent)
+    return parent, None
+
+
+def _slot_cgroup(parent: str, slot: int, config: SandboxConfig) -> str:
+    leaf = os.path.join(parent, f"slot{slot}")
+    os.makedirs(leaf, exist_ok=True)
+    limits = {"memory.max": str(config.memory_mb << 20), "memory.swap.max": "0",
+              "pids.max": str(config.max_processes + 2),  # + the slot's launcher and init
+              "cpu.max": f"{max(1000, round(config.cpus * 100_000))} 100000"}  # fmt: skip
+    for name, value in limits.items():
+        path = os.path.join(leaf, name)
+        if name == "memory.swap.max" and not os.path.exists(path):
+            continue  # no swap accounting on this kernel
+        with open(path, "w") as f:
+            f.write(value)
+    return leaf
+
+
+def _remove_cgroup(path: str) -> None:
+    """rmdir the leaves, then the parent (a leaf whose processes are still exiting gets a moment)."""
+    if not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        leaf = os.path.join(path, name)
+        if os.path.isdir(leaf):
+            for _ in range(50):
+                try:
+                    os.rmdir(leaf)
+                    break
+                except OSError:
+                    time.sleep(0.02)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+# -- slots ----------------------------------------------------------------------------------------------------------
+
+
+class _Slot:
+    """One launcher process and its sandbox; runs one job at a time, programs one after another."""
+
+    def __init__(self, config: SandboxConfig, mode: _Mode, index: int) -> None:
+        self.config = config
+        uid = _slot_uid(config, mode, index)
+        spec = {
+            "isolation": mode.isolation,
+            "userns": mode.userns,
+            "uid": uid,
+            # a dedicated uid may be cleaned up by "kill every process of this uid" (no PID namespace to do it)
+            "uid_is_dedicated": uid is not None and config.uid is None and mode.uid_base is not None,
+            "python": [mode.python, *config.python_args],
+            "hide": mode.hide,
+            "root": None,
+            "cgroup": _slot_cgroup(mode.cgroup, index, config) if mode.cgroup else None,
+            "timeout": config.timeout_seconds,
+            "cpu": config.cpu_seconds or math.ceil(config.timeout_seconds) + 1,
+            "memory": config.memory_mb << 20,
+            "nproc": config.max_processes,
+            "nofile": config.max_open_files,
+            "fsize": config.max_file_mb << 20,
+            "tmpfs_mb": config.tmpfs_mb,
+            "max_output": config.max_output_bytes,
+        }
+        if mode.root is not None:
+            inside = (1000, 1000) if mode.userns else (uid, uid) if uid is not None else (os.getuid(), os.getgid())
+            spec["root"] = {"ops": [*mode.root["ops"], *_etc_files(*inside)]}
+        self.proc = subprocess.Popen(
+            _launcher_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, env=_ENV, close_fds=True, cwd="/",
+        )  # fmt: skip
+        self.stderr = b""
+        self.buffer = b""
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ, "out")
+        self.sel.register(self.proc.stderr, selectors.EVENT_READ, "err")
+        self.notes: dict = {}
+        try:
+            self._send(spec)
+            record = self._next_record(time.monotonic() + 60.0)
+        except (OSError, EOFError, TimeoutError):
+            record = None
+        if record is None or "setup" not in record:
+            self.close()
+            message = self.stderr.decode(errors="replace").strip()
+            if self.proc.returncode == SETUP_FAILED:
+                raise SandboxUnavailableError(message.splitlines()[-1] if message else "sandbox setup failed")
+            raise SandboxUnavailableError(f"sandbox launcher exited with {self.proc.returncode}: {message[-300:]}")
+        self.notes = record["setup"]
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def _send(self, message) -> None:
+        payload = json.dumps(message).encode()
+        self.proc.stdin.write(len(payload).to_bytes(8, "little") + payload)
+        self.proc.stdin.flush()
+
+    def _next_record(self, deadline: float) -> dict:
+        """The launcher's next JSON line; TimeoutError after ``deadline``, EOFError when it exited."""
+        while b"\n" not in self.buffer:
+            if not self.sel.get_map():
+                raise EOFError
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            for key, _ in self.sel.select(timeout=remaining):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    self.sel.unregister(key.fileobj)
+                elif key.data == "err":
+                    self.stderr = (self.stderr + chunk)[-(1 << 14) :]
+                else:
+                    self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, program: str, inputs: list[str], keep_going: Callable[[int, RunResult], bool] | None
+            ) -> list[RunResult]:  # fmt: skip
+        results: list[RunResult] = []
+        try:
+            self._send({"program": program, "inputs": inputs})
+            for i in range(len(inputs)):
+                record = self._next_record(time.monotonic() + self.config.timeout_seconds + 5.0)
+                result = RunResult(
+                    exit_code=record["exit"],
+                    stdout=record["stdout"].encode("latin-1").decode(errors="replace"),  # bytes, then UTF-8
+                    signal=record["signal"],
+                    timed_out=record["timed_out"],
+                    output_overflow=record["overflow"],
+                    stderr_tail=record["stderr"],
+                    seconds=record["seconds"],
+                )
+                results.append(result)
+                more = keep_going is None or keep_going(i, result)
+                if i + 1 < len(inputs):
+                    self.proc.stdin.write(b"n" if more else b"s")
+                    self.proc.stdin.flush()
+                if not more:
+                    break
+        except (OSError, EOFError, TimeoutError, ValueError, KeyError) as err:
+            why = "overran its time budget" if isinstance(err, TimeoutError) else f"failed ({type(err).__name__})"
+            self.close()
+            message = self.stderr.decode(errors="replace").strip()
+            results.append(RunResult(exit_code=None, stdout="", error=f"sandbox {why}: {message[-500:]}"))
+        return results
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher and init: the kernel then empties the namespace
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        try:  # what it said before it died
+            while self.sel.get_map():
+                for key, _ in self.sel.select(timeout=1.0) or [(None, None)]:
+                    if key is None:
+                        raise TimeoutError
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        self.sel.unregister(key.fileobj)
+                    elif key.data == "err":
+                        self.stderr = (self.stderr + chunk)[-(1 << 14) :]
+        except (OSError, TimeoutError):
+            pass
+        self.sel.close()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def _slot_uid(config: SandboxConfig, mode: _Mode, slot: int) -> int | None:
+    if not mode.drop_uid:
+        return None
+    if config.uid is not None:
+        return config.uid
+    return mode.uid_base + slot if mode.uid_base is not None else 65534
+
+
+class _Pool:
+    """The slots of one configuration in one process: started on first use, reused until the process exits."""
+
+    def __init__(self, config: SandboxConfig, mode: _Mode) -> None:
+        self.config, self.mode = config, mode
+        self.free: queue.Queue[int] = queue.Queue()
+        for index in range(config.workers):
+            self.free.put(index)
+        self.slots: dict[int, _Slot] = {}
+
+    def run(self, program: str, inputs: list[str], keep_going) -> list[RunResult]:
+        index = self.free.get()
+        try:
+            slot = self.slots.get(index)
+            if slot is None or not slot.alive:
+                try:
+                    slot = self.slots[index] = _Slot(self.config, self.mode, index)
+                except SandboxUnavailableError as err:  # a setup failure after a successful probe: report
+                    return [RunResult(exit_code=None, stdout="", error=str(err))]
+            return slot.run(program, inputs, keep_going)
+        finally:
+            self.free.put(index)
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            slot.close()
+        self.slots.clear()
+
+
+_POOLS: dict[tuple, _Pool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_pools() -> None:
+    with _POOLS_LOCK:
+        for pool in _POOLS.values():
+            pool.close()
+        _POOLS.clear()
+
+
 class Sandbox:
-    """Runs programs under :class:`SandboxConfig`. Picklable; the isolation mode is probed once per process."""
+    """Runs programs under :class:`SandboxConfig`. Picklable; each process probes and starts its own slots once."""
 
     def __init__(self, config: SandboxConfig | None = None, **overrides) -> None:
         if config is not None and overrides:
@@ -538,209 +643,138 @@ class Sandbox:
     # -- mode ---------------------------------------------------------------------------------------------------
     def mode(self) -> _Mode:
         """The isolation this process uses (probes on first call; raises :class:`SandboxUnavailableError`)."""
+        return self._pool().mode
+
+    def _pool(self) -> _Pool:
         key = (os.getpid(), json.dumps(asdict(self.config), sort_keys=True, default=str))
-        with _MODES_LOCK:
-            if key not in _MODES:
-                _MODES[key] = self._probe()
-            return _MODES[key]
+        with _POOLS_LOCK:
+            if key not in _POOLS:
+                _POOLS[key] = _Pool(self.config, self._probe())
+            return _POOLS[key]
+
+    # What competitive programs import, so that a library missing from the allow-list root shows at the probe.
+    _PROBE_PROGRAM = (
+        "import sys, json, math, re, collections, heapq, bisect, itertools, functools, decimal, fractions, random, "
+        "string, array, datetime\nprint(sum(map(int, sys.stdin.read().split())))\n"
+    )
 
     def _probe(self) -> _Mode:
         cfg = self.config
         is_root = os.geteuid() == 0
         if cfg.uid is not None:
-            uid_base, note = None, None
+            uid_base, uid_note = None, None
         elif _uid_range_mapped(DEFAULT_UID_BASE, cfg.workers):
-            uid_base, note = DEFAULT_UID_BASE, None
+            uid_base, uid_note = DEFAULT_UID_BASE, None
         else:
-            uid_base, note = None, "uid range not mapped; every slot runs as 65534"
-        attempts = [(True, not is_root)]  # (namespaces, user namespace)
-        if cfg.network_isolation == "best_effort":
-            attempts.append((False, False))
-        errors, setup_failed = [], False
-        for namespaces, userns in attempts:
+            uid_base, uid_note = None, "uid range not mapped; every slot runs as 65534"
+        cgroup, cgroup_note = _cgroup_parent(cfg)
+        if cgroup is None and cgroup_note and cfg.cgroup == "require":
+            raise SandboxUnavailableError(f"no per-sandbox cgroup: {cgroup_note}; set cgroup=auto to run with the "
+                                          "per-process limits only")  # fmt: skip
+        levels = ISOLATION[: ISOLATION.index(cfg.isolation) + 1]
+        errors = []
+        level_failed = False
+        for isolation in levels:
+            level_failed = False
             for python in _python_candidates(cfg):
-                mode = _Mode(namespaces=namespaces, userns=userns, drop_uid=is_root, uid_base=uid_base,
-                             python=python, hide=_paths_to_hide(cfg, python) if namespaces else [])  # fmt: skip
                 try:
-                    results, notes = self._launch(mode, 0, "import sys\nprint(sum(map(int, sys.stdin.read().split())))",
-                                                  ["2 3\n"], None)  # fmt: skip
+                    mode = _Mode(isolation=isolation, userns=not is_root and isolation != "none", drop_uid=is_root,
+                                 uid_base=uid_base, python=python, cgroup=cgroup,
+                                 hide=_paths_to_hide(cfg, python) if isolation == "denylist" else [],
+                                 root=_root_plan(cfg, python) if isolation == "allowlist" else None)  # fmt: skip
+                except SandboxUnavailableError as err:  # this interpreter's files: another one may do
+                    errors.append(f"{isolation}: {err}")
+                    continue
+                try:
+                    slot = _Slot(cfg, mode, 0)
                 except SandboxUnavailableError as err:
-                    errors.append(str(err))
-                    setup_failed = True
-                    break  # the namespaces themselves failed: another interpreter will not help
+                    errors.append(f"{isolation}: {err}")
+                    level_failed = True
+                    break  # the namespaces or the root themselves failed: another interpreter will not help
+                try:
+                    results = slot.run(self._PROBE_PROGRAM, ["2 3\n"], None)
+                finally:
+                    slot.close()
                 if results and results[0].ok and results[0].stdout.strip() == "5":
-                    mode.notes = dict(notes)
-                    if note:
-                        mode.notes["uid"] = note
-                    self._warn_about(mode)
+                    mode.notes = dict(slot.notes)
+                    if uid_note:
+                        mode.notes["uid"] = uid_note
+                    self._warn_about(mode, cgroup_note)
                     return mode
                 tail = results[0].stderr_tail.strip().splitlines()[-1:] if results else ["no result"]
-                errors.append(f"{python}: {results[0].error if results and results[0].error else ' '.join(tail)}")
-        if setup_failed and cfg.network_isolation == "require":
-            advice = (". Run as root or enable unprivileged user namespaces, or set network_isolation=best_effort to "
-                      "run without namespaces (no network or file-system isolation)")  # fmt: skip
+                errors.append(f"{isolation}: {python}: {results[0].error or ' '.join(tail)}")
+        if cgroup:
+            _remove_cgroup(cgroup)
+        weaker = ISOLATION[ISOLATION.index(cfg.isolation) + 1 :]
+        if level_failed and weaker:
+            advice = (f". Run as root or enable unprivileged user namespaces, or set isolation={weaker[0]} to accept "
+                      + ("the host's file system, read-only, minus the trainer's directories" if weaker[0] == "denylist"
+                         else "running without namespaces (no network or file-system isolation)"))  # fmt: skip
         else:
             advice = ". Set `python` to an interpreter the sandbox user can run"
         raise SandboxUnavailableError("no working code sandbox: " + "; ".join(errors) + advice)
 
     @staticmethod
-    def _warn_about(mode: _Mode) -> None:
-        if not mode.namespaces:
+    def _warn_about(mode: _Mode, cgroup_note: str | None = None) -> None:
+        if mode.isolation == "none":
             warnings.warn(
                 "code sandbox: namespaces are unavailable; programs run WITHOUT network and file-system isolation "
-                "(network_isolation=best_effort)",
+                "(isolation=none)",
                 RuntimeWarning,
                 stacklevel=4,
             )
-        elif mode.userns:
+        elif mode.isolation == "denylist":
             warnings.warn(
-                "code sandbox: not root, so programs run as the trainer's own uid inside a user namespace (no "
-                "network, read-only file system, but they can read files the trainer can read that are not hidden)",
+                "code sandbox: the allow-list root could not be built; programs see the host's file system read-only, "
+                "minus the trainer's working directory, $HOME and hide_paths (isolation=denylist)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        if mode.userns and mode.isolation == "denylist":
+            warnings.warn(
+                "code sandbox: not root, so programs run as the trainer's own uid inside a user namespace and can read "
+                "any file the trainer can read that is not hidden",
                 RuntimeWarning,
                 stacklevel=4,
             )
         for key, value in mode.notes.items():
             if value is not True:
                 warnings.warn(f"code sandbox: {key}: {value}", RuntimeWarning, stacklevel=4)
+        if cgroup_note and cgroup_note not in _CGROUP_LOGGED:
+            _CGROUP_LOGGED.add(cgroup_note)
+            logger.warning("code sandbox: %s; each program keeps its per-process limits (RLIMIT_AS, RLIMIT_NPROC, "
+                           "RLIMIT_CPU) but its slot has no memory.max, pids.max or cpu.max", cgroup_note)  # fmt: skip
 
     # -- running ------------------------------------------------------------------------------------------------
-    def run(self, program: str, inputs: Sequence[str], keep_going: Callable[[int, RunResult], bool] | None = None,
-            slot: int = 0) -> list[RunResult]:  # fmt: skip
+    def run(self, program: str, inputs: Sequence[str],
+            keep_going: Callable[[int, RunResult], bool] | None = None) -> list[RunResult]:  # fmt: skip
         """Run ``program`` once per input (each in a fresh working directory); one result per input run.
 
         ``keep_going(i, result)`` is called as each result arrives; returning False stops the call (the remaining
         inputs are not run and get no result). Sandbox failures become results with ``error`` set.
         """
-        mode = self.mode()
+        pool = self._pool()
         if not inputs:
             return []
-        try:
-            return self._launch(mode, slot, program, list(inputs), keep_going)[0]
-        except SandboxUnavailableError as err:  # a setup failure after a successful probe: report, do not raise
-            return [RunResult(exit_code=None, stdout="", error=str(err))]
+        return pool.run(program, list(inputs), keep_going)
 
     def run_many(self, jobs: Sequence[tuple[str, Sequence[str]]],
                  keep_going: Callable[[int, int, RunResult], bool] | None = None) -> list[list[RunResult]]:  # fmt: skip
         """:meth:`run` for each ``(program, inputs)`` job, ``concurrency`` at a time; ``keep_going(job, i, result)``."""
-        self.mode()  # probe once, before the threads
-        slots: list[int] = list(range(self.config.workers))
-        lock = threading.Lock()
+        self._pool()  # probe once, before the threads
 
         def one(j: int) -> list[RunResult]:
-            with lock:
-                slot = slots.pop()
-            try:
-                program, inputs = jobs[j]
-                stop = None if keep_going is None else (lambda i, r: keep_going(j, i, r))
-                return self.run(program, inputs, stop, slot)
-            finally:
-                with lock:
-                    slots.append(slot)
+            program, inputs = jobs[j]
+            stop = None if keep_going is None else (lambda i, r: keep_going(j, i, r))
+            return self.run(program, inputs, stop)
 
         with ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="k15-sandbox") as pool:
             return list(pool.map(one, range(len(jobs))))
 
-    def _uid(self, mode: _Mode, slot: int) -> int | None:
-        if not mode.drop_uid:
-            return None
-        if self.config.uid is not None:
-            return self.config.uid
-        return mode.uid_base + slot if mode.uid_base is not None else 65534
-
-    def _launch(self, mode: _Mode, slot: int, program: str, inputs: list[str],
-                keep_going: Callable[[int, RunResult], bool] | None) -> tuple[list[RunResult], dict]:  # fmt: skip
-        cfg = self.config
-        uid = self._uid(mode, slot)
-        spec = {
-            "program": program,
-            "inputs": inputs,
-            "namespaces": mode.namespaces,
-            "userns": mode.userns,
-            "uid": uid,
-            # a dedicated uid may be cleaned up by "kill every process of this uid" (no PID namespace to do it)
-            "uid_is_dedicated": uid is not None and self.config.uid is None and mode.uid_base is not None,
-            "python": [mode.python, *cfg.python_args],
-            "hide": mode.hide,
-            "timeout": cfg.timeout_seconds,
-            "cpu": cfg.cpu_seconds or math.ceil(cfg.timeout_seconds) + 1,
-            "memory": cfg.memory_mb << 20,
-            "nproc": cfg.max_processes,
-            "nofile": cfg.max_open_files,
-            "fsize": cfg.max_file_mb << 20,
-            "tmpfs_mb": cfg.tmpfs_mb,
-            "max_output": cfg.max_output_bytes,
-        }
-        payload = json.dumps(spec).encode()
-        env = {"PATH": _MINIMAL_PATH, "LANG": "C.UTF-8"}  # the launcher itself sees no trainer secrets either
-        proc = subprocess.Popen(
-            _launcher_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, env=env, close_fds=True, cwd="/",
-        )  # fmt: skip
-        results: list[RunResult] = []
-        notes: dict = {}
-        # The launcher reads the whole spec before it writes anything, so writing first cannot deadlock.
-        try:
-            proc.stdin.write(payload)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        deadline = time.monotonic() + 15.0 + len(inputs) * (cfg.timeout_seconds + 2.0)
-        buffer = b""
-        stderr = b""
-        stopped = False
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, "out")
-        sel.register(proc.stderr, selectors.EVENT_READ, "err")
-        try:
-            while sel.get_map() and not stopped:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                for key, _ in sel.select(timeout=remaining):
-                    chunk = os.read(key.fd, 1 << 16)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        continue
-                    if key.data == "err":
-                        stderr = (stderr + chunk)[-(1 << 14) :]
-                        continue
-                    buffer += chunk
-                    while b"\n" in buffer and not stopped:
-                        line, buffer = buffer.split(b"\n", 1)
-                        try:
-                            record = json.loads(line)
-                        except ValueError:
-                            stderr += b"\nunreadable launcher output: " + line[:200]
-                            continue
-                        if "setup" in record:
-                            notes = record["setup"]
-                            continue
-                        result = RunResult(
-                            exit_code=record["exit"],
-                            stdout=record["stdout"].encode("latin-1").decode(errors="replace"),  # bytes, then UTF-8
-                            signal=record["signal"],
-                            timed_out=record["timed_out"],
-                            output_overflow=record["overflow"],
-                            stderr_tail=record["stderr"],
-                            seconds=record["seconds"],
-                        )
-                        results.append(result)
-                        if keep_going is not None and not keep_going(len(results) - 1, result):
-                            stopped = True
-        finally:
-            sel.close()
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and init: the kernel then empties the namespace
-                except ProcessLookupError:
-                    pass
-            proc.wait()
-            for stream in (proc.stdout, proc.stderr):
-                stream.close()
-        message = stderr.decode(errors="replace").strip()
-        if proc.returncode == SETUP_FAILED:
-            raise SandboxUnavailableError(message.splitlines()[-1] if message else "sandbox setup failed")
-        if len(results) < len(inputs) and not stopped:
-            why = "overran its time budget" if time.monotonic() >= deadline else f"exited with {proc.returncode}"
-            results.append(RunResult(exit_code=None, stdout="", error=f"sandbox {why}: {message[-500:]}"))
-        return results, notes
+    def close(self) -> None:
+        """Stop this process's slots for this configuration (they restart on the next run)."""
+        key = (os.getpid(), json.dumps(asdict(self.config), sort_keys=True, default=str))
+        with _POOLS_LOCK:
+            pool = _POOLS.get(key)
+        if pool is not None:
+            pool.close()
