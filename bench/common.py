@@ -11,8 +11,6 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # The demo recipe: 16 prompts x 8 samples, 4 new tokens, AdamW 1e-4 (beta2 0.99), clip 1.0.
@@ -34,6 +32,8 @@ DEMO = dict(
 
 
 def machine() -> str:
+    import torch  # here, not at the top: the sandbox benchmark needs no torch
+
     return f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
@@ -86,9 +86,9 @@ def demo_task(seed: int = 0, filler: bool = False):
     return model, tokenizer, train, heldout, [ArithmeticReward(tokenizer, allow_filler=filler)]
 
 
-def write_json_line(obj: dict, save: bool = True) -> None:
+def write_json_line(obj: dict, save: bool = True, machine_info: str | None = None) -> None:
     """The benchmark's last line: one JSON object (also saved as bench/results/<bench>.json unless ``save`` is off)."""
-    obj = {**obj, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    obj = {**obj, "date": time.strftime("%Y-%m-%d"), "machine": machine_info or machine()}
     if save:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{obj['bench']}.json").write_text(json.dumps(obj, indent=2) + "\n")

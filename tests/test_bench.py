@@ -20,6 +20,7 @@ import torch
         ("sample_efficiency", ["k15_final_acc", "grpo_final_acc", "k15_samples_to_target", "grpo_samples_to_target"]),
         ("length_penalty", ["tokens_ratio", "accuracy_delta"]),
         ("gpu_step", ["step_time_ratio", "weights_changed_by_one_lr1e-6_step", "k15_train"]),
+        ("sandbox", ["programs_per_second", "allowlist_per_core"]),
     ],
 )
 def test_benchmark_smoke(bench, keys, monkeypatch, capsys):

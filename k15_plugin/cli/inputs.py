@@ -466,3 +466,19 @@ def check_inputs(cfg: DictConfig) -> None:
         _saved_model_config(cfg.model.path, "model.path")
     check_checkpoint(cfg)
     check_data(cfg)
+    if cfg.reward.verifier == "code":
+        check_sandbox(cfg.reward.code)
+
+
+def check_sandbox(code: DictConfig) -> None:
+    """Build the code sandbox once now (about a second), so a machine that cannot give ``reward.code.isolation``
+    stops the run here, in one line, not at the first reward after the model loaded. The job reuses it."""
+    from k15_plugin.data.tasks import sandbox_config
+    from k15_plugin.rewards import Sandbox, SandboxUnavailableError
+
+    try:
+        Sandbox(sandbox_config(code)).mode()
+    except SandboxUnavailableError as err:
+        raise ConfigError(f"reward.code.isolation={getattr(code.isolation, 'value', code.isolation)}: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"reward.code.{err}") from None

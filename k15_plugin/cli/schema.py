@@ -99,8 +99,8 @@ class MathExtraction(str, Enum):
 
 class Isolation(str, Enum):
     allowlist = "allowlist"  # a root of the interpreter, its libraries and allow_paths only
-    denylist = "denylist"  # else the host's file system read-only, minus the trainer's directories
-    none = "none"  # else no namespaces (no network or file-system isolation)
+    denylist = "denylist"  # the host's file system read-only, minus the trainer's directories
+    none = "none"  # no namespaces (no network or file-system isolation)
 
 
 class Cgroup(str, Enum):

@@ -70,15 +70,20 @@ def reward_funcs(reward, data, columns: list[str], task_reward: Callable) -> lis
                 f"reward.verifier=code reads a `tests` column ([{{'input': str, 'output': str}}, ...] per row), but "
                 f"data={data.name} has only {columns}"
             )
-        code = reward.code
         try:
-            return [get_code_reward(partial_credit=code.partial_credit, timeout_seconds=code.timeout_seconds,
-                                    memory_mb=code.memory_mb, concurrency=code.concurrency,
-                                    isolation=_plain(code.isolation), allow_paths=tuple(code.allow_paths),
-                                    cgroup=_plain(code.cgroup))]  # fmt: skip
+            return [get_code_reward(partial_credit=reward.code.partial_credit, sandbox=sandbox_config(reward.code))]
         except ValueError as err:
             raise ValueError(f"reward.code: {err}") from None
     raise ValueError(f"reward.verifier={verifier!r} is not one of ['task', 'math', 'code']")
+
+
+def sandbox_config(code):
+    """The :class:`~k15_plugin.rewards.SandboxConfig` of a ``reward.code`` config node."""
+    from k15_plugin.rewards import SandboxConfig
+
+    return SandboxConfig(timeout_seconds=code.timeout_seconds, memory_mb=code.memory_mb, concurrency=code.concurrency,
+                         isolation=_plain(code.isolation), allow_paths=tuple(code.allow_paths),
+                         cgroup=_plain(code.cgroup))  # fmt: skip
 
 
 def _demo_task(data, tokenizer, seed: int, reward=None) -> Task:

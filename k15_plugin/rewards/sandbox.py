@@ -39,15 +39,16 @@ The trainer streams one JSON line per input back and kills the slot's process gr
 init, and with it the namespace. ``RLIMIT_NPROC`` counts processes per real uid, so each slot gets its own uid
 (``uid_base + slot``) and one fork bomb cannot starve its neighbours.
 
-Nothing falls back silently. ``isolation`` is the weakest isolation the caller accepts: where the allow-list root
-cannot be built (no ``CAP_SYS_ADMIN`` and no unprivileged user namespaces, no ``pivot_root``), the default raises
-:class:`SandboxUnavailableError` with one line saying what is missing; ``denylist`` accepts the read-only host file
-system and ``none`` accepts running without namespaces at all (resource limits, a new session, a scrubbed
-environment, a temporary working directory and, as root, the unprivileged uid; the network and the host's file
-system stay reachable). Both warn once when they are what the machine gives.
+Nothing falls back silently: ``isolation`` is the isolation the caller gets or an error. Where the allow-list root
+cannot be built (no ``CAP_SYS_ADMIN`` and no unprivileged user namespaces, say), the default raises
+:class:`SandboxUnavailableError` with one line saying what failed and which setting accepts weaker isolation:
+``denylist`` (the read-only host file system) or ``none`` (no namespaces at all: resource limits, a new session, a
+scrubbed environment, a temporary working directory and, as root, the unprivileged uid; the network and the host's
+file system stay reachable). Both warn once when chosen.
 """
 
-# ----------------------------------------------------------------------------------------------------------------------
+from __future__ import annotations
+
 import atexit
 import json
 import logging
@@ -103,11 +104,10 @@ class SandboxConfig:
         tmpfs_mb: size of each private tmpfs (``/tmp``, ``/dev/shm``), in MiB.
         max_output_bytes: stdout kept per run; a program that prints more is killed and fails.
         concurrency: slots, i.e. programs run at once; 0: ``os.cpu_count()``.
-        isolation: the weakest isolation accepted. ``allowlist``: a root file system of the interpreter, its
-            libraries and ``allow_paths`` only (raise where it cannot be built); ``denylist``: else the host's file
-            system read-only, without the trainer's working directory, ``$HOME`` and ``hide_paths``; ``none``:
-            else no namespaces at all (no network or file-system isolation). Weaker than asked raises; weaker
-            than ``allowlist`` warns once.
+        isolation: ``allowlist``: a root file system of the interpreter, its libraries and ``allow_paths`` only;
+            ``denylist``: the host's file system read-only, without the trainer's working directory, ``$HOME`` and
+            ``hide_paths``; ``none``: no namespaces (no network or file-system isolation). Where the machine cannot
+            give it, :class:`SandboxUnavailableError` says so; the two weaker ones warn once.
         allow_paths: host files or directories the program may read (read-only, at the same path), e.g. a
             ``site-packages`` with numpy. Absolute, existing, not under ``/tmp``, ``/dev`` or ``/proc``.
         hide_paths: host paths to hide: in ``denylist`` mode besides the trainer's working directory and ``$HOME``;
@@ -339,11 +339,14 @@ def _root_plan(config: SandboxConfig, python: str) -> dict:
         _add_path(ops, seen, path)
     binds = [op[1] for op in ops if op[0] == "bind"]
     prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+    allowed = [os.path.realpath(p) for p in config.allow_paths]
     masks = []
     for raw in (*sites, os.getcwd(), os.path.expanduser("~"), *config.hide_paths):
         path = os.path.realpath(raw)
         if not os.path.isdir(path) or path in masks or _under(prefix, path):
             continue
+        if raw in sites and any(_under(path, a) for a in allowed):
+            continue  # a site-packages the user allowed on purpose (numpy, say)
         if any(_under(path, b) for b in binds):
             masks.append(path)
     ops += [("mask", path) for path in masks]
@@ -543,7 +546,11 @@ class _Slot:
                     seconds=record["seconds"],
                 )
                 results.append(result)
-                more = keep_going is None or keep_going(i, result)
+                try:
+                    more = keep_going is None or keep_going(i, result)
+                except BaseException:
+                    self.close()  # it waits for a go-on byte that will not come: start afresh next time
+                    raise
                 if i + 1 < len(inputs):
                     self.proc.stdin.write(b"n" if more else b"s")
                     self.proc.stdin.flush()
@@ -671,62 +678,60 @@ class Sandbox:
         if cgroup is None and cgroup_note and cfg.cgroup == "require":
             raise SandboxUnavailableError(f"no per-sandbox cgroup: {cgroup_note}; set cgroup=auto to run with the "
                                           "per-process limits only")  # fmt: skip
-        levels = ISOLATION[: ISOLATION.index(cfg.isolation) + 1]
+        isolation = cfg.isolation
         errors = []
-        level_failed = False
-        for isolation in levels:
-            level_failed = False
-            for python in _python_candidates(cfg):
-                try:
-                    mode = _Mode(isolation=isolation, userns=not is_root and isolation != "none", drop_uid=is_root,
-                                 uid_base=uid_base, python=python, cgroup=cgroup,
-                                 hide=_paths_to_hide(cfg, python) if isolation == "denylist" else [],
-                                 root=_root_plan(cfg, python) if isolation == "allowlist" else None)  # fmt: skip
-                except SandboxUnavailableError as err:  # this interpreter's files: another one may do
-                    errors.append(f"{isolation}: {err}")
-                    continue
-                try:
-                    slot = _Slot(cfg, mode, 0)
-                except SandboxUnavailableError as err:
-                    errors.append(f"{isolation}: {err}")
-                    level_failed = True
-                    break  # the namespaces or the root themselves failed: another interpreter will not help
-                try:
-                    results = slot.run(self._PROBE_PROGRAM, ["2 3\n"], None)
-                finally:
-                    slot.close()
-                if results and results[0].ok and results[0].stdout.strip() == "5":
-                    mode.notes = dict(slot.notes)
-                    if uid_note:
-                        mode.notes["uid"] = uid_note
-                    self._warn_about(mode, cgroup_note)
-                    return mode
-                tail = results[0].stderr_tail.strip().splitlines()[-1:] if results else ["no result"]
-                errors.append(f"{isolation}: {python}: {results[0].error or ' '.join(tail)}")
+        setup_failed = False
+        for python in _python_candidates(cfg):
+            try:
+                mode = _Mode(isolation=isolation, userns=not is_root and isolation != "none", drop_uid=is_root,
+                             uid_base=uid_base, python=python, cgroup=cgroup,
+                             hide=_paths_to_hide(cfg, python) if isolation == "denylist" else [],
+                             root=_root_plan(cfg, python) if isolation == "allowlist" else None)  # fmt: skip
+            except SandboxUnavailableError as err:  # this interpreter's files: another one may do
+                errors.append(str(err))
+                continue
+            try:
+                slot = _Slot(cfg, mode, 0)
+            except SandboxUnavailableError as err:
+                errors.append(str(err))
+                setup_failed = True
+                break  # the namespaces or the root themselves failed: another interpreter will not help
+            try:
+                results = slot.run(self._PROBE_PROGRAM, ["2 3\n"], None)
+            finally:
+                slot.close()
+            if results and results[0].ok and results[0].stdout.strip() == "5":
+                mode.notes = dict(slot.notes)
+                if uid_note:
+                    mode.notes["uid"] = uid_note
+                self._warn_about(mode, cgroup_note)
+                return mode
+            tail = results[0].stderr_tail.strip().splitlines()[-1:] if results else ["no result"]
+            errors.append(f"{python}: {results[0].error or ' '.join(tail)}")
         if cgroup:
             _remove_cgroup(cgroup)
-        weaker = ISOLATION[ISOLATION.index(cfg.isolation) + 1 :]
-        if level_failed and weaker:
-            advice = (f". Run as root or enable unprivileged user namespaces, or set isolation={weaker[0]} to accept "
-                      + ("the host's file system, read-only, minus the trainer's directories" if weaker[0] == "denylist"
-                         else "running without namespaces (no network or file-system isolation)"))  # fmt: skip
+        if setup_failed and isolation != "none":
+            weaker = {
+                "allowlist": "denylist to use the host's file system, read-only, minus the trainer's directories",
+                "denylist": "none to run without namespaces (no network or file-system isolation)",
+            }[isolation]
+            advice = f". Run as root or enable unprivileged user namespaces, or set isolation={weaker}"
         else:
             advice = ". Set `python` to an interpreter the sandbox user can run"
-        raise SandboxUnavailableError("no working code sandbox: " + "; ".join(errors) + advice)
+        raise SandboxUnavailableError(f"no working code sandbox (isolation={isolation}): " + "; ".join(errors) + advice)
 
     @staticmethod
     def _warn_about(mode: _Mode, cgroup_note: str | None = None) -> None:
         if mode.isolation == "none":
             warnings.warn(
-                "code sandbox: namespaces are unavailable; programs run WITHOUT network and file-system isolation "
-                "(isolation=none)",
+                "code sandbox: programs run WITHOUT network and file-system isolation (isolation=none)",
                 RuntimeWarning,
                 stacklevel=4,
             )
         elif mode.isolation == "denylist":
             warnings.warn(
-                "code sandbox: the allow-list root could not be built; programs see the host's file system read-only, "
-                "minus the trainer's working directory, $HOME and hide_paths (isolation=denylist)",
+                "code sandbox: programs see the host's file system read-only, minus the trainer's working directory, "
+                "$HOME and hide_paths, not an allow-list root (isolation=denylist)",
                 RuntimeWarning,
                 stacklevel=4,
             )
