@@ -145,6 +145,7 @@ def headline_runs(tmp_path_factory):
     return done
 
 
+@pytest.mark.xdist_group("cli_headline")  # one worker starts the processes once
 @pytest.mark.parametrize("case_id", HEADLINE)
 def test_headline_cases_as_a_real_process(headline_runs, case_id):
     directory, expected, code, stdout, stderr = headline_runs[case_id]

@@ -25,7 +25,7 @@ import pytest
 
 from k15_plugin.rewards import CodeReward, Sandbox, SandboxConfig, SandboxUnavailableError, get_code_reward
 from k15_plugin.rewards.code import extract_program, normalize_output, parse_tests
-from k15_plugin.rewards.sandbox import DEFAULT_UID_BASE
+from k15_plugin.rewards.sandbox import uid_base
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox uses Linux namespaces")
 
@@ -45,7 +45,7 @@ def reward() -> CodeReward:
 
 
 def _sandbox_processes(marker: str | None = None) -> list[str]:
-    """Processes of the sandbox uids, or whose command line carries ``marker``, still alive on the host."""
+    """Processes of this process's sandbox uids, or whose command line carries ``marker``, still alive on the host."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -55,7 +55,7 @@ def _sandbox_processes(marker: str | None = None) -> list[str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError):
             continue
-        if DEFAULT_UID_BASE <= uid < DEFAULT_UID_BASE + 1024 or (marker and marker in cmdline):
+        if uid_base() <= uid < uid_base() + 256 or (marker and marker in cmdline):
             found.append(f"{entry.name} uid={uid} {cmdline[:80]}")
     return found
 
@@ -465,7 +465,7 @@ def test_reads_of_host_secrets_are_contained(reward):
         others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
         for pid in others:
             try:
-                if "sandbox.py" in open(f"/proc/{{pid}}/cmdline").read():
+                if "k15_plugin" in open(f"/proc/{{pid}}/cmdline").read():
                     leaked.append(f"/proc/{{pid}}/cmdline")
             except OSError:
                 pass
@@ -647,7 +647,7 @@ def test_no_namespaces_fallback_still_limits_and_warns(monkeypatch):
     assert mode.isolation == "none" and not mode.namespaces
     results = box.run("import os\nprint(os.getuid(), sorted(os.environ))\n", ["", ""])
     assert [r.ok for r in results] == [True, True]
-    assert results[0].stdout.split()[0] == str(DEFAULT_UID_BASE)  # still the unprivileged uid
+    assert results[0].stdout.split()[0] == str(uid_base())  # still the unprivileged uid
     assert "K15" not in results[0].stdout and "HOME" in results[0].stdout
     assert box.run("while True:\n    pass\n", [""])[0].timed_out
     box.close()

@@ -17,6 +17,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 ALGORITHMS = ["kimi_md", "grpo"]
+# Under pytest-xdist (the README's test command), every test here on one worker: the scenarios run once.
+pytestmark = pytest.mark.xdist_group("vllm_cpu")
 
 
 def _free_ports(n: int) -> list[int]:

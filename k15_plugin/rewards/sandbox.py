@@ -36,8 +36,9 @@ overruns its time budget is killed and rebuilt on its next use. On Linux the lau
    every run.
 
 The trainer streams one JSON line per input back and kills the slot's process group if a run overruns; that kills
-init, and with it the namespace. ``RLIMIT_NPROC`` counts processes per real uid, so each slot gets its own uid
-(``uid_base + slot``) and one fork bomb cannot starve its neighbours.
+init, and with it the namespace. ``RLIMIT_NPROC`` counts processes per real uid, so each slot of each trainer
+process gets its own uid (:func:`uid_base` ``+ slot``) and one fork bomb cannot starve its neighbours, not even
+those of another rank of the same job on the same machine.
 
 Nothing falls back silently: ``isolation`` is the isolation the caller gets or an error. Where the allow-list root
 cannot be built (no ``CAP_SYS_ADMIN`` and no unprivileged user namespaces, say), the default raises
@@ -75,6 +76,7 @@ CGROUP = ("auto", "require", "off")
 # Dedicated uids for the sandbox slots when the trainer is root: an unnamed range no account or system service uses,
 # so RLIMIT_NPROC counts each slot alone and a leftover process can be told apart from everything else on the host.
 DEFAULT_UID_BASE = 2_000_000_000
+_UIDS_PER_PROCESS = 256  # slots beyond that share uids (modulo)
 # Never hidden even if they are the trainer's working directory or home: the program's interpreter needs them.
 _SYSTEM_DIRS = ("/", "/usr", "/bin", "/lib", "/lib64", "/etc", "/proc", "/dev", "/sys", "/tmp", "/var")
 # Host paths the allow-list root replaces with its own: nothing may be bound under them.
@@ -115,8 +117,8 @@ class SandboxConfig:
         cgroup: ``auto``: a cgroup v2 leaf per slot where the machine delegates the memory, pids and cpu
             controllers (logged once when it does not); ``require``: raise when it does not; ``off``.
         cpus: the slot's ``cpu.max`` quota, in CPUs (cgroup only).
-        uid: the uid every slot runs as when the trainer is root; None: ``DEFAULT_UID_BASE + slot`` (one uid per
-            slot; falls back to 65534 = nobody if that range is not mapped in this user namespace).
+        uid: the uid every slot runs as when the trainer is root; None: ``uid_base() + slot`` (one uid per slot
+            and trainer process; falls back to 65534 = nobody if that range is not mapped in this user namespace).
         python: the interpreter that runs programs; None: the first of the trainer's base interpreter,
             ``/usr/local/bin/python3`` and ``/usr/bin/python3`` that works inside the sandbox (found by a probe).
         python_args: interpreter flags (``-I``: isolated mode, ignores ``PYTHON*`` variables and user site-packages).
@@ -216,6 +218,12 @@ class _Mode:
     @property
     def namespaces(self) -> bool:
         return self.isolation != "none"
+
+
+def uid_base() -> int:
+    """The first of this process's sandbox uids (as root): its own range, so the slots of two trainer processes on
+    one machine (the ranks of a DDP job, two pytest workers) never share a uid and its ``RLIMIT_NPROC``."""
+    return DEFAULT_UID_BASE + (os.getpid() % (1 << 22)) * _UIDS_PER_PROCESS
 
 
 def _uid_range_mapped(start: int, count: int) -> bool:
@@ -595,7 +603,7 @@ def _slot_uid(config: SandboxConfig, mode: _Mode, slot: int) -> int | None:
         return None
     if config.uid is not None:
         return config.uid
-    return mode.uid_base + slot if mode.uid_base is not None else 65534
+    return mode.uid_base + slot % _UIDS_PER_PROCESS if mode.uid_base is not None else 65534
 
 
 class _Pool:
@@ -633,10 +641,9 @@ _POOLS_LOCK = threading.Lock()
 
 @atexit.register
 def _close_pools() -> None:
-    with _POOLS_LOCK:
-        for pool in _POOLS.values():
-            pool.close()
-        _POOLS.clear()
+    with _POOLS_LOCK:  # only this process's: a forked child that exits must not stop its parent's slots
+        for key in [key for key in _POOLS if key[0] == os.getpid()]:
+            _POOLS.pop(key).close()
 
 
 class Sandbox:
@@ -669,11 +676,11 @@ class Sandbox:
         cfg = self.config
         is_root = os.geteuid() == 0
         if cfg.uid is not None:
-            uid_base, uid_note = None, None
-        elif _uid_range_mapped(DEFAULT_UID_BASE, cfg.workers):
-            uid_base, uid_note = DEFAULT_UID_BASE, None
+            first_uid, uid_note = None, None
+        elif _uid_range_mapped(uid_base(), _UIDS_PER_PROCESS):
+            first_uid, uid_note = uid_base(), None
         else:
-            uid_base, uid_note = None, "uid range not mapped; every slot runs as 65534"
+            first_uid, uid_note = None, "uid range not mapped; every slot runs as 65534"
         cgroup, cgroup_note = _cgroup_parent(cfg)
         if cgroup is None and cgroup_note and cfg.cgroup == "require":
             raise SandboxUnavailableError(f"no per-sandbox cgroup: {cgroup_note}; set cgroup=auto to run with the "
@@ -684,7 +691,7 @@ class Sandbox:
         for python in _python_candidates(cfg):
             try:
                 mode = _Mode(isolation=isolation, userns=not is_root and isolation != "none", drop_uid=is_root,
-                             uid_base=uid_base, python=python, cgroup=cgroup,
+                             uid_base=first_uid, python=python, cgroup=cgroup,
                              hide=_paths_to_hide(cfg, python) if isolation == "denylist" else [],
                              root=_root_plan(cfg, python) if isolation == "allowlist" else None)  # fmt: skip
             except SandboxUnavailableError as err:  # this interpreter's files: another one may do
