@@ -9,6 +9,7 @@ from k15_plugin.core.mirror_descent import (
     mirror_descent_terms,
     sequence_logps,
 )
+from k15_plugin.core.repeats import RepeatDetector, RepeatRule, first_repeat
 from k15_plugin.core.sampling import (
     CURRICULUM_SCHEDULES,
     SuccessRateTracker,
@@ -20,9 +21,12 @@ from k15_plugin.core.sampling import (
 __all__ = [
     "CURRICULUM_SCHEDULES",
     "ESTIMATORS",
+    "RepeatDetector",
+    "RepeatRule",
     "SuccessRateTracker",
     "curriculum_fraction",
     "curriculum_pool",
+    "first_repeat",
     "length_penalty_weight",
     "length_reward",
     "log_partition_estimate",
