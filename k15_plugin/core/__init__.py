@@ -9,6 +9,7 @@ from k15_plugin.core.mirror_descent import (
     mirror_descent_terms,
     sequence_logps,
 )
+from k15_plugin.core.partial_rollouts import PartialRolloutBuffer
 from k15_plugin.core.repeats import RepeatDetector, RepeatRule, first_repeat
 from k15_plugin.core.sampling import (
     CURRICULUM_SCHEDULES,
@@ -21,6 +22,7 @@ from k15_plugin.core.sampling import (
 __all__ = [
     "CURRICULUM_SCHEDULES",
     "ESTIMATORS",
+    "PartialRolloutBuffer",
     "RepeatDetector",
     "RepeatRule",
     "SuccessRateTracker",

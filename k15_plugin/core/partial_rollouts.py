@@ -1,0 +1,240 @@
+"""Partial rollouts (paper section 2.6.2): the replay buffer of unfinished trajectories, host-independent.
+
+Each rollout phase (one k1.5 iteration) admits fresh groups of ``k`` samples of one prompt; every unfinished member of
+every buffered group then gets at most ``segment_tokens`` new tokens per round, continuing from prompt + tokens so far;
+a member finishes at EOS, at ``max_completion_length`` tokens in all, or when its new tokens complete a repeat
+(:mod:`k15_plugin.core.repeats`; it is cut at the first detection point; a member that reached EOS is not checked); a group is *ready* only when all ``k`` members have finished, so the group baseline
+and the length penalty see whole groups; the oldest ready groups are emitted for training, first in, first out.
+
+The buffer holds plain Python data only (token ids, segments with the policy version that generated them, statuses)
+and decides everything from that data, so every process of a multi-process run that applies the same results in the
+same order holds the same buffer; :meth:`PartialRolloutBuffer.state_dict` is what a checkpoint saves. How segments
+are generated (transformers ``generate``, vLLM) is the host adapter's business.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from k15_plugin.core.repeats import RepeatDetector, RepeatRule
+
+STATUSES = ("running", "eos", "length", "repeat")
+LOSS_MASKS = ("all", "latest")
+
+
+@dataclass
+class Segment:
+    """One contiguous piece of a member's completion: ``completion_ids[start:start + length]``."""
+
+    start: int
+    length: int
+    version: int  # the policy version (optimizer steps done) that generated it
+    phase: int  # the rollout phase it was generated in
+
+
+@dataclass
+class Member:
+    """One of a group's ``k`` trajectories."""
+
+    completion_ids: list[int] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    status: str = "running"
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "running"
+
+
+@dataclass
+class Group:
+    """``k`` trajectories of one prompt. ``row`` is the host's opaque prompt record (dataset row), kept as given."""
+
+    uid: int  # admission order: first in, first out, the same on every process
+    admitted_phase: int
+    prompt_ids: list[int]
+    row: Any
+    members: list[Member]
+
+    @property
+    def ready(self) -> bool:
+        return all(m.finished for m in self.members)
+
+
+@dataclass(frozen=True)
+class Work:
+    """One member to continue: generate at most ``budget`` tokens after ``prefix`` (prompt + completion so far)."""
+
+    uid: int
+    member: int
+    prefix: list[int]
+    budget: int
+
+
+class PartialRolloutBuffer:
+    """Unfinished and finished-but-waiting groups, with the rules that move them along.
+
+    Args:
+        group_size: ``k``, samples per prompt.
+        segment_tokens: new tokens per member per round (the paper's fixed output-token budget).
+        max_completion_length: the cap on a trajectory's tokens over all its segments.
+        repeat_rule: stop a member whose completion ends in a loop (None: no repeat detection).
+    """
+
+    def __init__(self, group_size: int, segment_tokens: int, max_completion_length: int,
+                 repeat_rule: RepeatRule | None = None) -> None:  # fmt: skip
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if not 1 <= segment_tokens < max_completion_length:
+            raise ValueError(f"segment_tokens must be in [1, max_completion_length={max_completion_length}), got "
+                             f"{segment_tokens}")  # fmt: skip
+        self.group_size = group_size
+        self.segment_tokens = segment_tokens
+        self.max_completion_length = max_completion_length
+        self.repeat_rule = repeat_rule
+        self.groups: list[Group] = []  # in admission order
+        self.phase = 0
+        self.next_uid = 0
+
+    # -- the phase ------------------------------------------------------------------------------------------------
+    def admit(self, prompts: Sequence[tuple[list[int], Any]]) -> list[int]:
+        """Fresh groups, one per ``(prompt_ids, row)``; returns their uids."""
+        uids = []
+        for prompt_ids, row in prompts:
+            members = [Member() for _ in range(self.group_size)]
+            self.groups.append(Group(self.next_uid, self.phase, list(prompt_ids), row, members))
+            uids.append(self.next_uid)
+            self.next_uid += 1
+        return uids
+
+    def work(self) -> list[Work]:
+        """Every unfinished member of every buffered group, oldest group first."""
+        return [
+            Work(g.uid, i, g.prompt_ids + m.completion_ids,
+                 min(self.segment_tokens, self.max_completion_length - len(m.completion_ids)))
+            for g in self.groups for i, m in enumerate(g.members) if not m.finished
+        ]  # fmt: skip
+
+    def apply(self, results: Sequence[tuple[int, int, list[int], bool]], version: int) -> None:
+        """Append each ``(uid, member, new_ids, ended_with_eos)`` as a segment generated by policy ``version``;
+        mark members finished (EOS, the length cap, a repeat). Apply the same results in the same order on every
+        process."""
+        by_uid = {g.uid: g for g in self.groups}
+        touched = []
+        for uid, index, new_ids, eos in results:
+            member = by_uid[uid].members[index]
+            if member.finished:
+                raise ValueError(f"group {uid} member {index} has already finished ({member.status})")
+            room = self.max_completion_length - len(member.completion_ids)
+            new_ids = list(new_ids)[:room]
+            start = len(member.completion_ids)
+            member.completion_ids += new_ids
+            member.segments.append(Segment(start, len(new_ids), version, self.phase))
+            if eos:
+                member.status = "eos"
+            elif len(member.completion_ids) >= self.max_completion_length or not new_ids:
+                member.status = "length"  # at the cap, or the engine could not continue it (its context is full)
+            touched.append((member, start))
+        if self.repeat_rule is not None:
+            self._stop_repeats(touched)
+
+    def _stop_repeats(self, touched: list[tuple[Member, int]]) -> None:
+        """Cut members whose new tokens complete a loop at its first detection point (status ``repeat``)."""
+        rule = self.repeat_rule
+        window = max(rule.min_count * rule.max_period, rule.min_span + rule.max_period)  # longest detectable loop
+        candidates = [(m, start) for m, start in touched if m.status != "eos" and len(m.completion_ids) > start]
+        if not candidates:
+            return
+        old = [m.completion_ids[max(0, start - window) : start] for m, start in candidates]
+        new = [m.completion_ids[start:] for m, start in candidates]
+        width_old, width_new = max(map(len, old)), max(map(len, new))
+        pad = iter(range(-2, -(2 + len(candidates) * (width_old + width_new)) - 1, -1))  # never equal to anything
+        rows = [[next(pad) for _ in range(width_old - len(o))] + o + n + [next(pad) for _ in range(width_new - len(n))]
+                for o, n in zip(old, new, strict=True)]  # fmt: skip
+        detector = RepeatDetector(len(rows), rule)
+        first = torch.full((len(rows),), -1, dtype=torch.long)
+        for column_index, column in enumerate(torch.tensor(rows).T):
+            hit = detector.update(column)
+            if column_index >= width_old:  # only loops that end in the new tokens (older ones were caught before)
+                first = torch.where((first < 0) & hit, column_index - width_old + 1, first)
+        for (member, start), cut in zip(candidates, first.tolist(), strict=True):
+            if 0 < cut <= len(member.completion_ids) - start:
+                del member.completion_ids[start + cut :]
+                member.segments[-1].length = cut
+                member.status = "repeat"
+
+    @property
+    def ready_groups(self) -> int:
+        return sum(g.ready for g in self.groups)
+
+    def emit(self, count: int) -> list[Group]:
+        """The ``count`` oldest ready groups, removed from the buffer; the phase ends."""
+        ready = [g for g in self.groups if g.ready][:count]
+        if len(ready) < count:
+            raise ValueError(f"{len(ready)} groups are ready, {count} asked for: run more rounds first")
+        taken = {g.uid for g in ready}
+        self.groups = [g for g in self.groups if g.uid not in taken]
+        self.phase += 1
+        return ready
+
+    # -- what the loss and the logs need --------------------------------------------------------------------------
+    @staticmethod
+    def loss_mask(member: Member, mode: str = "all") -> list[int]:
+        """Per completion token, 1 if the loss covers it: ``all`` tokens, or the ``latest`` segment only."""
+        if mode not in LOSS_MASKS:
+            raise ValueError(f"loss mask must be one of {list(LOSS_MASKS)}, got {mode!r}")
+        if mode == "all" or not member.segments:
+            return [1] * len(member.completion_ids)
+        last = member.segments[-1]
+        return [0] * last.start + [1] * last.length
+
+    @staticmethod
+    def token_versions(member: Member) -> list[int]:
+        """Per completion token, the policy version that generated it."""
+        return [s.version for s in member.segments for _ in range(s.length)]
+
+    def metrics(self, emitted: Sequence[Group], version: int) -> dict[str, float]:
+        """Buffer size, segments per trajectory, age of the oldest trained token (in policy versions), and the share
+        of trained tokens generated by older policies, over the ``emitted`` groups."""
+        members = [m for g in emitted for m in g.members]
+        versions = [v for m in members for v in self.token_versions(m)]
+        return {
+            "buffer_groups": float(len(self.groups)),
+            "buffer_running_members": float(sum(not m.finished for g in self.groups for m in g.members)),
+            "segments_per_trajectory": sum(len(m.segments) for m in members) / max(1, len(members)),
+            "oldest_token_age": float(version - min(versions)) if versions else 0.0,
+            "stale_token_share": sum(v < version for v in versions) / max(1, len(versions)),
+            "repeat_stopped": float(sum(m.status == "repeat" for m in members)),
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _settings(self) -> list:
+        rule = None if self.repeat_rule is None else asdict(self.repeat_rule)
+        return [self.group_size, self.segment_tokens, self.max_completion_length, rule]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "settings": self._settings(),
+            "phase": self.phase,
+            "next_uid": self.next_uid,
+            "groups": [asdict(g) for g in self.groups],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != 1 or list(state["settings"]) != self._settings():
+            raise ValueError(
+                "the saved partial-rollout buffer was made with (group_size, segment_tokens, max_completion_length, "
+                f"repeat_rule) = {state.get('settings')}, not {self._settings()}"
+            )
+        self.phase, self.next_uid = state["phase"], state["next_uid"]
+        self.groups = [
+            Group(g["uid"], g["admitted_phase"], list(g["prompt_ids"]), copy.deepcopy(g["row"]),
+                  [Member(list(m["completion_ids"]), [Segment(**s) for s in m["segments"]], m["status"])
+                   for m in g["members"]])
+            for g in state["groups"]
+        ]  # fmt: skip

@@ -1,0 +1,173 @@
+"""The partial-rollout buffer (core): segments, group-atomic emission, repeats across segments, exact resume."""
+
+import json
+import random
+
+import pytest
+
+from k15_plugin.core.partial_rollouts import PartialRolloutBuffer
+from k15_plugin.core.repeats import RepeatRule, first_repeat
+
+EOS = 0
+
+
+def _script(seed, groups, k, max_len):
+    """What the "policy" would write for every member: random lengths, EOS-terminated or running past the cap."""
+    rng = random.Random(seed)
+    return {(g, i): [rng.randrange(1, 50) for _ in range(rng.randrange(1, max_len + 6))] + [EOS]
+            for g in range(groups) for i in range(k)}  # fmt: skip
+
+
+def _round(buffer, script, version):
+    """Generate every piece of work from the script, the way an engine capped at ``budget`` new tokens would."""
+    results = []
+    for work in buffer.work():
+        group = next(g for g in buffer.groups if g.uid == work.uid)
+        done = len(work.prefix) - len(group.prompt_ids)
+        new = script[work.uid, work.member][done : done + work.budget]
+        eos = bool(new) and new[-1] == EOS
+        results.append((work.uid, work.member, new, eos))
+    buffer.apply(results, version)
+
+
+def _phase(buffer, script, fresh, emit, version):
+    buffer.admit([([100 + u, 101], {"index": u}) for u in fresh])
+    rounds = 0
+    while buffer.ready_groups < emit:
+        _round(buffer, script, version)
+        rounds += 1
+    ready = [g.uid for g in buffer.groups if g.ready]
+    groups = buffer.emit(emit)
+    assert [g.uid for g in groups] == sorted(ready)[:emit]  # the oldest ready groups, oldest first
+    return groups, rounds
+
+
+def test_trajectories_are_the_uninterrupted_ones_and_groups_leave_whole_and_in_order():
+    k, length, budget, per_phase = 4, 24, 5, 3
+    script = _script(0, 30, k, length)
+    buffer = PartialRolloutBuffer(k, budget, length)
+    emitted, version = [], 0
+    for phase in range(8):
+        groups, rounds = _phase(buffer, script, range(phase * per_phase, (phase + 1) * per_phase), per_phase, version)
+        assert rounds <= length // budget + 1
+        emitted += groups
+        version += 2
+    uids = [g.uid for g in emitted]
+    assert len(uids) == len(set(uids)) == 8 * per_phase
+    for group in emitted:
+        assert group.row == {"index": group.uid} and group.prompt_ids == [100 + group.uid, 101]
+        for i, member in enumerate(group.members):
+            want = script[group.uid, i][:length]
+            assert member.completion_ids == want  # continued exactly where it stopped, capped at the length
+            assert member.status == ("eos" if want[-1] == EOS else "length")
+            assert [s.start for s in member.segments] == [sum(s.length for s in member.segments[:j])
+                                                          for j in range(len(member.segments))]  # fmt: skip
+            assert sum(s.length for s in member.segments) == len(member.completion_ids)
+            assert all(s.length <= budget for s in member.segments)
+
+
+def test_a_short_group_overtakes_a_long_one():
+    buffer = PartialRolloutBuffer(group_size=1, segment_tokens=2, max_completion_length=6)
+    long_uid, short_uid = buffer.admit([([1], "long"), ([2], "short")])
+    buffer.apply([(long_uid, 0, [5, 6], False), (short_uid, 0, [7, EOS], True)], version=0)
+    assert [g.row for g in buffer.emit(1)] == ["short"]
+    buffer.apply([(long_uid, 0, [8, EOS], True)], version=1)
+    (group,) = buffer.emit(1)
+    assert group.row == "long" and group.admitted_phase == 0 and buffer.phase == 2
+
+
+def test_a_group_waits_for_its_slowest_member_and_finished_members_get_no_work():
+    buffer = PartialRolloutBuffer(group_size=2, segment_tokens=3, max_completion_length=9)
+    (uid,) = buffer.admit([([7], "row")])
+    buffer.apply([(uid, 0, [5, EOS], True), (uid, 1, [5, 6, 7], False)], version=0)
+    assert buffer.ready_groups == 0
+    assert [(w.member, w.prefix, w.budget) for w in buffer.work()] == [(1, [7, 5, 6, 7], 3)]
+    with pytest.raises(ValueError, match="already finished"):
+        buffer.apply([(uid, 0, [1], False)], version=1)
+    with pytest.raises(ValueError, match="0 groups are ready"):
+        buffer.emit(1)
+    buffer.apply([(uid, 1, [8, 9, 10], False)], version=1)
+    buffer.apply([(uid, 1, [11, 12, 13, 14], False)], version=2)  # more than the room left: capped at 9 in all
+    (group,) = buffer.emit(1)
+    assert group.members[1].completion_ids == [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert group.members[1].status == "length" and group.members[1].segments[-1].length == 3
+
+
+def test_loss_mask_versions_and_metrics_by_hand():
+    buffer = PartialRolloutBuffer(group_size=1, segment_tokens=2, max_completion_length=8)
+    (uid,) = buffer.admit([([1], None)])
+    buffer.apply([(uid, 0, [4, 5], False)], version=3)
+    buffer.apply([(uid, 0, [6, 7], False)], version=5)
+    buffer.apply([(uid, 0, [EOS], True)], version=6)
+    (group,) = buffer.emit(1)
+    member = group.members[0]
+    assert PartialRolloutBuffer.loss_mask(member, "all") == [1, 1, 1, 1, 1]
+    assert PartialRolloutBuffer.loss_mask(member, "latest") == [0, 0, 0, 0, 1]
+    assert PartialRolloutBuffer.token_versions(member) == [3, 3, 5, 5, 6]
+    metrics = buffer.metrics([group], version=6)
+    assert metrics["segments_per_trajectory"] == 3.0 and metrics["oldest_token_age"] == 3.0
+    assert metrics["stale_token_share"] == pytest.approx(4 / 5) and metrics["buffer_groups"] == 0.0
+    with pytest.raises(ValueError, match="loss mask"):
+        PartialRolloutBuffer.loss_mask(member, "first")
+
+
+def test_a_loop_across_segments_is_cut_where_the_whole_sequence_first_repeats():
+    rule = RepeatRule(min_period=2, max_period=4, min_count=3, min_span=6)
+    rng = random.Random(1)
+    for trial in range(40):
+        prefix = [rng.randrange(10, 60) for _ in range(rng.randrange(0, 9))]
+        loop = [rng.randrange(1, 9) for _ in range(rng.randrange(2, 5))] * rng.randrange(1, 5)
+        completion = (prefix + loop + [rng.randrange(10, 60) for _ in range(30)])[:30]  # runs to the cap
+        buffer = PartialRolloutBuffer(1, segment_tokens=rng.randrange(1, 7), max_completion_length=30,
+                                      repeat_rule=rule)  # fmt: skip
+        (uid,) = buffer.admit([([1], None)])
+        while buffer.ready_groups == 0:
+            (work,) = buffer.work()
+            done = len(work.prefix) - 1
+            buffer.apply([(uid, 0, completion[done : done + work.budget], False)], version=0)
+        (group,) = buffer.emit(1)
+        member = group.members[0]
+        cut = first_repeat(completion, rule)
+        if cut is None:
+            assert member.status == "length" and member.completion_ids == completion, trial
+        else:
+            assert member.status == "repeat" and member.completion_ids == completion[:cut], trial
+            assert sum(s.length for s in member.segments) == cut
+
+
+def test_resume_from_a_saved_buffer_continues_exactly_as_the_uninterrupted_run():
+    k, length, budget = 3, 20, 4
+    script = _script(2, 40, k, length)
+    rule = RepeatRule(min_period=2, max_period=3, min_count=3, min_span=6)
+
+    def run(buffer, phases, version=0):
+        out = []
+        for phase in phases:
+            groups, _ = _phase(buffer, script, range(phase * 4, phase * 4 + 4), 4, version + phase)
+            out += [(g.uid, [m.completion_ids for m in g.members], [m.status for m in g.members]) for g in groups]
+        return out
+
+    whole = run(PartialRolloutBuffer(k, budget, length, rule), range(6))
+    first = PartialRolloutBuffer(k, budget, length, rule)
+    before = run(first, range(3))
+    saved = json.loads(json.dumps(first.state_dict()))  # plain data: JSON round-trips it
+    resumed = PartialRolloutBuffer(k, budget, length, rule)
+    resumed.load_state_dict(saved)
+    assert before + run(resumed, range(3, 6)) == whole
+    with pytest.raises(ValueError, match=r"segment_tokens.*not \[3, 5, 20"):
+        PartialRolloutBuffer(k, 5, length, rule).load_state_dict(saved)
+
+
+def test_a_member_the_engine_cannot_continue_ends_instead_of_waiting_forever():
+    buffer = PartialRolloutBuffer(group_size=1, segment_tokens=4, max_completion_length=8)
+    (uid,) = buffer.admit([([1], None)])
+    buffer.apply([(uid, 0, [5, 6], False)], version=0)
+    buffer.apply([(uid, 0, [], False)], version=0)  # no new token and no EOS: a full context window, say
+    assert buffer.work() == [] and buffer.emit(1)[0].members[0].status == "length"
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="segment_tokens"):
+        PartialRolloutBuffer(2, 20, 20)
+    with pytest.raises(ValueError, match="group_size"):
+        PartialRolloutBuffer(0, 2, 20)
