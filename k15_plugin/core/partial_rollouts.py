@@ -1,10 +1,11 @@
 """Partial rollouts (paper section 2.6.2): the replay buffer of unfinished trajectories, host-independent.
 
 Each rollout phase (one k1.5 iteration) admits fresh groups of ``k`` samples of one prompt; every unfinished member of
-every buffered group then gets at most ``segment_tokens`` new tokens per round, continuing from prompt + tokens so far;
-a member finishes at EOS, at ``max_completion_length`` tokens in all, or when its new tokens complete a repeat
-(:mod:`k15_plugin.core.repeats`; it is cut at the first detection point; a member that reached EOS is not checked); a group is *ready* only when all ``k`` members have finished, so the group baseline
-and the length penalty see whole groups; the oldest ready groups are emitted for training, first in, first out.
+every buffered group then gets at most ``segment_tokens`` new tokens per round, continuing from prompt + tokens so far.
+A member finishes at EOS, at ``max_completion_length`` tokens in all, or when its new tokens complete a repeat
+(:mod:`k15_plugin.core.repeats`; it is cut at the first detection point; a member that reached EOS is not checked).
+A group is *ready* only when all ``k`` members have finished, so the group baseline and the length penalty see whole
+groups; the oldest ready groups are emitted for training, first in, first out.
 
 The buffer holds plain Python data only (token ids, segments with the policy version that generated them, statuses)
 and decides everything from that data, so every process of a multi-process run that applies the same results in the
