@@ -146,7 +146,7 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="allow_paths: /nonexistent/k15 does not exist"):
         SandboxConfig(allow_paths=["/nonexistent/k15"])
     with pytest.raises(ValueError, match="lies under /tmp"):
-        SandboxConfig(allow_paths=[tempfile.gettempdir()])
+        SandboxConfig(allow_paths=["/tmp"])
     with pytest.raises(ValueError, match="lists of paths"):
         SandboxConfig(allow_paths="/usr")
     with pytest.raises(ValueError, match="language"):
@@ -478,7 +478,6 @@ def test_reads_of_host_secrets_are_contained(reward):
     # json's own file is the one target the program may read (the standard library): the probe works
     (result,) = Sandbox(timeout_seconds=2.0).run(snoop, [""])
     assert result.ok and result.stdout.splitlines()[0] == repr([str(Path(json.__file__))]), result
-    del targets[-1]
     assert _score_with_neighbour(reward, snoop.replace(repr(str(Path(json.__file__))), "'/nonexistent'")) == 0.0
 
 
