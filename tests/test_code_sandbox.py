@@ -6,6 +6,7 @@ program's fork bomb must not starve its neighbours), and the host-side effect is
 listener, leftover processes, the secret in the output).
 """
 
+import contextlib
 import json
 import os
 import pickle
@@ -241,24 +242,38 @@ def test_files_outside_the_working_directory_are_untouched(reward, tmp_path):
         open_dir.rmdir()
 
 
-def test_no_network_even_to_localhost(reward):
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.settimeout(0.2)
-    port = server.getsockname()[1]
+@contextlib.contextmanager
+def _accepting(servers):
+    """Accept connections on the listening ``servers`` in threads; yields the list of accepted ones."""
     connections = []
     done = threading.Event()
 
-    def accept():
+    def accept(server):
+        server.settimeout(0.2)
         while not done.is_set():
             try:
                 connections.append(server.accept()[0])
             except (TimeoutError, OSError):
                 continue
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=accept, args=(server,), daemon=True) for server in servers]
+    for thread in threads:
+        thread.start()
+    try:
+        yield connections
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+        for server in servers:
+            server.close()
+
+
+def test_no_network_even_to_localhost(reward):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
     attack = textwrap.dedent(f"""
         import socket
         won = False
@@ -269,12 +284,8 @@ def test_no_network_even_to_localhost(reward):
                 pass
         print("PASS" if won else "contained")
     """)
-    try:
+    with _accepting([server]) as connections:
         assert _score_with_neighbour(reward, attack) == 0.0
-    finally:
-        done.set()
-        thread.join()
-        server.close()
     assert connections == []
 
 
@@ -493,21 +504,7 @@ def test_sockets_on_the_host_are_unreachable(reward):
         if address == path:
             os.chmod(path, 0o777)
         server.listen(8)
-        server.settimeout(0.2)
         servers.append(server)
-    connections = []
-    done = threading.Event()
-
-    def accept(server):
-        while not done.is_set():
-            try:
-                connections.append(server.accept()[0])
-            except (TimeoutError, OSError):
-                continue
-
-    threads = [threading.Thread(target=accept, args=(s,), daemon=True) for s in servers]
-    for thread in threads:
-        thread.start()
     attack = textwrap.dedent(f"""
         import glob, socket
         won = []
@@ -519,13 +516,9 @@ def test_sockets_on_the_host_are_unreachable(reward):
         print("PASS" if won else "contained")
     """)
     try:
-        assert _score_with_neighbour(reward, attack) == 0.0
+        with _accepting(servers) as connections:
+            assert _score_with_neighbour(reward, attack) == 0.0
     finally:
-        done.set()
-        for thread in threads:
-            thread.join()
-        for server in servers:
-            server.close()
         os.unlink(path)
         if directory != "/run":
             os.rmdir(directory)
