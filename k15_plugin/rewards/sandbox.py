@@ -346,16 +346,12 @@ def _root_plan(config: SandboxConfig, python: str) -> dict:
     for path in sorted({p for p in [*files, *extra] if os.path.exists(p)}, key=lambda p: (p.count("/"), p)):
         _add_path(ops, seen, path)
     binds = [op[1] for op in ops if op[0] == "bind"]
-    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
     allowed = [os.path.realpath(p) for p in config.allow_paths]
+    # site-packages stays out unless the user allowed it on purpose (numpy, say); the trainer's directories always
+    sites = [p for p in sites if not any(_under(p, a) for a in allowed)]
     masks = []
-    for raw in (*sites, os.getcwd(), os.path.expanduser("~"), *config.hide_paths):
-        path = os.path.realpath(raw)
-        if not os.path.isdir(path) or path in masks or _under(prefix, path):
-            continue
-        if raw in sites and any(_under(path, a) for a in allowed):
-            continue  # a site-packages the user allowed on purpose (numpy, say)
-        if any(_under(path, b) for b in binds):
+    for path in (*sites, *_paths_to_hide(config, python)):
+        if os.path.isdir(path) and path not in masks and any(_under(path, b) for b in binds):
             masks.append(path)
     ops += [("mask", path) for path in masks]
     return {"ops": ops}
@@ -526,16 +522,23 @@ class _Slot:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            for key, _ in self.sel.select(timeout=remaining):
-                chunk = os.read(key.fd, 1 << 16)
-                if not chunk:
-                    self.sel.unregister(key.fileobj)
-                elif key.data == "err":
-                    self.stderr = (self.stderr + chunk)[-(1 << 14) :]
-                else:
-                    self.buffer += chunk
+            self._read_once(remaining)
         line, self.buffer = self.buffer.split(b"\n", 1)
         return json.loads(line)
+
+    def _read_once(self, timeout: float) -> bool:
+        """Read what the launcher has written within ``timeout`` (stdout to the buffer, the tail of stderr kept);
+        False if it wrote nothing."""
+        ready = self.sel.select(timeout=timeout)
+        for key, _ in ready:
+            chunk = os.read(key.fd, 1 << 16)
+            if not chunk:
+                self.sel.unregister(key.fileobj)
+            elif key.data == "err":
+                self.stderr = (self.stderr + chunk)[-(1 << 14) :]
+            else:
+                self.buffer += chunk
+        return bool(ready)
 
     def run(self, program: str, inputs: list[str], keep_going: Callable[[int, RunResult], bool] | None
             ) -> list[RunResult]:  # fmt: skip
@@ -579,16 +582,9 @@ class _Slot:
                 pass
         self.proc.wait()
         try:  # what it said before it died
-            while self.sel.get_map():
-                for key, _ in self.sel.select(timeout=1.0) or [(None, None)]:
-                    if key is None:
-                        raise TimeoutError
-                    chunk = os.read(key.fd, 1 << 16)
-                    if not chunk:
-                        self.sel.unregister(key.fileobj)
-                    elif key.data == "err":
-                        self.stderr = (self.stderr + chunk)[-(1 << 14) :]
-        except (OSError, TimeoutError):
+            while self.sel.get_map() and self._read_once(1.0):
+                pass
+        except OSError:
             pass
         self.sel.close()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
@@ -659,8 +655,12 @@ class Sandbox:
         """The isolation this process uses (probes on first call; raises :class:`SandboxUnavailableError`)."""
         return self._pool().mode
 
+    def _key(self) -> tuple:
+        """This process's pool for this configuration."""
+        return os.getpid(), json.dumps(asdict(self.config), sort_keys=True, default=str)
+
     def _pool(self) -> _Pool:
-        key = (os.getpid(), json.dumps(asdict(self.config), sort_keys=True, default=str))
+        key = self._key()
         with _POOLS_LOCK:
             if key not in _POOLS:
                 _POOLS[key] = _Pool(self.config, self._probe())
@@ -785,8 +785,7 @@ class Sandbox:
 
     def close(self) -> None:
         """Stop this process's slots for this configuration (they restart on the next run)."""
-        key = (os.getpid(), json.dumps(asdict(self.config), sort_keys=True, default=str))
         with _POOLS_LOCK:
-            pool = _POOLS.get(key)
+            pool = _POOLS.get(self._key())
         if pool is not None:
             pool.close()
