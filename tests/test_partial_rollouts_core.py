@@ -166,8 +166,47 @@ def test_a_member_the_engine_cannot_continue_ends_instead_of_waiting_forever():
     assert buffer.work() == [] and buffer.emit(1)[0].members[0].status == "length"
 
 
+def test_max_iterations_cuts_a_member_instead_of_continuing_it():
+    buffer = PartialRolloutBuffer(group_size=2, segment_tokens=2, max_completion_length=10, max_iterations=2)
+    (uid,) = buffer.admit([([1], None)])
+    buffer.apply([(uid, 0, [5, 6], False), (uid, 1, [5, EOS], True)], version=0)
+    buffer.apply([(uid, 0, [7, 8], False)], version=0)  # a second round in the same phase: still one iteration
+    assert buffer.ready_groups == 0
+    buffer.emit(0)  # the phase ends
+    buffer.apply([(uid, 0, [9, 10], False)], version=1)  # second iteration
+    buffer.emit(0)
+    assert buffer.work() == []  # a third iteration is not allowed: cut at 6 tokens, counted as length-capped
+    (group,) = buffer.emit(1)
+    assert group.members[0].status == "length" and group.members[0].completion_ids == [5, 6, 7, 8, 9, 10]
+
+
+def test_engine_logprobs_follow_their_tokens_through_segments_and_cuts():
+    rule = RepeatRule(min_period=1, max_period=2, min_count=3, min_span=3)
+    buffer = PartialRolloutBuffer(group_size=1, segment_tokens=4, max_completion_length=12, repeat_rule=rule)
+    (uid,) = buffer.admit([([1], None)])
+    buffer.apply([(uid, 0, [4, 5, 6, 7], False)], version=0)  # no log-probs (transformers backend, say)
+    buffer.apply([(uid, 0, [8, 9, 9, 9], False, [-0.1, -0.2, -0.3, -0.4])], version=1)  # 9 9 9: a loop, cut there
+    member = buffer.emit(1)[0].members[0]
+    assert member.status == "repeat" and member.completion_ids == [4, 5, 6, 7, 8, 9, 9, 9]
+    assert member.logprobs == [None] * 4 + [-0.1, -0.2, -0.3, -0.4]
+    with pytest.raises(ValueError, match="2 log-probs for 3 tokens"):
+        other = PartialRolloutBuffer(group_size=1, segment_tokens=4, max_completion_length=12)
+        (uid,) = other.admit([([1], None)])
+        other.apply([(uid, 0, [4, 5, 6], False, [-1.0, -1.0])], version=0)
+
+
+def test_one_segment_per_trajectory_is_full_rollouts():
+    buffer = PartialRolloutBuffer(group_size=2, segment_tokens=6, max_completion_length=6)
+    (uid,) = buffer.admit([([1], None)])
+    assert [w.budget for w in buffer.work()] == [6, 6]
+    buffer.apply([(uid, 0, [4, 5, 6, 7, 8, 9], False), (uid, 1, [4, EOS], True)], version=0)
+    assert [m.status for m in buffer.emit(1)[0].members] == ["length", "eos"]
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="segment_tokens"):
-        PartialRolloutBuffer(2, 20, 20)
+        PartialRolloutBuffer(2, 21, 20)
+    with pytest.raises(ValueError, match="max_iterations"):
+        PartialRolloutBuffer(2, 2, 20, max_iterations=0)
     with pytest.raises(ValueError, match="group_size"):
         PartialRolloutBuffer(0, 2, 20)

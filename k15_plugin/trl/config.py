@@ -13,8 +13,10 @@ from dataclasses import dataclass, field, fields
 from trl import GRPOConfig, RLOOConfig
 
 from k15_plugin.core.mirror_descent import ESTIMATORS
+from k15_plugin.core.repeats import RepeatRule
 
 SAMPLERS = ("uniform", "curriculum", "prioritized")
+ROLLOUT_LOSS_MASKS = ("all", "latest")
 CURRICULUM_SCHEDULES = ("staged", "gradual")
 
 
@@ -63,6 +65,32 @@ class K15Options:
         Gradual schedule: fraction of the set, easiest first, drawn from at step 0.
     curriculum_ramp_steps (`int`, defaults to `100`):
         Gradual schedule: optimizer steps until the pool is the whole set.
+
+    > Partial rollouts and repeat detection (section 2.6.2)
+
+    rollout_segment_tokens (`int`, defaults to `0`):
+        New tokens a trajectory may get per rollout batch; a longer one is cut there, kept in a buffer and continued
+        from prompt + tokens so far in the next rollout batch, under the newer policy. A group trains once all its
+        `num_generations` members have finished. Must divide `max_completion_length` (the cap over all segments).
+        `0`: full rollouts (TRL's own generation).
+    rollout_max_iterations (`int`, defaults to `0`):
+        Rollout batches one trajectory may span; one still running after that many is cut and trained as
+        length-capped. `0`: only `max_completion_length` caps it.
+    rollout_prefill_batches (`int`, defaults to `-1`):
+        Extra rollout batches of prompts the first rollout batch admits, so that trajectories can be in flight
+        while others train (each rollout batch then admits and trains the same number of groups). `-1`:
+        `max_completion_length / rollout_segment_tokens - 1` (at most `rollout_max_iterations - 1`).
+        `"all"`: the loss covers every token of a trajectory, with pi_i's log-probs recomputed by the current policy;
+        `"latest"`: only its last segment (earlier ones still condition it). GRPO-family trainers only.
+    repeat_detection (`bool`, defaults to `False`):
+        Stop a trajectory whose tokens end in `repeat_min_count` back-to-back copies of one block of
+        `repeat_min_period`..`repeat_max_period` tokens spanning at least `repeat_min_span` tokens, checked after
+        every segment (and inside vLLM's generation). A stopped trajectory counts as finished and incorrect: its task
+        rewards are 0 and the `repeat_penalty` column holds `-repeat_penalty`.
+    repeat_min_period, repeat_max_period, repeat_min_count, repeat_min_span (`int`, defaults to `16`, `1024`, `4`,
+        `64`): the loop rule, see `repeat_detection`.
+    repeat_penalty (`float`, defaults to `0.5`):
+        Reward given to a repeat-stopped trajectory, negated (its own reward column, weight 1).
     """
 
     length_penalty_weight: float = field(
@@ -109,7 +137,66 @@ class K15Options:
         default=100, metadata={"help": "Gradual curriculum: optimizer steps until the pool is the whole set."}
     )
 
+    rollout_segment_tokens: int = field(
+        default=0,
+        metadata={"help": "Partial rollouts: new tokens per trajectory per rollout batch (0: full rollouts)."},
+    )
+    rollout_max_iterations: int = field(
+        default=0, metadata={"help": "Partial rollouts: rollout batches one trajectory may span (0: no limit)."}
+    )
+    rollout_prefill_batches: int = field(
+        default=-1,
+        metadata={"help": "Partial rollouts: extra batches of prompts admitted at the start (-1: L/segment - 1)."},
+    )
+    rollout_loss_mask: str = field(
+        default="all",
+        metadata={"help": f"Partial rollouts: tokens in the loss, one of {list(ROLLOUT_LOSS_MASKS)}."},
+    )
+    repeat_detection: bool = field(default=False, metadata={"help": "Stop and penalize looping generations."})
+    repeat_min_period: int = field(default=16, metadata={"help": "Repeat detection: shortest block length."})
+    repeat_max_period: int = field(default=1024, metadata={"help": "Repeat detection: longest block length."})
+    repeat_min_count: int = field(default=4, metadata={"help": "Repeat detection: back-to-back copies needed."})
+    repeat_min_span: int = field(default=64, metadata={"help": "Repeat detection: fewest tokens a loop spans."})
+    repeat_penalty: float = field(default=0.5, metadata={"help": "Repeat detection: penalty (reward -penalty)."})
+
     def __post_init__(self):
+        for name in ("rollout_segment_tokens", "rollout_max_iterations"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                     f"{name} must be an integer >= 0, got {v!r}")  # fmt: skip
+        _require(
+            isinstance(self.rollout_prefill_batches, int) and self.rollout_prefill_batches >= -1,
+            f"rollout_prefill_batches must be an integer >= -1 (-1: automatic), got {self.rollout_prefill_batches!r}",
+        )
+        b, cap = self.rollout_segment_tokens, self.max_completion_length
+        _require(
+            b == 0 or (isinstance(cap, int) and b <= cap and cap % b == 0),
+            f"rollout_segment_tokens={b} must divide max_completion_length={cap} (every segment but the last is full)",
+        )
+        _require(
+            self.rollout_loss_mask in ROLLOUT_LOSS_MASKS,
+            f"rollout_loss_mask must be one of {list(ROLLOUT_LOSS_MASKS)}, got {self.rollout_loss_mask!r}",
+        )
+        if self.repeat_detection:
+            try:
+                RepeatRule(self.repeat_min_period, self.repeat_max_period, self.repeat_min_count, self.repeat_min_span)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"repeat_min_period/repeat_max_period/repeat_min_count/repeat_min_span: {err}") from err
+        p = self.repeat_penalty
+        _require(isinstance(p, (int, float)) and math.isfinite(p) and p >= 0,
+                 f"repeat_penalty must be a number >= 0, got {p!r}")  # fmt: skip
+        if b or self.repeat_detection:
+            what = "rollout_segment_tokens" if b else "repeat_detection"
+            _require(not (self.use_vllm and self.vllm_mode != "colocate"),
+                     f"{what} does not support vllm_mode={self.vllm_mode!r} yet (use colocate)")  # fmt: skip
+            _require(not getattr(self, "use_transformers_continuous_batching", False),
+                     f"{what} does not support use_transformers_continuous_batching")  # fmt: skip
+            # Per-call sampling rules would sample a trajectory continued over several calls differently; vLLM's
+            # frequency/presence penalties count output tokens only, so a continued prefix would reset them.
+            per_call = {"min_new_tokens", "min_length", "max_length", "exponential_decay_length_penalty",
+                        "frequency_penalty", "presence_penalty"} & set(self.generation_kwargs or {})  # fmt: skip
+            _require(not per_call, f"{what}: generation_kwargs {sorted(per_call)} act per generate call, so a "
+                                   "trajectory continued over several calls would be sampled differently; remove them")
         w = self.length_penalty_weight
         _require(
             isinstance(w, (int, float)) and math.isfinite(w) and w >= 0,

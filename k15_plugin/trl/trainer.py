@@ -13,6 +13,7 @@ Private TRL 1.16 methods overridden here (pinned in pyproject.toml):
 * ``_compute_loss`` (GRPOTrainer): the mirror-descent loss on sequence log-probs.
 * ``_get_train_sampler``, ``_save_checkpoint``, ``_load_optimizer_and_scheduler``: the plugin's samplers and their
   checkpointed state, see :mod:`k15_plugin.trl.samplers`.
+* Partial rollouts and repeat detection: see :mod:`k15_plugin.trl.partial`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from k15_plugin.core import (
     sequence_logps,
 )
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
+from k15_plugin.trl.partial import K15PartialRolloutMixin
 from k15_plugin.trl.samplers import K15SamplerMixin, check_sampler_dataset
 from k15_plugin.trl.vllm_cpu import keep_linear_weights_on_vllm_cpu
 
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_COLUMN = "k15_index"
 LENGTH_PENALTY_NAME = "length_penalty"
+REPEAT_PENALTY_NAME = "repeat_penalty"
 
 
 class LengthPenaltySlot:
@@ -58,8 +61,16 @@ class LengthPenaltySlot:
         return [None] * len(completions)
 
 
-class K15TrainerMixin(K15SamplerMixin):
-    """What every trainer of the plugin adds to its TRL base: the length penalty and the samplers' statistics.
+class RepeatPenaltySlot(LengthPenaltySlot):
+    """Reserves the reward column of the repeat penalty (-``repeat_penalty`` for a trajectory stopped in a loop, else
+    0), filled by the trainer, which knows how each trajectory ended; logged as ``rewards/repeat_penalty/mean``."""
+
+    __name__ = REPEAT_PENALTY_NAME
+
+
+class K15TrainerMixin(K15PartialRolloutMixin, K15SamplerMixin):
+    """What every trainer of the plugin adds to its TRL base: the length penalty, the samplers' statistics, partial
+    rollouts and repeat detection.
 
     Place it before the TRL trainer in the bases; subclasses name their config class in ``_k15_config_class``.
     """
@@ -96,6 +107,15 @@ class K15TrainerMixin(K15SamplerMixin):
                 args.length_penalty_correct_threshold,
                 best,
             )
+        self._k15_setup_partial()
+        self._k15_repeat_column = None
+        if args.repeat_detection:  # a column of its own, before the length penalty's (which stays last)
+            self._k15_repeat_column = len(self.reward_funcs)
+            self.reward_funcs.append(RepeatPenaltySlot())
+            self.reward_func_names.append(REPEAT_PENALTY_NAME)
+            self.reward_processing_classes.append(None)
+            self.reward_weights = torch.cat([self.reward_weights, torch.ones(1)])
+        self._k15_skip_sampler_update = False
         self._k15_length_penalty = args.length_penalty_weight > 0
         if self._k15_length_penalty and self._k15_group_std_scaling():
             logger.warning(
@@ -132,12 +152,24 @@ class K15TrainerMixin(K15SamplerMixin):
         device = rewards_per_func.device
         training = self.model.training
         n = self._k15_num_task_funcs
+        local_lengths = torch.tensor([len(ids) for ids in completion_ids_list], device=device)  # (B,) tokens
+        repeats = None
+        if self._k15_repeat_column is not None:
+            # A trajectory stopped in a loop is finished and incorrect: task rewards 0, the penalty in its own column,
+            # and, for the length penalty, the full length it was heading for (so it never sets a group's minimum).
+            replay = self._k15_replay or ()
+            local = torch.tensor([r.status == "repeat" for r in replay] or [False] * len(inputs), device=device)
+            repeats = gather(local.long()).bool()  # (N,)
+            rewards_per_func[:, :n] = rewards_per_func[:, :n].masked_fill(repeats[:, None], 0.0)
+            rewards_per_func[:, self._k15_repeat_column] = -self.args.repeat_penalty * repeats.to(rewards_per_func.dtype)
+            local_lengths = local_lengths.masked_fill(local, self.max_completion_length)
+            if training:
+                self._metrics["train"]["k15/repeat/rate"].append(repeats.float().mean().item())
         task = rewards_per_func[:, :n]  # (N, n)
         scorable = ~torch.isnan(task).all(dim=1)  # (N,) some task reward function scored it
         task_reward = (task * self.reward_weights[:n].to(device)).nansum(dim=1)  # (N,)
         correct = (task_reward >= self.args.length_penalty_correct_threshold) & scorable  # (N,)
         if self._k15_length_penalty:
-            local_lengths = torch.tensor([len(ids) for ids in completion_ids_list], device=device)  # (B,) tokens
             lengths = gather(local_lengths)  # (N,) whole groups, in the same order as rewards_per_func
             k = self.num_generations if training else self.num_generations_eval
             a = self.args
@@ -157,7 +189,9 @@ class K15TrainerMixin(K15SamplerMixin):
             metrics["length_penalty/all_wrong_groups"].append((~correct.view(-1, k).any(dim=1)).float().mean().item())
             metrics["length_penalty/all_correct_groups"].append(correct.view(-1, k).all(dim=1).float().mean().item())
         sampler = getattr(self, "_k15_sampler", None)
-        if training and sampler is not None:
+        if self._k15_skip_sampler_update:
+            self._k15_skip_sampler_update = False  # a re-emitted rollout batch after a resume: already counted
+        elif training and sampler is not None:
             local_index = torch.tensor([x[INDEX_COLUMN] for x in inputs], device=device)  # (B,)
             sampler.update(gather(local_index).cpu(), correct.cpu(), scored=scorable.cpu())
         self._k15_gathered_rewards = rewards_per_func
@@ -178,6 +212,7 @@ class K15RLOOTrainer(K15TrainerMixin, RLOOTrainer):
     """TRL's ``RLOOTrainer`` (its loss unchanged) with the plugin's length penalty and samplers, for comparisons."""
 
     _tag_names = ["trl", "rloo", "k15-plugin"]
+    _k15_returns_logprobs = False  # RLOOTrainer._generate_single_turn returns the completion ids only
     _k15_config_class = K15RLOOConfig
     _k15_config_suffix = "RLOO"
 

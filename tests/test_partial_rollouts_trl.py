@@ -1,0 +1,324 @@
+"""Partial rollouts and repeat detection in the plugin's TRL trainers, on a tiny Llama, on CPU.
+
+Most tests script the generation (a function of the prompt and the tokens so far, patched into TRL's
+``_generate_single_turn``), so what each rollout batch must contain is known exactly; the rest use the real model.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+from k15_plugin.data.arithmetic import build_tokenizer, make_datasets, tiny_test_model
+from k15_plugin.trl import (
+    K15GRPOConfig,
+    K15GRPOTrainer,
+    K15RLOOConfig,
+    K15RLOOTrainer,
+    KimiMirrorDescentConfig,
+    KimiMirrorDescentTrainer,
+)
+from k15_plugin.trl.partial import PARTIAL_STATE_NAME
+
+torch.set_num_threads(1)
+
+EQUALS, EOS = 14, 2
+TRAINERS = {
+    "kimi_md": (KimiMirrorDescentTrainer, KimiMirrorDescentConfig, {}),
+    "grpo": (K15GRPOTrainer, K15GRPOConfig, {}),
+    "rloo": (K15RLOOTrainer, K15RLOOConfig, {"beta": 0.0}),  # beta=0: no reference model from the Hub
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    train, _ = make_datasets(seed=0)
+    return train.select(range(96))
+
+
+def _args(config_cls, tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=16,
+        num_generations=4, max_completion_length=12, max_steps=4, logging_steps=1, save_strategy="no",
+        learning_rate=1e-3, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    base.update(overrides)
+    return config_cls(**base)
+
+
+def _trainer(name, tmp_path, tokenizer, dataset, reward, callbacks=(), **overrides):
+    trainer_cls, config_cls, extra = TRAINERS[name]
+    return trainer_cls(
+        model=tiny_test_model(tokenizer, seed=0),
+        reward_funcs=[reward],
+        args=_args(config_cls, tmp_path, **{**extra, **overrides}),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+
+
+class Recorder:
+    """Reward function that records every scored batch: (global step, prompts, completion ids)."""
+
+    __name__ = "recorder"
+
+    def __init__(self, score=lambda ids: float(len(ids) <= 3)):
+        self.score = score
+        self.batches = []
+
+    def __call__(self, prompts, completion_ids, trainer_state, **kwargs):
+        self.batches.append((trainer_state.global_step, list(prompts), [list(x) for x in completion_ids]))
+        return [self.score(ids) for ids in completion_ids]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A scripted generator: the completion of "a+b=" is a function of (a, b); a call continues it by at most the
+# budget TRL's generation config holds at that moment.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def target(prompt_ids: list[int]) -> list[int]:
+    digits = prompt_ids[1 : prompt_ids.index(EQUALS)]
+    s = sum(digits)
+    if s % 7 == 0:  # a loop: 5 6 5 6 ... (12 tokens, never ends by itself)
+        return [5, 6] * 6
+    if s % 3 == 0:  # long: 9 tokens + EOS
+        return [3 + (s + i) % 10 for i in range(9)] + [EOS]
+    return [3 + s % 10, EOS]  # short
+
+
+def scripted_single_turn(self, prompt_ids, images, multimodal_fields, num_generations=None, *rest):
+    budget = self.generation_config.max_new_tokens
+    out = []
+    for prefix in prompt_ids:
+        prompt_end = prefix.index(EQUALS) + 1
+        done = len(prefix) - prompt_end
+        out.append(target(prefix[:prompt_end])[done : done + budget])
+    return out, None
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    calls = []
+
+    def recording(self, prompt_ids, *args, **kwargs):
+        calls.append((self.generation_config.max_new_tokens, [list(p) for p in prompt_ids]))
+        return scripted_single_turn(self, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", recording)
+    return calls
+
+
+def _outputs(trainer):
+    """Wrap the trainer's rollout so every batch TRL builds is kept."""
+    outputs, original = [], trainer._generate_and_score_completions
+
+    def wrapped(inputs):
+        out = original(inputs)
+        outputs.append(out)
+        return out
+
+    trainer._generate_and_score_completions = wrapped
+    return outputs
+
+
+@pytest.mark.parametrize("mask", ["all", "latest"])
+def test_trajectories_continue_over_segments_and_groups_train_whole(tmp_path, tokenizer, dataset, scripted, mask):
+    reward = Recorder()
+    trainer = _trainer("kimi_md", tmp_path, tokenizer, dataset, reward, rollout_segment_tokens=4, max_steps=6,
+                       rollout_loss_mask=mask)  # fmt: skip
+    outputs = _outputs(trainer)
+    trainer.train()
+
+    assert {budget for budget, _ in scripted} == {4}  # every call capped at one segment
+    assert trainer.generation_config.max_new_tokens == 12  # and restored afterwards
+    fresh_calls = [prefixes for _, prefixes in scripted if all(p[-1] == EQUALS for p in prefixes)]
+    assert len(fresh_calls[0]) == 3 * 16  # the first rollout batch admits 2 extra batches (12 / 4 - 1)
+    delayed = 0
+    for (step, prompts, completions), out in zip(reward.batches, outputs, strict=True):
+        prompt_ids = tokenizer(prompts)["input_ids"]
+        for g in range(0, 16, 4):  # whole groups of 4 consecutive rows, each completion its full target
+            assert len(set(prompts[g : g + 4])) == 1
+        for ids, completion in zip(prompt_ids, completions, strict=True):
+            assert completion == target(ids)
+        # the loss mask: every token, or the last segment only (a trajectory's last segment starts at a multiple of 4)
+        expected = [[1] * len(c) if mask == "all" else [int(i >= (len(c) - 1) // 4 * 4) for i in range(len(c))]
+                    for c in completions]  # fmt: skip
+        got = out.get("tool_mask")
+        if mask == "all":
+            assert got is None
+        else:
+            got = (got * out["completion_mask"]).tolist()
+            assert [row[: len(e)] for row, e in zip(got, expected, strict=True)] == expected
+        delayed += any(len(c) > 4 for c in completions)
+    assert delayed  # long trajectories reached training
+    logs = [h for h in trainer.state.log_history if "k15/partial/buffer_groups" in h]
+    assert all(h["k15/partial/buffer_groups"] > 0 for h in logs)  # groups stay in flight between rollout batches
+    assert max(h["k15/partial/oldest_token_age"] for h in logs) >= 1  # some trained tokens are from older policies
+    assert all(0 <= h["k15/partial/stale_token_share"] <= 1 for h in logs)
+
+
+def test_repeats_are_stopped_counted_incorrect_and_penalized(tmp_path, tokenizer, dataset, scripted):
+    reward = Recorder(score=lambda ids: 1.0)  # every completion "correct" for the task reward
+    trainer = _trainer("grpo", tmp_path, tokenizer, dataset, reward, rollout_segment_tokens=4, repeat_detection=True,
+                       repeat_min_period=1, repeat_max_period=2, repeat_min_count=3, repeat_min_span=6,
+                       repeat_penalty=0.25, length_penalty_weight=0.5, max_steps=3)  # fmt: skip
+    rewards = []
+    calculate = trainer._calculate_rewards
+
+    def recording(*args):
+        out = calculate(*args)
+        rewards.append(out.clone())
+        return out
+
+    trainer._calculate_rewards = recording
+    trainer.train()
+    assert trainer.reward_func_names == ["recorder", "repeat_penalty", "length_penalty"]
+    seen = 0
+    for (_, prompts, completions), r in zip(reward.batches, rewards, strict=True):
+        for ids, completion, row in zip(tokenizer(prompts)["input_ids"], completions, r, strict=True):
+            looping = target(ids) == [5, 6] * 6
+            if looping:  # cut at the first point the rule fires: 5 6 5 6 5 6 (3 copies of period 2, span 6)
+                assert completion == [5, 6, 5, 6, 5, 6]
+            assert row[0].item() == (0.0 if looping else 1.0)  # task reward zeroed: counted incorrect
+            assert row[1].item() == (-0.25 if looping else 0.0)
+            seen += looping
+    assert seen
+    logs = [h for h in trainer.state.log_history if "k15/repeat/rate" in h]
+    assert logs and "rewards/repeat_penalty/mean" in logs[0]
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_one_segment_per_trajectory_is_exactly_trls_generation(tmp_path, tokenizer, dataset, name):
+    """With the budget equal to max_completion_length the machinery is on but never binds: the same completions,
+    rewards and weights as TRL's own generation, bit for bit."""
+    runs = {}
+    for label, extra in {"plain": {}, "machinery": {"rollout_segment_tokens": 6}}.items():
+        reward = Recorder()
+        trainer = _trainer(name, tmp_path / label, tokenizer, dataset, reward, max_completion_length=6, max_steps=3,
+                           **extra)  # fmt: skip
+        trainer.train()
+        runs[label] = (reward.batches, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    assert runs["plain"][0] == runs["machinery"][0]
+    for n, p in runs["plain"][1].items():
+        assert torch.equal(p, runs["machinery"][1][n]), n
+
+
+def test_greedy_segments_reproduce_one_shot_greedy_generation(tmp_path, tokenizer, dataset):
+    """The real model, greedy, weights frozen (lr 0): 2-token segments continued from prompt + prefix give the
+    completions one generate call of 6 tokens gives."""
+    reward = Recorder()
+    trainer = _trainer("kimi_md", tmp_path, tokenizer, dataset, reward, rollout_segment_tokens=2,
+                       max_completion_length=6, learning_rate=0.0, max_steps=2,
+                       generation_kwargs={"do_sample": False})  # fmt: skip
+    trainer.train()
+    model = trainer.model.eval()
+    for _, prompts, completions in reward.batches:
+        assert max(map(len, completions)) > 2  # some trajectories did span several segments
+        for prompt, completion in zip(prompts, completions, strict=True):
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+            expected = out[0, ids.shape[1] :].tolist()
+            if EOS in expected:
+                expected = expected[: expected.index(EOS) + 1]
+            assert completion == expected, prompt
+
+
+def test_rloo_trains_on_continued_trajectories(tmp_path, tokenizer, dataset, monkeypatch):
+    from trl import RLOOTrainer
+
+    def scripted_rloo(self, prompt_ids, images, multimodal_fields):
+        return scripted_single_turn(self, prompt_ids, images, multimodal_fields)[0]
+
+    monkeypatch.setattr(RLOOTrainer, "_generate_single_turn", scripted_rloo)
+    reward = Recorder()
+    trainer = _trainer("rloo", tmp_path, tokenizer, dataset, reward, rollout_segment_tokens=4, max_steps=4)
+    outputs = _outputs(trainer)
+    trainer.train()
+    for (_, prompts, completions), out in zip(reward.batches, outputs, strict=True):
+        for ids, completion in zip(tokenizer(prompts)["input_ids"], completions, strict=True):
+            assert completion == target(ids)
+        # RLOO's loss sees the whole trajectories (its completion mask), continued segments included
+        assert out["completion_mask"].sum(dim=1).tolist() == [len(c) for c in completions]
+    assert any(len(c) > 4 for _, _, cs in reward.batches for c in cs)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "prioritized"])
+def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, tokenizer, dataset, sampler):
+    """Real sampling: a run saved at step 3 and resumed trains on exactly the batches (completions included), and
+    ends with exactly the weights and buffer, of the run that was never interrupted."""
+    common = dict(rollout_segment_tokens=2, max_completion_length=6, max_steps=6, sampler_type=sampler)
+    full_reward = Recorder()
+    full = _trainer("kimi_md", tmp_path / "full", tokenizer, dataset, full_reward, **common)
+    full.train()
+
+    first = _trainer("kimi_md", tmp_path / "cut", tokenizer, dataset, Recorder(), [StopAt(3)], save_strategy="steps",
+                     save_steps=3, **common)  # fmt: skip
+    first.train()
+    checkpoint = tmp_path / "cut" / "checkpoint-3"
+    saved = json.loads((checkpoint / PARTIAL_STATE_NAME).read_text())
+    assert saved["buffer"]["groups"]  # something was in flight
+
+    resumed_reward = Recorder()
+    resumed = _trainer("kimi_md", tmp_path / "cut", tokenizer, dataset, resumed_reward, **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed_reward.batches == [b for b in full_reward.batches if b[0] >= 3]
+    assert resumed._k15_buffer.state_dict() == full._k15_buffer.state_dict()
+    for (n, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_resume_inside_a_rollout_batch_trains_that_batch_again(tmp_path, tokenizer, dataset, scripted):
+    """Two optimizer steps per rollout batch, a checkpoint after the first: the resumed run trains the rest of the
+    batch the checkpoint was taken in (the same groups, not a fresh rollout), then goes on admitting."""
+    common = dict(rollout_segment_tokens=4, max_steps=6, num_iterations=2, sampler_type="prioritized")
+    full_reward = Recorder()
+    full = _trainer("kimi_md", tmp_path / "full", tokenizer, dataset, full_reward, **common)
+    full.train()
+    first = _trainer("kimi_md", tmp_path / "cut", tokenizer, dataset, Recorder(), [StopAt(3)], save_strategy="steps",
+                     save_steps=3, **common)  # fmt: skip
+    first.train()
+    resumed_reward = Recorder()
+    resumed = _trainer("kimi_md", tmp_path / "cut", tokenizer, dataset, resumed_reward, **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    # the uninterrupted run scored rollout batches at steps 0, 2, 4; the resumed one re-scores the step-2 batch
+    # (the same prompts and completions) at step 3, then the step-4 batch
+    assert [b[0] for b in full_reward.batches] == [0, 2, 4]
+    assert [b[1:] for b in resumed_reward.batches] == [b[1:] for b in full_reward.batches[1:]]
+    assert resumed._k15_buffer.state_dict() == full._k15_buffer.state_dict()
+    assert resumed._k15_sampler.num_updates == full._k15_sampler.num_updates  # the replayed batch is not counted twice
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("grpo", {"rollout_segment_tokens": 5}, "must divide max_completion_length=12"),
+        ("grpo", {"rollout_segment_tokens": -1}, "rollout_segment_tokens must be an integer >= 0"),
+        ("grpo", {"rollout_loss_mask": "first"}, "rollout_loss_mask must be one of"),
+        ("grpo", {"repeat_detection": True, "repeat_min_count": 1}, "min_count must be >= 2"),
+        ("grpo", {"repeat_penalty": -1.0}, "repeat_penalty must be a number >= 0"),
+        ("rloo", {"rollout_segment_tokens": 4, "rollout_loss_mask": "latest"}, "K15RLOOTrainer's loss has no per-token"),
+        ("grpo", {"rollout_segment_tokens": 4, "generation_kwargs": {"min_new_tokens": 2}}, "min_new_tokens"),
+        ("grpo", {"repeat_detection": True, "use_vllm": True, "vllm_mode": "server"}, "vllm_mode='server'"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(tmp_path, tokenizer, dataset, name, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        _trainer(name, tmp_path, tokenizer, dataset, Recorder(), **overrides)
