@@ -19,7 +19,7 @@ from k15_plugin.cli.build import check_config
 from k15_plugin.cli.train import config_dir
 
 CONF = config_dir()
-GROUPS = ["algorithm", "reward", "sampler", "model", "data", "launcher", "experiment"]
+GROUPS = ["algorithm", "reward", "sampler", "rollout", "model", "data", "launcher", "experiment"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,6 +39,7 @@ def test_config_groups_have_the_required_options():
     assert {"kimi_md", "grpo", "dr_grpo", "dapo", "rloo"} <= set(_options("algorithm"))
     assert {"correctness", "length_penalty"} <= set(_options("reward"))
     assert set(_options("sampler")) == {"uniform", "curriculum", "prioritized"}
+    assert set(_options("rollout")) == {"full", "partial"}
     assert {"tiny_demo", "qwen2.5_0.5b"} <= set(_options("model"))
     assert {"demo_arithmetic", "gsm8k", "math", "jsonl"} <= set(_options("data"))
     assert {"local", "accelerate_ddp", "accelerate_deepspeed_zero2", "accelerate_deepspeed_zero3"} <= set(
@@ -118,6 +119,11 @@ def _cli(args, cwd, timeout=1800):  # a slow, loaded 2-core machine: minutes of 
         (["trainer.per_device_train_batch_size=12"], "trainer.num_generations"),
         (["reward=code", "reward.code.isolation=container"], "reward.code.isolation"),
         (["reward=code", "reward.code.allow_paths=[/nonexistent/k15]"], "reward.code.allow_paths: /nonexistent/k15"),
+        (["rollout=partial", "rollout.segment_tokens=3"], "rollout.segment_tokens: rollout_segment_tokens=3 must divide"),
+        (["rollout=partial", "trainer.max_completion_length=6"], "rollout.segment_tokens=null"),
+        (["rollout=partial", "rollout.loss_mask=first"], "rollout.loss_mask"),
+        (["rollout=partial", "rollout.repeat.min_count=1"], "rollout.repeat.min_count: repeat_min_count must be"),
+        (["rollout=partial", "algorithm=rloo", "rollout.loss_mask=latest"], "rollout.loss_mask"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_loading(tmp_path, monkeypatch, capsys, args, key):

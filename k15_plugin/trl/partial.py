@@ -97,10 +97,6 @@ class K15PartialRolloutMixin:
         for bad, name in refusals:
             if bad:
                 raise ValueError(f"{what} does not support {name}")
-        if not self._k15_returns_logprobs and a.rollout_loss_mask != "all":
-            raise ValueError(
-                f"rollout_loss_mask={a.rollout_loss_mask!r}: {type(self).__name__}'s loss has no per-token mask; use 'all'"
-            )
         segment = a.rollout_segment_tokens or self.max_completion_length
         prefill = a.rollout_prefill_batches
         if prefill < 0:  # auto: as many batches as a trajectory can still be in flight after its first
