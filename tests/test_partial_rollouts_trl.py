@@ -332,10 +332,16 @@ def test_two_processes_take_identical_decisions(tmp_path):
     import sys
     from pathlib import Path
 
+    import socket
+
     script = Path(__file__).with_name("partial_two_process.py")
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    with socket.socket() as s:  # a port of its own: another test may run torchrun on the default one at the same time
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(script), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
