@@ -11,6 +11,9 @@ from transformers import AutoTokenizer
 from k15_plugin.data.arithmetic import (
     DEMO_CHECKPOINT_DIR,
     DEMO_FILLER_CHECKPOINT_DIR,
+    LONGTAIL_LONG,
+    LONGTAIL_P_LONG,
+    LONGTAIL_SHORT,
     ArithmeticReward,
     build_model,
     build_tokenizer,
@@ -18,6 +21,8 @@ from k15_plugin.data.arithmetic import (
     load_demo_checkpoint,
     make_datasets,
     read_warm_start_info,
+    sample_completion_lengths,
+    sample_filler_counts,
     supervised_warm_start,
     tiny_test_model,
 )
@@ -91,6 +96,11 @@ def test_models_and_generation_config(tok):
     again = tiny_test_model(tok)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(a, b) for a, b in zip(tiny.parameters(), again.parameters(), strict=True))
+    # The position range is a config value only (RoPE): the long-tailed variant's 128 leaves the init unchanged.
+    assert model.config.max_position_embeddings == 64
+    wide = build_model(tok, max_position_embeddings=128)
+    assert wide.config.max_position_embeddings == 128
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), wide.parameters(), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -126,6 +136,40 @@ def test_datasets_filler_target_column():
     for answer, target in zip(train["answer"][:300], train["target"][:300], strict=True):
         assert target.endswith(answer) and set(target[: len(target) - len(answer)]) <= {"."}
         assert len(target) - len(answer) <= 6
+
+
+def test_longtail_filler_mixture():
+    n = 40_000
+    counts = torch.tensor(sample_filler_counts(n, torch.Generator().manual_seed(0), filler_dist="longtail"))
+    short_lo, short_hi = LONGTAIL_SHORT
+    long_lo, long_hi = LONGTAIL_LONG
+    is_short = (counts >= short_lo) & (counts <= short_hi)
+    is_long = (counts >= long_lo) & (counts <= long_hi)
+    assert bool((is_short | is_long).all())
+    # Binomial standard error of the long fraction is ~0.0018 at n = 40,000; 0.01 is over 5 of them.
+    assert is_long.float().mean().item() == pytest.approx(LONGTAIL_P_LONG, abs=0.01)
+    # Uniform within each component: every value drawn, each about equally often.
+    hist = torch.bincount(counts, minlength=long_hi + 1).float()
+    short_share = hist[short_lo : short_hi + 1] / is_short.sum()
+    long_share = hist[long_lo : long_hi + 1] / is_long.sum()
+    assert short_share.min() > 0 and long_share.min() > 0
+    assert torch.allclose(short_share, torch.full_like(short_share, 1 / len(short_share)), atol=0.01)
+    assert torch.allclose(long_share, torch.full_like(long_share, 1 / len(long_share)), atol=0.012)
+    # Deterministic for a given generator state.
+    again = sample_filler_counts(n, torch.Generator().manual_seed(0), filler_dist="longtail")
+    assert again == counts.tolist()
+
+
+def test_uniform_filler_draw_unchanged_and_arguments_checked():
+    # The shipped plain and filler checkpoints were built with exactly this draw; "uniform" must keep consuming the
+    # generator the same way.
+    got = sample_filler_counts(256, torch.Generator().manual_seed(7), filler_max=6)
+    assert got == torch.randint(7, (256,), generator=torch.Generator().manual_seed(7)).tolist()
+    assert sample_filler_counts(64, torch.Generator().manual_seed(7)) == [0] * 64
+    with pytest.raises(ValueError, match="filler_dist"):
+        sample_filler_counts(4, torch.Generator(), filler_dist="zipf")
+    with pytest.raises(ValueError, match="filler_max"):
+        sample_filler_counts(4, torch.Generator(), filler_max=6, filler_dist="longtail")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -228,6 +272,84 @@ def test_supervised_warm_start_smoke(tok, datasets_pair):
     assert not model.training
 
 
+def _small_longtail_model(tok):
+    return build_model(
+        tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=128
+    )
+
+
+def test_supervised_warm_start_longtail_smoke(tok, datasets_pair):
+    train, heldout = datasets_pair
+    model = _small_longtail_model(tok)
+    out = supervised_warm_start(
+        model,
+        tok,
+        train,
+        heldout.select(range(20)),
+        target_accuracy=1.1,
+        max_steps=2,
+        batch_size=32,
+        check_every=2,
+        filler_dist="longtail",
+        progress=False,
+    )
+    assert out["steps"] == 2 and 1.0 <= out["mean_completion_tokens"] <= 64.0
+    with pytest.raises(ValueError, match="filler_max"):
+        supervised_warm_start(model, tok, train, heldout, filler_max=6, filler_dist="longtail", progress=False)
+
+
+def test_supervised_warm_start_resumes_from_snapshot_exactly(tok, datasets_pair, tmp_path, monkeypatch):
+    import k15_plugin.data.arithmetic as arithmetic
+
+    train, heldout = datasets_pair
+    heldout = heldout.select(range(10))
+    kwargs = {"target_accuracy": 1.1, "max_steps": 4, "batch_size": 8, "check_every": 2, "filler_dist": "longtail"}
+    kwargs["progress"] = False
+    straight = _small_longtail_model(tok)
+    expected = supervised_warm_start(straight, tok, train, heldout, **kwargs)
+
+    # Stop the run at its second check (step 4): the snapshot of the first check (step 2) stays behind.
+    snapshot = tmp_path / "state.pt"
+    real_evaluate, calls = arithmetic.evaluate_greedy, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real_evaluate(*args, **kw)
+
+    monkeypatch.setattr(arithmetic, "evaluate_greedy", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        supervised_warm_start(_small_longtail_model(tok), tok, train, heldout, snapshot=snapshot, **kwargs)
+    monkeypatch.setattr(arithmetic, "evaluate_greedy", real_evaluate)
+    assert snapshot.is_file()
+    with pytest.raises(ValueError, match="snapshot"):  # other settings: refused, not silently mixed
+        supervised_warm_start(
+            _small_longtail_model(tok), tok, train, heldout, snapshot=snapshot, **{**kwargs, "lr": 1e-3}
+        )
+
+    resumed = _small_longtail_model(tok)
+    got = supervised_warm_start(resumed, tok, train, heldout, snapshot=snapshot, **kwargs)
+    assert not snapshot.exists()
+    assert got["steps"] == expected["steps"] == 4 and got["history"] == expected["history"]
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters(), strict=True))
+
+
+def test_sample_completion_lengths_counts_tokens_to_eos(tok, datasets_pair):
+    model = tiny_test_model(tok, seed=1)
+    heldout = datasets_pair[1].select(range(12))
+    kwargs = {"num_samples": 4, "max_new_tokens": 8, "long_threshold": 5, "prompts_per_batch": 5, "seed": 3}
+    stats = sample_completion_lengths(model, tok, heldout, **kwargs)
+    state = torch.random.get_rng_state()
+    assert sample_completion_lengths(model, tok, heldout, **kwargs) == stats  # seeded, global RNG untouched
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert stats["num_prompts"] == 12 and 1.0 <= stats["mean_length"] <= 8.0 and stats["max_length"] <= 8
+    # Groups of 4 consecutive rows: at least as likely to contain a long row as a single row is to be long.
+    assert stats["frac_groups_with_long"] >= stats["frac_long"]
+    for key in ("frac_long", "frac_truncated", "frac_long_truncated", "accuracy"):
+        assert 0.0 <= stats[key] <= 1.0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Shipped checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,6 +367,10 @@ def test_shipped_checkpoint_matches_recorded_accuracy(directory, datasets_pair):
     assert result["accuracy"] == pytest.approx(info["heldout_accuracy"], abs=0.02)
     # Far enough from both ends that RL has something to learn from and room to improve.
     assert 0.15 <= result["accuracy"] <= 0.40
+
+
+def test_warm_start_info_of_older_checkpoints_says_uniform():
+    assert read_warm_start_info(DEMO_FILLER_CHECKPOINT_DIR)["filler_dist"] == "uniform"  # recorded before the key
 
 
 def test_load_demo_checkpoint_default():

@@ -16,17 +16,25 @@ Pieces:
 * :func:`supervised_warm_start` -- teacher forcing until the held-out greedy accuracy crosses a threshold, so that RL
   starts from a policy that is right sometimes (GRPO needs a non-zero success rate to get any signal).
 * :func:`evaluate_greedy` -- batched greedy decoding on the held-out set.
-* :func:`load_demo_checkpoint` -- the shipped warm-started checkpoint (built by
+* :func:`sample_completion_lengths` -- length statistics of sampled (temperature 1) completions.
+* :func:`load_demo_checkpoint` -- the shipped warm-started checkpoints (built by
   ``python -m k15_plugin.data.make_demo_checkpoint``).
 
 The optional *filler* variant (``filler_max > 0``) puts 0..filler_max random ``.`` tokens before the answer in the
 warm-start data, so the policy emits answers of varying length; this gives the length penalty something to act on.
+
+The *long-tailed* variant (``filler_dist="longtail"``, shipped as :data:`DEMO_LONGTAIL_CHECKPOINT_DIR`) draws the
+filler count from a mixture instead: 0..3 with probability 0.85, 40..56 with probability 0.15. Sampled completions
+are then mostly a few tokens long with a minority of up to 60 tokens (56 filler + 3 digits + EOS), the shape that
+partial rollouts (cutting long generations into segments) are for. Its model has ``max_position_embeddings=128``
+(prompt up to 7 tokens + 64 new tokens) and its ``generation_config.max_new_tokens`` is 64.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -48,7 +56,9 @@ from transformers import (
 __all__ = [
     "DEMO_CHECKPOINT_DIR",
     "DEMO_FILLER_CHECKPOINT_DIR",
+    "DEMO_LONGTAIL_CHECKPOINT_DIR",
     "FILLER",
+    "FILLER_DISTS",
     "HELDOUT_SEED",
     "MAX_OPERAND",
     "ArithmeticReward",
@@ -59,6 +69,8 @@ __all__ = [
     "load_demo_checkpoint",
     "make_datasets",
     "read_warm_start_info",
+    "sample_completion_lengths",
+    "sample_filler_counts",
     "supervised_warm_start",
     "tiny_test_model",
 ]
@@ -86,7 +98,21 @@ _MAX_ANSWER_TOKENS = len(str(2 * MAX_OPERAND)) + 1
 
 DEMO_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo_checkpoint"
 DEMO_FILLER_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo_checkpoint_filler"
+DEMO_LONGTAIL_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo_checkpoint_longtail"
 WARM_START_FILE = "warm_start.json"
+
+# Filler-count distributions of the warm start: "uniform" is 0..filler_max, "longtail" the mixture below.
+FILLER_DISTS = ("uniform", "longtail")
+# The long-tailed mixture: a short filler prefix (0..3 tokens) for most samples and a long one (40..56 tokens) for
+# LONGTAIL_P_LONG of them, so a minority of completions is long (up to 56 + 3 digits + EOS = 60 tokens) -- a
+# workload for partial rollouts. Both ranges are inclusive; the gap between them keeps "long" unambiguous.
+LONGTAIL_P_LONG = 0.15
+LONGTAIL_SHORT = (0, 3)
+LONGTAIL_LONG = (40, 56)
+# The long-tailed model's position range and generation budget: prompt (at most 7 tokens with BOS) + 64 new tokens
+# fits in 128 positions, and 64 new tokens hold the longest warm-start completion (60) with a little room.
+LONGTAIL_MAX_POSITION_EMBEDDINGS = 128
+LONGTAIL_MAX_NEW_TOKENS = 64
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -128,6 +154,7 @@ def _llama(
     num_heads: int,
     intermediate_size: int,
     seed: int,
+    max_position_embeddings: int = 64,
 ) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -136,7 +163,7 @@ def _llama(
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         intermediate_size=intermediate_size,
-        max_position_embeddings=64,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -164,9 +191,14 @@ def build_model(
     num_heads: int = 4,
     intermediate_size: int = 512,
     seed: int = 0,
+    max_position_embeddings: int = 64,
 ) -> LlamaForCausalLM:
-    """The demo policy: a 2-layer Llama with tied embeddings (~527k parameters at the defaults)."""
-    return _llama(tokenizer, hidden_size, num_layers, num_heads, intermediate_size, seed)
+    """The demo policy: a 2-layer Llama with tied embeddings (~527k parameters at the defaults).
+
+    ``max_position_embeddings`` bounds prompt + completion length (64 by default; the long-tailed variant uses 128).
+    With RoPE it adds no parameters, so the initialisation for a given ``seed`` does not depend on it.
+    """
+    return _llama(tokenizer, hidden_size, num_layers, num_heads, intermediate_size, seed, max_position_embeddings)
 
 
 def tiny_test_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
@@ -370,6 +402,87 @@ def evaluate_greedy(
     return {"accuracy": correct / n, "mean_completion_tokens": total_tokens / n}
 
 
+@torch.no_grad()
+def sample_completion_lengths(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout_ds: Dataset,
+    *,
+    num_samples: int = 8,
+    max_new_tokens: int = LONGTAIL_MAX_NEW_TOKENS,
+    temperature: float = 1.0,
+    long_threshold: int = LONGTAIL_LONG[0],
+    prompts_per_batch: int = 100,
+    seed: int = 0,
+    allow_filler: bool = True,
+) -> dict[str, Any]:
+    """Length statistics of ``num_samples`` sampled completions per held-out prompt (a GRPO-style group each).
+
+    Plain ancestral sampling at ``temperature`` (no top-k/top-p, no repetition penalty), seeded with ``seed`` without
+    touching the caller's global RNG; the result also depends on ``prompts_per_batch``. A completion's length counts
+    its tokens up to and including the first EOS, or ``max_new_tokens`` if it never emitted one (truncated). Returns
+    ``frac_long`` (completions of at least ``long_threshold`` tokens), ``mean_length``, ``frac_groups_with_long``
+    (groups with at least one long completion), ``frac_truncated`` (no EOS within ``max_new_tokens``),
+    ``frac_long_truncated`` (truncated among the long ones), ``accuracy`` (mean :class:`ArithmeticReward`),
+    ``max_length``, and the settings used.
+    """
+    reward = ArithmeticReward(tokenizer, allow_filler=allow_filler)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompts, answers = list(heldout_ds["prompt"]), list(heldout_ds["answer"])
+    eos = tokenizer.eos_token_id
+    lengths: list[int] = []
+    truncated: list[bool] = []
+    correct = 0.0
+    try:
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), prompts_per_batch):
+                batch = tokenizer(prompts[start : start + prompts_per_batch], return_tensors="pt", padding=True)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                # greedy_kwargs with do_sample=False overridden: plain sampling, nothing reshaping the distribution.
+                options = {
+                    **greedy_kwargs(tokenizer, max_new_tokens),
+                    "do_sample": True,
+                    "temperature": temperature,
+                    "top_k": 0,
+                    "top_p": 1.0,
+                }
+                out = model.generate(**batch, **options, num_return_sequences=num_samples)
+                completions = out[:, batch["input_ids"].shape[1] :].tolist()
+                # generate repeats each prompt num_samples times in a row: row j belongs to prompt j // num_samples.
+                batch_answers = answers[start : start + prompts_per_batch]
+                for j, ids in enumerate(completions):
+                    stopped = eos in ids
+                    ids = ids[: ids.index(eos) + 1] if stopped else ids
+                    lengths.append(len(ids) if stopped else max_new_tokens)
+                    truncated.append(not stopped)
+                    correct += reward.score(ids, batch_answers[j // num_samples])
+    finally:
+        model.train(was_training)
+    n = max(len(lengths), 1)
+    long = [length >= long_threshold for length in lengths]
+    groups = [long[i : i + num_samples] for i in range(0, len(long), num_samples)]
+    n_long = sum(long)
+    return {
+        "num_prompts": len(prompts),
+        "num_samples": num_samples,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "long_threshold": long_threshold,
+        "prompts_per_batch": prompts_per_batch,
+        "seed": seed,
+        "frac_long": n_long / n,
+        "mean_length": sum(lengths) / n,
+        "frac_groups_with_long": sum(any(g) for g in groups) / max(len(groups), 1),
+        "frac_truncated": sum(truncated) / n,
+        "frac_long_truncated": sum(t for t, lg in zip(truncated, long, strict=True) if lg) / max(n_long, 1),
+        "max_length": max(lengths, default=0),
+        "accuracy": correct / n,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Supervised warm start
 # ----------------------------------------------------------------------------------------------------------------------
@@ -401,6 +514,71 @@ def _sft_batch(
     return input_ids, label_ids
 
 
+def _bucketed_sft_loss(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    filler: Sequence[int],
+) -> torch.Tensor:
+    """The warm-start loss (mean cross-entropy over completion tokens) with short and long rows in separate batches.
+
+    Under the long-tailed mixture a batch is ~85% rows of at most 14 tokens and ~15% of up to 67; padding them all to
+    the longest would spend about two thirds of the compute on padding. Same loss as one padded batch, up to float
+    rounding (used for ``filler_dist="longtail"`` only, so the other variants stay exactly as they were built).
+    """
+    device = next(model.parameters()).device
+    buckets = [
+        [j for j, k in enumerate(filler) if k < LONGTAIL_LONG[0]],
+        [j for j, k in enumerate(filler) if k >= LONGTAIL_LONG[0]],
+    ]
+    total: torch.Tensor | None = None
+    n_tokens = 0
+    for rows in buckets:
+        if not rows:
+            continue
+        input_ids, labels = _sft_batch(
+            tokenizer, [prompts[j] for j in rows], [answers[j] for j in rows], [filler[j] for j in rows]
+        )
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        targets = labels[:, 1:].reshape(-1)
+        part = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, reduction="sum")
+        total = part if total is None else total + part
+        n_tokens += int((targets != -100).sum())
+    assert total is not None
+    return total / n_tokens
+
+
+def _check_filler_args(filler_max: int, filler_dist: str) -> None:
+    if filler_dist not in FILLER_DISTS:
+        raise ValueError(f"filler_dist must be one of {FILLER_DISTS}, got {filler_dist!r}")
+    if filler_max < 0:
+        raise ValueError(f"filler_max must be >= 0, got {filler_max}")
+    if filler_dist == "longtail" and filler_max != 0:
+        raise ValueError(
+            f"filler_max applies to filler_dist='uniform' only; the long-tailed mixture is fixed, got {filler_max}"
+        )
+
+
+def sample_filler_counts(
+    n: int, generator: torch.Generator, filler_max: int = 0, filler_dist: str = "uniform"
+) -> list[int]:
+    """``n`` filler counts drawn with ``generator``: uniform in 0..filler_max, or the long-tailed mixture.
+
+    ``"longtail"``: with probability :data:`LONGTAIL_P_LONG` uniform in :data:`LONGTAIL_LONG`, otherwise uniform in
+    :data:`LONGTAIL_SHORT` (``filler_max`` is not used and must be 0). ``"uniform"`` makes exactly one
+    ``torch.randint(filler_max + 1, (n,))`` draw, as the shipped plain and filler checkpoints were built with.
+    """
+    _check_filler_args(filler_max, filler_dist)
+    if filler_dist == "uniform":
+        return torch.randint(filler_max + 1, (n,), generator=generator).tolist()
+    is_long = torch.rand(n, generator=generator) < LONGTAIL_P_LONG
+    short = torch.randint(LONGTAIL_SHORT[0], LONGTAIL_SHORT[1] + 1, (n,), generator=generator)
+    long = torch.randint(LONGTAIL_LONG[0], LONGTAIL_LONG[1] + 1, (n,), generator=generator)
+    return torch.where(is_long, long, short).tolist()
+
+
 def supervised_warm_start(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -416,6 +594,8 @@ def supervised_warm_start(
     check_every: int = 25,
     seed: int = 0,
     filler_max: int = 0,
+    filler_dist: str = "uniform",
+    snapshot: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Teacher-force ``prompt [filler] answer eos`` until held-out greedy accuracy reaches ``target_accuracy``.
@@ -426,15 +606,27 @@ def supervised_warm_start(
     step count or time budget, because accuracy rises steeply (a few % to ~50% within ~100 steps) and the demo wants a
     policy that is right only sometimes.
     With ``filler_max > 0`` every sample gets a fresh 0..filler_max filler count and accuracy accepts filler.
+    With ``filler_dist="longtail"`` (``filler_max`` left at 0) the counts come from the long-tailed mixture (see
+    :func:`sample_filler_counts`), accuracy accepts filler and greedy checks decode up to
+    :data:`LONGTAIL_MAX_NEW_TOKENS` tokens; the model needs ``max_position_embeddings=128`` for the long samples.
+
+    ``snapshot``: a file where the full training state (model, optimizer, schedule, sampling generator, history,
+    elapsed seconds) is saved at every check; if it exists when the call starts, training resumes from it and ends
+    exactly as an uninterrupted run would. It is deleted on return. For long builds on a machine where the process
+    may be stopped; the model passed in must be freshly built the same way as in the interrupted call.
 
     Returns ``steps``, ``accuracy`` and ``mean_completion_tokens`` at the last check, ``seconds`` (training plus
-    checks), ``reached_target`` and a ``history`` of ``(step, accuracy)`` pairs.
+    checks, summed over resumed runs), ``reached_target`` and a ``history`` of ``(step, accuracy)`` pairs.
     """
     if max_steps <= 0 or check_every <= 0 or batch_size <= 0:
         raise ValueError("max_steps, check_every and batch_size must be positive")
+    _check_filler_args(filler_max, filler_dist)
     gen = torch.Generator().manual_seed(seed)
     prompts, answers = list(train_ds["prompt"]), list(train_ds["answer"])
-    allow_filler = filler_max > 0
+    longtail = filler_dist == "longtail"
+    allow_filler = filler_max > 0 or longtail
+    # None keeps evaluate_greedy's default (4, or 4 + 6 with filler), as the shipped plain and filler checkpoints had.
+    eval_max_new_tokens = LONGTAIL_MAX_NEW_TOKENS if longtail else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
 
     def lr_lambda(step: int) -> float:
@@ -449,36 +641,85 @@ def supervised_warm_start(
     device = next(model.parameters()).device
     start = time.perf_counter()
     step = 0
+    elapsed_before = 0.0  # seconds spent by the interrupted runs this one resumes
+    # Everything that decides how training goes on; a snapshot taken under other settings is refused.
+    settings = {
+        "target_accuracy": target_accuracy,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "warmup_steps": warmup_steps,
+        "check_every": check_every,
+        "seed": seed,
+        "filler_max": filler_max,
+        "filler_dist": filler_dist,
+        "num_train": len(prompts),
+        "num_heldout": len(heldout_ds),
+    }
+    snapshot = Path(snapshot) if snapshot is not None else None
+    if snapshot is not None and snapshot.is_file():
+        state = torch.load(snapshot, weights_only=False)
+        if state["settings"] != settings:
+            raise ValueError(f"snapshot {snapshot} was taken with {state['settings']}, not {settings}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        step, history, metrics = state["step"], [tuple(h) for h in state["history"]], state["metrics"]
+        elapsed_before = state["seconds"]
+        if progress:
+            print(f"[warm start] resumed from {snapshot} at step {step}", flush=True)
     model.train()
-    while step < max_steps:
+    while step < max_steps and not (history and metrics["accuracy"] >= target_accuracy):
         idx = torch.randint(len(prompts), (batch_size,), generator=gen).tolist()
-        filler = torch.randint(filler_max + 1, (batch_size,), generator=gen).tolist()
-        input_ids, labels = _sft_batch(tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], filler)
-        input_ids, labels = input_ids.to(device), labels.to(device)
-        logits = model(input_ids=input_ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        filler = sample_filler_counts(batch_size, gen, filler_max, filler_dist)
+        if longtail:
+            loss = _bucketed_sft_loss(model, tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], filler)
+        else:
+            input_ids, labels = _sft_batch(tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], filler)
+            input_ids, labels = input_ids.to(device), labels.to(device)
+            logits = model(input_ids=input_ids).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         step += 1
         if step % check_every == 0 or step == max_steps:
-            metrics = evaluate_greedy(model, tokenizer, heldout_ds, allow_filler=allow_filler)
+            metrics = evaluate_greedy(
+                model, tokenizer, heldout_ds, max_new_tokens=eval_max_new_tokens, allow_filler=allow_filler
+            )
             history.append((step, metrics["accuracy"]))
             if progress:
                 print(
                     f"[warm start] step {step:4d}  loss {loss.item():.4f}  heldout acc {metrics['accuracy']:.3f}  "
-                    f"mean len {metrics['mean_completion_tokens']:.2f}  {time.perf_counter() - start:.1f}s",
+                    f"mean len {metrics['mean_completion_tokens']:.2f}  "
+                    f"{elapsed_before + time.perf_counter() - start:.1f}s",
                     flush=True,
                 )
-            if metrics["accuracy"] >= target_accuracy:
-                break
+            if snapshot is not None:
+                state = {
+                    "settings": settings,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": gen.get_state(),
+                    "step": step,
+                    "history": history,
+                    "metrics": metrics,
+                    "seconds": elapsed_before + time.perf_counter() - start,
+                }
+                torch.save(state, f"{snapshot}.tmp")
+                os.replace(f"{snapshot}.tmp", snapshot)  # never a half-written snapshot
     model.eval()
+    if snapshot is not None:
+        snapshot.unlink(missing_ok=True)
     return {
         "steps": step,
         "accuracy": metrics["accuracy"],
         "mean_completion_tokens": metrics["mean_completion_tokens"],
-        "seconds": time.perf_counter() - start,
+        "seconds": elapsed_before + time.perf_counter() - start,
         "reached_target": metrics["accuracy"] >= target_accuracy,
         "history": history,
     }
@@ -492,7 +733,8 @@ def supervised_warm_start(
 def load_demo_checkpoint(path: str | Path | None = None) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` from a checkpoint directory; defaults to the shipped :data:`DEMO_CHECKPOINT_DIR`.
 
-    Pass :data:`DEMO_FILLER_CHECKPOINT_DIR` for the filler variant. Everything is local: no hub access.
+    Pass :data:`DEMO_FILLER_CHECKPOINT_DIR` for the filler variant or :data:`DEMO_LONGTAIL_CHECKPOINT_DIR` for the
+    long-tailed one. Everything is local: no hub access.
     """
     directory = Path(path) if path is not None else DEMO_CHECKPOINT_DIR
     if not (directory / "config.json").is_file():
@@ -506,6 +748,11 @@ def load_demo_checkpoint(path: str | Path | None = None) -> tuple[LlamaForCausal
 
 
 def read_warm_start_info(path: str | Path | None = None) -> dict[str, Any]:
-    """The ``warm_start.json`` written next to a checkpoint (measured accuracy, steps, seconds, filler_max...)."""
+    """The ``warm_start.json`` written next to a checkpoint (measured accuracy, steps, seconds, filler_max...).
+
+    Checkpoints built before ``filler_dist`` existed do not record it; it is filled in as ``"uniform"``.
+    """
     directory = Path(path) if path is not None else DEMO_CHECKPOINT_DIR
-    return json.loads((directory / WARM_START_FILE).read_text())
+    info = json.loads((directory / WARM_START_FILE).read_text())
+    info.setdefault("filler_dist", "uniform")
+    return info

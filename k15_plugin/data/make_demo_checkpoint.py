@@ -1,13 +1,21 @@
 """Build the shipped warm-started demo checkpoint(s).
 
-    python -m k15_plugin.data.make_demo_checkpoint                  # -> k15_plugin/data/demo_checkpoint/
-    python -m k15_plugin.data.make_demo_checkpoint --filler-max 6   # -> k15_plugin/data/demo_checkpoint_filler/
+    python -m k15_plugin.data.make_demo_checkpoint                         # -> k15_plugin/data/demo_checkpoint/
+    python -m k15_plugin.data.make_demo_checkpoint --filler-max 6          # -> .../demo_checkpoint_filler/
+    python -m k15_plugin.data.make_demo_checkpoint --filler-dist longtail  # -> .../demo_checkpoint_longtail/
 
 Builds the character tokenizer and the ~527k-parameter Llama, warm-starts it with teacher forcing until the
-held-out greedy accuracy reaches ``--target-accuracy`` (checked every 25 steps), and saves the model (safetensors),
-the tokenizer and ``warm_start.json`` (the measured numbers, re-checked by the tests). The target is deliberately low
-(22% by default, 30% for the filler variant) so that RL has room to improve. Runs in well under a minute on one CPU
-thread; the result is deterministic for a given seed on a given machine.
+held-out greedy accuracy reaches ``--target-accuracy`` (checked every ``--check-every`` steps), and saves the model
+(safetensors), the tokenizer and ``warm_start.json`` (the measured numbers, re-checked by the tests). The target is
+deliberately low (22% by default, 30% for the filler and long-tailed variants) so that RL has room to improve. The
+plain and filler variants take one to two minutes on one CPU thread, the long-tailed one far longer (sequences up to
+67 tokens, greedy checks of up to 64 new tokens, and more steps); ``--snapshot PATH`` lets an interrupted build
+resume. The result is deterministic for a given seed on a given machine.
+
+The long-tailed variant (``--filler-dist longtail``; see ``k15_plugin.data.arithmetic``) has
+``max_position_embeddings=128``, ``generation_config.max_new_tokens=64``, and records in ``warm_start.json`` the
+``sampled_lengths`` of 8 temperature-1 completions per held-out prompt (fraction of completions of 40+ tokens, mean
+length, fraction of groups with a long completion, fraction truncated at 64 tokens without EOS).
 """
 
 from __future__ import annotations
@@ -25,12 +33,20 @@ import torch
 from k15_plugin.data.arithmetic import (
     DEMO_CHECKPOINT_DIR,
     DEMO_FILLER_CHECKPOINT_DIR,
+    DEMO_LONGTAIL_CHECKPOINT_DIR,
+    FILLER_DISTS,
+    LONGTAIL_LONG,
+    LONGTAIL_MAX_NEW_TOKENS,
+    LONGTAIL_MAX_POSITION_EMBEDDINGS,
+    LONGTAIL_P_LONG,
+    LONGTAIL_SHORT,
     WARM_START_FILE,
     build_model,
     build_tokenizer,
     evaluate_greedy,
     load_demo_checkpoint,
     make_datasets,
+    sample_completion_lengths,
     supervised_warm_start,
 )
 
@@ -50,16 +66,27 @@ def build_checkpoint(
     out: Path,
     *,
     filler_max: int = 0,
+    filler_dist: str = "uniform",
     target_accuracy: float = 0.22,
     max_steps: int = 600,
     check_every: int = 5,
     seed: int = DEFAULT_SEED,
     threads: int = 1,
+    snapshot: Path | None = None,
 ) -> dict:
-    """Warm-start a fresh demo model and save it to ``out``; returns what is written to ``warm_start.json``."""
+    """Warm-start a fresh demo model and save it to ``out``; returns what is written to ``warm_start.json``.
+
+    ``filler_dist="longtail"`` (with ``filler_max`` 0) builds the long-tailed variant: a 128-position model, 64 new
+    tokens in its generation config, and ``sampled_lengths`` measured on the saved checkpoint. ``snapshot``: see
+    :func:`~k15_plugin.data.arithmetic.supervised_warm_start` (resume an interrupted build).
+    """
+    if filler_dist not in FILLER_DISTS:
+        raise ValueError(f"filler_dist must be one of {FILLER_DISTS}, got {filler_dist!r}")
+    longtail = filler_dist == "longtail"
     torch.set_num_threads(threads)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed)
+    positions = LONGTAIL_MAX_POSITION_EMBEDDINGS if longtail else 64
+    model = build_model(tokenizer, seed=seed, max_position_embeddings=positions)
     train_ds, heldout_ds = make_datasets(seed=seed)
     result = supervised_warm_start(
         model,
@@ -71,6 +98,8 @@ def build_checkpoint(
         check_every=check_every,
         seed=seed,
         filler_max=filler_max,
+        filler_dist=filler_dist,
+        snapshot=snapshot,
     )
     if not result["reached_target"]:
         raise RuntimeError(f"warm start stopped at {result['accuracy']:.3f} < target {target_accuracy} accuracy")
@@ -78,18 +107,27 @@ def build_checkpoint(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    # A filler answer takes up to filler_max more tokens than the longest plain one (3 digits + EOS).
-    model.generation_config.max_new_tokens = 4 + filler_max
+    # A filler answer takes up to filler_max more tokens than the longest plain one (3 digits + EOS); a long-tailed
+    # one up to 56 more, within the 64 tokens its benchmark generates.
+    model.generation_config.max_new_tokens = LONGTAIL_MAX_NEW_TOKENS if longtail else 4 + filler_max
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
     # Re-measure from the saved files, so the recorded number is what a user of the checkpoint gets.
     reloaded, reloaded_tok = load_demo_checkpoint(out)
-    check = evaluate_greedy(reloaded, reloaded_tok, heldout_ds, allow_filler=filler_max > 0)
+    allow_filler = filler_max > 0 or longtail
+    check = evaluate_greedy(
+        reloaded,
+        reloaded_tok,
+        heldout_ds,
+        max_new_tokens=LONGTAIL_MAX_NEW_TOKENS if longtail else None,
+        allow_filler=allow_filler,
+    )
     info = {
         "task": "two-digit addition a+b=, a,b in 0..99",
-        "filler_max": filler_max,
-        "allow_filler": filler_max > 0,
+        # The largest filler count the warm start drew.
+        "filler_max": LONGTAIL_LONG[1] if longtail else filler_max,
+        "allow_filler": allow_filler,
         "seed": seed,
         "target_accuracy": target_accuracy,
         "check_every": check_every,
@@ -111,8 +149,17 @@ def build_checkpoint(
             "schedule": f"cosine over {max_steps} steps",
         },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
+    if longtail:
+        # Only the new variant records these keys, so a rebuild of the plain and filler variants writes what it did.
+        info["filler_dist"] = filler_dist
+        info["filler_mixture"] = {"p_long": LONGTAIL_P_LONG, "short": list(LONGTAIL_SHORT), "long": list(LONGTAIL_LONG)}
+        info["heldout_greedy_max_new_tokens"] = LONGTAIL_MAX_NEW_TOKENS
+        info["max_position_embeddings"] = reloaded.config.max_position_embeddings
+        info["generation_max_new_tokens"] = reloaded.generation_config.max_new_tokens
+        stats = sample_completion_lengths(reloaded, reloaded_tok, heldout_ds, seed=seed)
+        info["sampled_lengths"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
+    info["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     (out / WARM_START_FILE).write_text(json.dumps(info, indent=2) + "\n")
     # safetensors writes the weights owner-only (0600); shipped package data must be world-readable.
     for f in out.iterdir():
@@ -125,32 +172,63 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the shipped location)")
     parser.add_argument("--filler-max", type=int, default=0, help="max '.' filler tokens before the answer (0: none)")
     parser.add_argument(
-        "--target-accuracy", type=float, default=None, help="stop threshold (default 0.22; 0.30 with filler)"
+        "--filler-dist",
+        choices=FILLER_DISTS,
+        default="uniform",
+        help="filler count distribution: uniform in 0..--filler-max, or longtail (0..3 w.p. 0.85, 40..56 w.p. 0.15; "
+        "leave --filler-max at 0)",
     )
-    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=None,
+        help="stop threshold (default 0.22; 0.30 with filler or longtail)",
+    )
+    # The long-tailed variant reaches its target later (its loss is mostly filler tokens, and greedy decoding is right
+    # only once the digits after 3 or ~55 filler tokens are): its cosine schedule is planned over 1200 steps, so the
+    # learning rate is still high when accuracy starts to climb and the run does not end short of the target.
+    parser.add_argument("--max-steps", type=int, default=None, help="schedule length (default 600; 1200 longtail)")
     # Accuracy jumps ~15 points per 25 steps near the target; checking often (a greedy pass costs ~0.1 s) lands the
     # checkpoint close to the threshold instead of overshooting it.
     parser.add_argument("--check-every", type=int, default=5)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--snapshot",
+        type=Path,
+        default=None,
+        help="save the training state to this file at every check and resume from it if it exists",
+    )
     args = parser.parse_args(argv)
 
-    out = args.out or (DEMO_FILLER_CHECKPOINT_DIR if args.filler_max > 0 else DEMO_CHECKPOINT_DIR)
-    target = args.target_accuracy if args.target_accuracy is not None else (0.30 if args.filler_max > 0 else 0.22)
+    longtail = args.filler_dist == "longtail"
+    if longtail and args.filler_max != 0:
+        parser.error("--filler-max applies to --filler-dist uniform only (the long-tailed mixture is fixed)")
+    if longtail:
+        default_out = DEMO_LONGTAIL_CHECKPOINT_DIR
+    else:
+        default_out = DEMO_FILLER_CHECKPOINT_DIR if args.filler_max > 0 else DEMO_CHECKPOINT_DIR
+    out = args.out or default_out
+    with_filler = longtail or args.filler_max > 0
+    target = args.target_accuracy if args.target_accuracy is not None else (0.30 if with_filler else 0.22)
     info = build_checkpoint(
         out,
         filler_max=args.filler_max,
+        filler_dist=args.filler_dist,
         target_accuracy=target,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps if args.max_steps is not None else (1200 if longtail else 600),
         check_every=args.check_every,
         seed=args.seed,
         threads=args.threads,
+        snapshot=args.snapshot,
     )
     size_kb = sum(f.stat().st_size for f in out.iterdir()) / 1024
     print(
         f"saved {out} ({size_kb:.0f} KiB): {info['steps']} steps, {info['seconds']:.1f}s, "
         f"heldout greedy accuracy {info['heldout_accuracy']:.3f}, peak RSS {info['peak_rss_mb']:.0f} MB"
     )
+    if "sampled_lengths" in info:
+        print(f"sampled lengths: {json.dumps(info['sampled_lengths'])}")
 
 
 if __name__ == "__main__":
