@@ -272,6 +272,17 @@ def test_supervised_warm_start_smoke(tok, datasets_pair):
     assert not model.training
 
 
+def test_min_steps_holds_off_a_target_reached_from_the_start(tok, datasets_pair):
+    # target 0 is met at every check: without min_steps training stops at the first check, with it no earlier than
+    # min_steps, and the checks before it are skipped.
+    train, heldout = datasets_pair
+    common = dict(target_accuracy=0.0, max_steps=10, batch_size=8, check_every=2, progress=False)
+    first = supervised_warm_start(tiny_test_model(tok), tok, train, heldout.select(range(10)), **common)
+    held = supervised_warm_start(tiny_test_model(tok), tok, train, heldout.select(range(10)), min_steps=5, **common)
+    assert first["steps"] == 2 and [s for s, _ in first["history"]] == [2]
+    assert held["steps"] == 6 and [s for s, _ in held["history"]] == [6] and held["reached_target"]
+
+
 def _small_longtail_model(tok):
     return build_model(
         tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=128

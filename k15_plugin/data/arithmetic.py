@@ -597,6 +597,7 @@ def supervised_warm_start(
     filler_dist: str = "uniform",
     snapshot: str | Path | None = None,
     progress: bool = True,
+    min_steps: int = 0,
 ) -> dict[str, Any]:
     """Teacher-force ``prompt [filler] answer eos`` until held-out greedy accuracy reaches ``target_accuracy``.
 
@@ -609,6 +610,9 @@ def supervised_warm_start(
     With ``filler_dist="longtail"`` (``filler_max`` left at 0) the counts come from the long-tailed mixture (see
     :func:`sample_filler_counts`), accuracy accepts filler and greedy checks decode up to
     :data:`LONGTAIL_MAX_NEW_TOKENS` tokens; the model needs ``max_position_embeddings=128`` for the long samples.
+
+    ``min_steps``: no check stops training before this step (for a model that starts above the target, such as the
+    long-tailed variant fine-tuned from the filler checkpoint: it must first learn the new filler distribution).
 
     ``snapshot``: a file where the full training state (model, optimizer, schedule, sampling generator, history,
     elapsed seconds) is saved at every check; if it exists when the call starts, training resumes from it and ends
@@ -656,6 +660,7 @@ def supervised_warm_start(
         "filler_dist": filler_dist,
         "num_train": len(prompts),
         "num_heldout": len(heldout_ds),
+        "min_steps": min_steps,
     }
     snapshot = Path(snapshot) if snapshot is not None else None
     if snapshot is not None and snapshot.is_file():
@@ -671,7 +676,7 @@ def supervised_warm_start(
         if progress:
             print(f"[warm start] resumed from {snapshot} at step {step}", flush=True)
     model.train()
-    while step < max_steps and not (history and metrics["accuracy"] >= target_accuracy):
+    while step < max_steps and not (history and step >= min_steps and metrics["accuracy"] >= target_accuracy):
         idx = torch.randint(len(prompts), (batch_size,), generator=gen).tolist()
         filler = sample_filler_counts(batch_size, gen, filler_max, filler_dist)
         if longtail:
@@ -686,7 +691,7 @@ def supervised_warm_start(
         optimizer.step()
         scheduler.step()
         step += 1
-        if step % check_every == 0 or step == max_steps:
+        if (step % check_every == 0 and step >= min_steps) or step == max_steps:
             metrics = evaluate_greedy(
                 model, tokenizer, heldout_ds, max_new_tokens=eval_max_new_tokens, allow_filler=allow_filler
             )

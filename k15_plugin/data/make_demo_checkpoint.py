@@ -8,8 +8,9 @@ Builds the character tokenizer and the ~527k-parameter Llama, warm-starts it wit
 held-out greedy accuracy reaches ``--target-accuracy`` (checked every ``--check-every`` steps), and saves the model
 (safetensors), the tokenizer and ``warm_start.json`` (the measured numbers, re-checked by the tests). The target is
 deliberately low (22% by default, 30% for the filler and long-tailed variants) so that RL has room to improve. The
-plain and filler variants take one to two minutes on one CPU thread, the long-tailed one far longer (sequences up to
-67 tokens, greedy checks of up to 64 new tokens, and more steps); ``--snapshot PATH`` lets an interrupted build
+plain and filler variants take one to two minutes on one CPU thread. The long-tailed variant is a fine-tune of the
+shipped filler checkpoint (build that first) on the long-tailed filler mixture, at least 100 steps, checked every 20
+(sequences up to 67 tokens, greedy checks of up to 64 new tokens); ``--snapshot PATH`` lets an interrupted build
 resume. The result is deterministic for a given seed on a given machine.
 
 The long-tailed variant (``--filler-dist longtail``; see ``k15_plugin.data.arithmetic``) has
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import LlamaForCausalLM
 
 from k15_plugin.data.arithmetic import (
     DEMO_CHECKPOINT_DIR,
@@ -54,6 +56,11 @@ from k15_plugin.data.arithmetic import (
 # accuracy: with plain TRL GRPO (16 prompts x 8 samples, lr 1e-4, 1200 steps) seeds 0/1/2 went 34.6->62.8%,
 # 26.2->48.6% and 24.4->67.8% held-out greedy accuracy. Seed 2 ships: closest to the target and most headroom used.
 DEFAULT_SEED = 2
+# The warm start's optimizer settings (the plain and filler variants were built with these), and what the long-tailed
+# fine-tune from the filler checkpoint changes: a smaller learning rate with a short warm-up, and at least
+# ``min_steps`` steps before the accuracy check may stop it (the filler checkpoint starts above the target).
+OPTIM = {"lr": 3e-3, "warmup_steps": 60, "min_steps": 0}
+LONGTAIL_OPTIM = {"lr": 1e-3, "warmup_steps": 10, "min_steps": 100}
 
 
 def _peak_rss_mb() -> float:
@@ -86,8 +93,15 @@ def build_checkpoint(
     torch.set_num_threads(threads)
     tokenizer = build_tokenizer()
     positions = LONGTAIL_MAX_POSITION_EMBEDDINGS if longtail else 64
-    model = build_model(tokenizer, seed=seed, max_position_embeddings=positions)
     train_ds, heldout_ds = make_datasets(seed=seed)
+    if longtail:
+        # Fine-tuned from the shipped filler checkpoint (it already adds, with 0..6 filler tokens): only the long
+        # filler runs are new. RoPE has no position parameters, so its weights load into the 128-position model.
+        model = LlamaForCausalLM.from_pretrained(DEMO_FILLER_CHECKPOINT_DIR, max_position_embeddings=positions)
+        optim = {**OPTIM, **LONGTAIL_OPTIM}
+    else:
+        model = build_model(tokenizer, seed=seed, max_position_embeddings=positions)
+        optim = dict(OPTIM)
     result = supervised_warm_start(
         model,
         tokenizer,
@@ -100,6 +114,7 @@ def build_checkpoint(
         filler_max=filler_max,
         filler_dist=filler_dist,
         snapshot=snapshot,
+        **optim,
     )
     if not result["reached_target"]:
         raise RuntimeError(f"warm start stopped at {result['accuracy']:.3f} < target {target_accuracy} accuracy")
@@ -141,17 +156,19 @@ def build_checkpoint(
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "optimizer": {
             "name": "AdamW",
-            "lr": 3e-3,
+            "lr": optim["lr"],
             "betas": [0.9, 0.98],
             "weight_decay": 0.01,
             "batch_size": 256,
-            "warmup_steps": 60,
+            "warmup_steps": optim["warmup_steps"],
             "schedule": f"cosine over {max_steps} steps",
         },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     if longtail:
         # Only the new variant records these keys, so a rebuild of the plain and filler variants writes what it did.
+        info["init_from"] = DEMO_FILLER_CHECKPOINT_DIR.name
+        info["min_steps"] = optim["min_steps"]
         info["filler_dist"] = filler_dist
         info["filler_mixture"] = {"p_long": LONGTAIL_P_LONG, "short": list(LONGTAIL_SHORT), "long": list(LONGTAIL_LONG)}
         info["heldout_greedy_max_new_tokens"] = LONGTAIL_MAX_NEW_TOKENS
@@ -184,13 +201,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="stop threshold (default 0.22; 0.30 with filler or longtail)",
     )
-    # The long-tailed variant reaches its target later (its loss is mostly filler tokens, and greedy decoding is right
-    # only once the digits after 3 or ~55 filler tokens are): its cosine schedule is planned over 1200 steps, so the
-    # learning rate is still high when accuracy starts to climb and the run does not end short of the target.
-    parser.add_argument("--max-steps", type=int, default=None, help="schedule length (default 600; 1200 longtail)")
+    # The long-tailed variant is a fine-tune of the filler checkpoint: a shorter cosine schedule, and checks (a greedy
+    # pass of up to 64 tokens) only every 20 steps after its first 100.
+    parser.add_argument("--max-steps", type=int, default=None, help="schedule length (default 600; 300 longtail)")
     # Accuracy jumps ~15 points per 25 steps near the target; checking often (a greedy pass costs ~0.1 s) lands the
     # checkpoint close to the threshold instead of overshooting it.
-    parser.add_argument("--check-every", type=int, default=5)
+    parser.add_argument("--check-every", type=int, default=None, help="steps between checks (default 5; 20 longtail)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -216,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         filler_max=args.filler_max,
         filler_dist=args.filler_dist,
         target_accuracy=target,
-        max_steps=args.max_steps if args.max_steps is not None else (1200 if longtail else 600),
-        check_every=args.check_every,
+        max_steps=args.max_steps if args.max_steps is not None else (300 if longtail else 600),
+        check_every=args.check_every if args.check_every is not None else (20 if longtail else 5),
         seed=args.seed,
         threads=args.threads,
         snapshot=args.snapshot,
