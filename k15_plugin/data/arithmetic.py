@@ -676,7 +676,7 @@ def supervised_warm_start(
         if progress:
             print(f"[warm start] resumed from {snapshot} at step {step}", flush=True)
     model.train()
-    while step < max_steps and not (history and step >= min_steps and metrics["accuracy"] >= target_accuracy):
+    while step < max_steps and not (history and metrics["accuracy"] >= target_accuracy):
         idx = torch.randint(len(prompts), (batch_size,), generator=gen).tolist()
         filler = sample_filler_counts(batch_size, gen, filler_max, filler_dist)
         if longtail:

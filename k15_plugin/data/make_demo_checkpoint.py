@@ -101,7 +101,7 @@ def build_checkpoint(
         optim = {**OPTIM, **LONGTAIL_OPTIM}
     else:
         model = build_model(tokenizer, seed=seed, max_position_embeddings=positions)
-        optim = dict(OPTIM)
+        optim = OPTIM
     result = supervised_warm_start(
         model,
         tokenizer,
