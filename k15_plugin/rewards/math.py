@@ -280,11 +280,21 @@ class _CheckerProcess:
             pass
 
 
+_warmed_up = False  # this process has run _warm_up
+
+
+def _warm_up() -> None:
+    """One untimed check, once per process: importing math-verify and SymPy and building the LaTeX parser happen lazily
+    on the first call, and on a loaded machine they take longer than a sample's budget; they are not charged to one."""
+    global _warmed_up
+    if not _warmed_up:
+        check_answer("\\boxed{\\frac{1}{2}}", "0.5", "auto")
+        _warmed_up = True
+
+
 def _checker_main() -> None:
     """Loop of the helper process: ``[completion, reference, extraction]`` lines in, scores out."""
-    # One check before "ready": importing math-verify and SymPy and building the LaTeX parser happen lazily on the
-    # first call, and on a loaded machine they take longer than a sample's budget; they are not charged to it.
-    check_answer("\\boxed{\\frac{1}{2}}", "0.5", "auto")
+    _warm_up()  # before "ready"
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     for line in sys.stdin:
@@ -353,6 +363,7 @@ class MathReward:
         use_signal = self.timeout_backend == "auto" and _signal_timer_usable()
         try:
             if use_signal:
+                _warm_up()
                 return _call_with_signal_timeout(self.timeout_seconds, check_answer, text, reference, self.extraction)
             if self._checker is None:
                 self._checker = _CheckerProcess()
