@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from k15_plugin.data.arithmetic import (
     DEMO_CHECKPOINT_DIR,
     DEMO_FILLER_CHECKPOINT_DIR,
+    DEMO_LONGTAIL_CHECKPOINT_DIR,
     LONGTAIL_LONG,
     LONGTAIL_P_LONG,
     LONGTAIL_SHORT,
@@ -378,6 +379,24 @@ def test_shipped_checkpoint_matches_recorded_accuracy(directory, datasets_pair):
     assert result["accuracy"] == pytest.approx(info["heldout_accuracy"], abs=0.02)
     # Far enough from both ends that RL has something to learn from and room to improve.
     assert 0.15 <= result["accuracy"] <= 0.40
+
+
+def test_shipped_longtail_checkpoint(datasets_pair):
+    """The long-tailed checkpoint: greedy decoding answers directly at the recorded accuracy, a 128-position model with
+    64 new tokens, and its recorded sampled lengths are long-tailed (checked here on a small sample)."""
+    model, tok = load_demo_checkpoint(DEMO_LONGTAIL_CHECKPOINT_DIR)
+    info = read_warm_start_info(DEMO_LONGTAIL_CHECKPOINT_DIR)
+    assert info["filler_dist"] == "longtail" and info["init_from"] == DEMO_FILLER_CHECKPOINT_DIR.name
+    assert model.config.max_position_embeddings == 128 and model.generation_config.max_new_tokens == 64
+    assert sum(f.stat().st_size for f in DEMO_LONGTAIL_CHECKPOINT_DIR.iterdir()) < 3_000_000
+    result = evaluate_greedy(model, tok, datasets_pair[1], max_new_tokens=64, allow_filler=True)
+    assert result["accuracy"] == pytest.approx(info["heldout_accuracy"], abs=0.02)
+    assert result["mean_completion_tokens"] < 5  # greedy takes the short mode
+    recorded = info["sampled_lengths"]
+    assert recorded["frac_long"] == pytest.approx(LONGTAIL_P_LONG, abs=0.03) and recorded["frac_truncated"] < 0.05
+    # 100 prompts x 2 samples: the long share's standard error is ~0.025 here, so 0.1 is four of them.
+    stats = sample_completion_lengths(model, tok, datasets_pair[1].select(range(100)), num_samples=2, seed=0)
+    assert stats["frac_long"] == pytest.approx(LONGTAIL_P_LONG, abs=0.1)
 
 
 def test_warm_start_info_of_older_checkpoints_says_uniform():

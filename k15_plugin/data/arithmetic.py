@@ -24,8 +24,8 @@ The optional *filler* variant (``filler_max > 0``) puts 0..filler_max random ``.
 warm-start data, so the policy emits answers of varying length; this gives the length penalty something to act on.
 
 The *long-tailed* variant (``filler_dist="longtail"``, shipped as :data:`DEMO_LONGTAIL_CHECKPOINT_DIR`) draws the
-filler count from a mixture instead: 0..3 with probability 0.85, 40..56 with probability 0.15. Sampled completions
-are then mostly a few tokens long with a minority of up to 60 tokens (56 filler + 3 digits + EOS), the shape that
+filler count from a mixture instead: none with probability 0.85, 40..56 with probability 0.15. Sampled completions
+are then mostly 2-4 tokens long with a minority of up to 60 tokens (56 filler + 3 digits + EOS), the shape that
 partial rollouts (cutting long generations into segments) are for. Its model has ``max_position_embeddings=128``
 (prompt up to 7 tokens + 64 new tokens) and its ``generation_config.max_new_tokens`` is 64.
 """
@@ -103,11 +103,15 @@ WARM_START_FILE = "warm_start.json"
 
 # Filler-count distributions of the warm start: "uniform" is 0..filler_max, "longtail" the mixture below.
 FILLER_DISTS = ("uniform", "longtail")
-# The long-tailed mixture: a short filler prefix (0..3 tokens) for most samples and a long one (40..56 tokens) for
-# LONGTAIL_P_LONG of them, so a minority of completions is long (up to 56 + 3 digits + EOS = 60 tokens) -- a
-# workload for partial rollouts. Both ranges are inclusive; the gap between them keeps "long" unambiguous.
+# The long-tailed mixture: no filler for most samples and a long filler prefix (40..56 tokens) for LONGTAIL_P_LONG of
+# them, so a minority of completions is long (up to 56 + 3 digits + EOS = 60 tokens) -- a workload for partial
+# rollouts. Both ranges are inclusive; the gap between them keeps "long" unambiguous. The short component is a single
+# value so that the most likely first token is the answer's: greedy decoding then answers directly (and greedy
+# held-out accuracy measures the arithmetic), while sampling enters the long mode about once in seven. (With a
+# short component of 0..3, greedy decoding took a "." at every step up to the long mode and, unable to count to
+# 40..56 exactly, ran out of tokens: 0-1% greedy accuracy after 120 fine-tuning steps.)
 LONGTAIL_P_LONG = 0.15
-LONGTAIL_SHORT = (0, 3)
+LONGTAIL_SHORT = (0, 0)
 LONGTAIL_LONG = (40, 56)
 # The long-tailed model's position range and generation budget: prompt (at most 7 tokens with BOS) + 64 new tokens
 # fits in 128 positions, and 64 new tokens hold the longest warm-start completion (60) with a little room.

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from k15_plugin.data.arithmetic import (
     DEMO_CHECKPOINT_DIR,
@@ -97,7 +97,9 @@ def build_checkpoint(
     if longtail:
         # Fine-tuned from the shipped filler checkpoint (it already adds, with 0..6 filler tokens): only the long
         # filler runs are new. RoPE has no position parameters, so its weights load into the 128-position model.
-        model = LlamaForCausalLM.from_pretrained(DEMO_FILLER_CHECKPOINT_DIR, max_position_embeddings=positions)
+        # (The config is passed whole: a keyword argument to from_pretrained also lands in the generation config.)
+        config = LlamaConfig.from_pretrained(DEMO_FILLER_CHECKPOINT_DIR, max_position_embeddings=positions)
+        model = LlamaForCausalLM.from_pretrained(DEMO_FILLER_CHECKPOINT_DIR, config=config)
         optim = {**OPTIM, **LONGTAIL_OPTIM}
     else:
         model = build_model(tokenizer, seed=seed, max_position_embeddings=positions)
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         "--filler-dist",
         choices=FILLER_DISTS,
         default="uniform",
-        help="filler count distribution: uniform in 0..--filler-max, or longtail (0..3 w.p. 0.85, 40..56 w.p. 0.15; "
+        help="filler count distribution: uniform in 0..--filler-max, or longtail (none w.p. 0.85, 40..56 w.p. 0.15; "
         "leave --filler-max at 0)",
     )
     parser.add_argument(
