@@ -1,6 +1,8 @@
-"""Partial rollouts in a real 2-process run (torchrun, gloo, CPU); each process writes what it saw as JSON.
+"""Partial rollouts in a real 2-process run (gloo, CPU); each process writes what it saw as JSON.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/partial_two_process.py OUTPUT_DIR
+
+(the test starts the two processes itself, with the environment torchrun would give them).
 
 Generation is scripted (the completion of "a+b=" is a function of a and b, continued by at most the segment budget
 per call), so what every process must receive is known; groups of 4 straddle the processes (6 rows each).

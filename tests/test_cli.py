@@ -119,7 +119,10 @@ def _cli(args, cwd, timeout=1800):  # a slow, loaded 2-core machine: minutes of 
         (["trainer.per_device_train_batch_size=12"], "trainer.num_generations"),
         (["reward=code", "reward.code.isolation=container"], "reward.code.isolation"),
         (["reward=code", "reward.code.allow_paths=[/nonexistent/k15]"], "reward.code.allow_paths: /nonexistent/k15"),
-        (["rollout=partial", "rollout.segment_tokens=3"], "rollout.segment_tokens: rollout_segment_tokens=3 must divide"),
+        (
+            ["rollout=partial", "rollout.segment_tokens=3"],
+            "rollout.segment_tokens: rollout_segment_tokens=3 must divide",
+        ),
         (["rollout=partial", "trainer.max_completion_length=6"], "rollout.segment_tokens=null"),
         (["rollout=partial", "rollout.loss_mask=first"], "rollout.loss_mask"),
         (["rollout=partial", "rollout.repeat.min_count=1"], "rollout.repeat.min_count: repeat_min_count must be"),

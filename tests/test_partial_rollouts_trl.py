@@ -143,7 +143,7 @@ def test_trajectories_continue_over_segments_and_groups_train_whole(tmp_path, to
     fresh_calls = [prefixes for _, prefixes in scripted if all(p[-1] == EQUALS for p in prefixes)]
     assert len(fresh_calls[0]) == 3 * 16  # the first rollout batch admits 2 extra batches (12 / 4 - 1)
     delayed = 0
-    for (step, prompts, completions), out in zip(reward.batches, outputs, strict=True):
+    for (_step, prompts, completions), out in zip(reward.batches, outputs, strict=True):
         prompt_ids = tokenizer(prompts)["input_ids"]
         for g in range(0, 16, 4):  # whole groups of 4 consecutive rows, each completion its full target
             assert len(set(prompts[g : g + 4])) == 1
@@ -325,26 +325,38 @@ def test_bad_settings_are_refused_in_one_line(tmp_path, tokenizer, dataset, name
 
 
 def test_two_processes_take_identical_decisions(tmp_path):
-    """A real 2-process launch (torchrun, gloo): both processes hold the same buffer after every rollout batch, each
-    generates its share of the work, and their slices together are whole groups of full trajectories."""
+    """A real 2-process launch (gloo): both processes hold the same buffer after every rollout batch, each generates
+    its share of the work, and their slices together are whole groups of full trajectories.
+
+    The two processes get the environment torchrun gives its workers (RANK, WORLD_SIZE, MASTER_ADDR, ...), started
+    directly: the launcher itself would be a third process importing torch (the CLI's own test goes through
+    torchrun)."""
     import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    import socket
-
     script = Path(__file__).with_name("partial_two_process.py")
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     with socket.socket() as s:  # a port of its own: another test may run torchrun on the default one at the same time
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         str(script), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", GROUP_RANK="0", ROLE_RANK="0")  # fmt: skip
+    processes = [
+        subprocess.Popen([sys.executable, str(script), str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r),
+                         "ROLE_WORLD_SIZE": "2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]  # fmt: skip
+    try:
+        results = [p.communicate(timeout=1800) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, stderr) in zip(processes, results, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert all(r["completions_are_targets"] for r in ranks)  # every row continued from its own prefix

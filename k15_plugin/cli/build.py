@@ -168,10 +168,12 @@ def _check_ranges(cfg: DictConfig) -> None:
     r = cfg.rollout
     if r.name == "partial" and r.segment_tokens is None and t.max_completion_length % 4:
         raise ConfigError(f"rollout.segment_tokens=null takes a quarter of trainer.max_completion_length="
-                          f"{t.max_completion_length}, which is not a multiple of 4: set rollout.segment_tokens")  # fmt: skip
+                          f"{t.max_completion_length}, which is not a multiple of 4: "
+                          "set rollout.segment_tokens")  # fmt: skip
     if r.name == "partial" and r.segment_tokens == 0:
         raise ConfigError("rollout.segment_tokens=0 with rollout=partial: set a budget that divides "
-                          f"trainer.max_completion_length={t.max_completion_length} (or null for a quarter of it)")  # fmt: skip
+                          f"trainer.max_completion_length={t.max_completion_length} "
+                          "(or null for a quarter of it)")  # fmt: skip
     rollout = t.per_device_train_batch_size * max(1, cfg.launcher.num_processes) * t.steps_per_generation
     if rollout % t.num_generations != 0:
         raise ConfigError(

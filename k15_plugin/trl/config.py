@@ -197,8 +197,11 @@ class K15Options:
             # frequency/presence penalties count output tokens only, so a continued prefix would reset them.
             per_call = {"min_new_tokens", "min_length", "max_length", "exponential_decay_length_penalty",
                         "frequency_penalty", "presence_penalty"} & set(self.generation_kwargs or {})  # fmt: skip
-            _require(not per_call, f"{what}: generation_kwargs {sorted(per_call)} act per generate call, so a "
-                                   "trajectory continued over several calls would be sampled differently; remove them")
+            _require(
+                not per_call,
+                f"{what}: generation_kwargs {sorted(per_call)} act per generate call, so a "
+                "trajectory continued over several calls would be sampled differently; remove them",
+            )
         w = self.length_penalty_weight
         _require(
             isinstance(w, (int, float)) and math.isfinite(w) and w >= 0,

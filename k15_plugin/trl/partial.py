@@ -217,7 +217,9 @@ class K15PartialRolloutMixin:
             return []
         dataset = self.train_dataset
         sampler = getattr(self, "_k15_sampler", None)
-        weights = sampler.chunk_weights(0).double() if sampler is not None else torch.ones(len(dataset), dtype=torch.double)
+        weights = (
+            sampler.chunk_weights(0).double() if sampler is not None else torch.ones(len(dataset), dtype=torch.double)
+        )
         generator = torch.Generator().manual_seed(self.args.seed + 15_000)
         replacement = int((weights > 0).sum()) < count
         indices = torch.multinomial(weights, count, replacement=replacement, generator=generator).tolist()
@@ -368,7 +370,9 @@ class K15PartialRolloutMixin:
         path = os.path.join(checkpoint, PARTIAL_STATE_NAME)
         if self._k15_buffer is None:
             if os.path.isfile(path):
-                warnings.warn(f"{path}: partial rollouts are off in this run; the saved buffer is dropped", stacklevel=2)
+                warnings.warn(
+                    f"{path}: partial rollouts are off in this run; the saved buffer is dropped", stacklevel=2
+                )
             return
         if not os.path.isfile(path):
             warnings.warn(f"{path} not found: the partial-rollout buffer starts empty", stacklevel=2)

@@ -161,7 +161,8 @@ class K15TrainerMixin(K15PartialRolloutMixin, K15SamplerMixin):
             local = torch.tensor([r.status == "repeat" for r in replay] or [False] * len(inputs), device=device)
             repeats = gather(local.long()).bool()  # (N,)
             rewards_per_func[:, :n] = rewards_per_func[:, :n].masked_fill(repeats[:, None], 0.0)
-            rewards_per_func[:, self._k15_repeat_column] = -self.args.repeat_penalty * repeats.to(rewards_per_func.dtype)
+            penalty = -self.args.repeat_penalty * repeats.to(rewards_per_func.dtype)
+            rewards_per_func[:, self._k15_repeat_column] = penalty
             local_lengths = local_lengths.masked_fill(local, self.max_completion_length)
             if training:
                 self._metrics["train"]["k15/repeat/rate"].append(repeats.float().mean().item())
