@@ -21,6 +21,7 @@ import torch
         ("length_penalty", ["tokens_ratio", "accuracy_delta"]),
         ("gpu_step", ["step_time_ratio", "weights_changed_by_one_lr1e-6_step", "k15_train"]),
         ("sandbox", ["programs_per_second", "allowlist_per_core"]),
+        ("partial_rollouts", ["throughput_ratio", "generation_throughput_ratio", "accuracy_delta", "seeds"]),
     ],
 )
 def test_benchmark_smoke(bench, keys, monkeypatch, capsys):
