@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -29,6 +32,22 @@ DEMO = dict(
     save_strategy="no",
     disable_tqdm=True,
 )
+
+
+def run_jobs(module: str, one_run, jobs: list, workers: int) -> list[dict]:
+    """``one_run(*job)`` for each job, in order: here one after another (``workers`` 0), or ``workers`` at a time, each
+    in a fresh ``python -m <module> --one <job as JSON>`` process whose last stdout line is the result as JSON."""
+    if workers == 0:
+        return [one_run(*job) for job in jobs]
+
+    def run(job):
+        out = subprocess.run([sys.executable, "-m", module, "--one", json.dumps(job)], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{module} --one {json.dumps(job)} failed:\n{out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, jobs))
 
 
 def machine() -> str:

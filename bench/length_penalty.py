@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from bench.common import RESULTS, build_trainer, demo_task, machine, write_json_line
+from bench.common import RESULTS, build_trainer, demo_task, machine, run_jobs, write_json_line
 
 MAX_TOKENS = 10  # 3 digits + EOS + up to 6 filler tokens
 # Logged every steps/20 steps: sampled accuracy, sampled length, the penalty's weight, the share of groups with no
@@ -113,22 +110,8 @@ def main() -> None:
         cli.seeds, cli.steps, cli.warmup, cli.ramp = 1, 3, 1, 0
         cli.workers = 0  # no new processes: the test suite runs this in its own
 
-    def run(job):
-        with_penalty, seed = job
-        payload = json.dumps([with_penalty, seed, cli.steps, cli.weight, cli.warmup, cli.ramp])
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.length_penalty", "--one", payload], capture_output=True, text=True
-        )
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-2000:])
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    jobs = [(p, s) for s in range(cli.seeds) for p in (False, True)]
-    if cli.workers == 0:
-        runs = [one_run(p, s, cli.steps, cli.weight, cli.warmup, cli.ramp) for p, s in jobs]
-    else:
-        with ThreadPoolExecutor(cli.workers) as pool:
-            runs = list(pool.map(run, jobs))
+    jobs = [[p, s, cli.steps, cli.weight, cli.warmup, cli.ramp] for s in range(cli.seeds) for p in (False, True)]
+    runs = run_jobs("bench.length_penalty", one_run, jobs, cli.workers)
 
     def mean(with_penalty, key):
         return statistics.mean(r["after"][key] for r in runs if r["with_penalty"] == with_penalty)

@@ -28,15 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from bench.common import RESULTS, build_trainer, machine, write_json_line
+from bench.common import RESULTS, build_trainer, machine, run_jobs, write_json_line
 
 # The measured setting, and the smoke test's (a few seconds: 2 prompts x 8 samples, 16 tokens in segments of 8).
 FULL = {"max_tokens": 64, "segment": 16, "rows": 128}
@@ -186,19 +183,8 @@ def main() -> None:
     if cli.steps < warmup_batches(setting) + 2:
         parser.error(f"--steps: at least {warmup_batches(setting) + 2} (the warm-up is {warmup_batches(setting)})")
 
-    def run(job):
-        out = subprocess.run([sys.executable, "-m", "bench.partial_rollouts", "--one", json.dumps(job)],
-                             capture_output=True, text=True)  # fmt: skip
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-2000:])
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
     jobs = [(arm, seed, cli.steps, setting) for seed in range(cli.seeds) for arm in arms]  # a seed's arms side by side
-    if cli.workers == 0:
-        runs = [one_run(*job) for job in jobs]
-    else:
-        with ThreadPoolExecutor(cli.workers) as pool:
-            runs = list(pool.map(run, jobs))
+    runs = run_jobs("bench.partial_rollouts", one_run, jobs, cli.workers)
 
     lines = [
         "| arm | trajectories/s end to end | trajectories/s of generation | decode slots used | generation share "

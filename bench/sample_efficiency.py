@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import TrainerCallback
 
-from bench.common import RESULTS, build_trainer, demo_task, machine, write_json_line
+from bench.common import RESULTS, build_trainer, demo_task, machine, run_jobs, write_json_line
 
 # name -> (algorithm, trainer overrides). Every setting sees rollout batches of 16 prompts x 8 samples. "2 passes"
 # takes two optimizer steps on the whole batch (num_iterations=2, k15-train's kimi_md default: the paper's several
@@ -92,14 +89,6 @@ def one_run(name: str, seed: int, rollouts: int, eval_every: int) -> dict:
     return {"name": name, "seed": seed, "final_accuracy": final, "seconds": seconds, "curve": curve.points}
 
 
-def _subprocess_run(name: str, seed: int, rollouts: int, eval_every: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.sample_efficiency", "--one", json.dumps([name, seed, rollouts, eval_every])]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} seed {seed} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def samples_to_target(run: dict, target: float) -> int | None:
     return next((p["samples"] for p in run["curve"] if p["accuracy"] >= target), None)
 
@@ -153,12 +142,8 @@ def main() -> None:
     if cli.smoke:
         names, cli.seeds, cli.rollouts, cli.eval_every = ["k15 tau=1, 2 passes (default)", "grpo, 1 step"], 1, 2, 1
         cli.workers = 0  # no new processes: the test suite runs this in its own
-    jobs = [(n, s) for s in range(cli.seeds) for n in names]
-    if cli.workers == 0:
-        runs = [one_run(n, s, cli.rollouts, cli.eval_every) for n, s in jobs]
-    else:
-        with ThreadPoolExecutor(cli.workers) as pool:
-            runs = list(pool.map(lambda j: _subprocess_run(j[0], j[1], cli.rollouts, cli.eval_every), jobs))
+    jobs = [[n, s, cli.rollouts, cli.eval_every] for s in range(cli.seeds) for n in names]
+    runs = run_jobs("bench.sample_efficiency", one_run, jobs, cli.workers)
 
     rows = []
     for name in names:
