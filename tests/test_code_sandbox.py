@@ -607,6 +607,30 @@ def test_required_isolation_refuses_rather_than_running_unisolated(monkeypatch):
         Sandbox(timeout_seconds=1.0, memory_mb=102, isolation="denylist").mode()
 
 
+def test_probe_does_not_use_the_per_input_time_limit():
+    """A loaded machine may take longer than a short per-input limit to start Python: the probe still passes, and the
+    programs themselves keep the short limit."""
+    box = Sandbox(timeout_seconds=0.05, memory_mb=103)  # a config no other test probed
+    assert box.mode().python
+    (result,) = box.run("import time\ntime.sleep(5)\n", [""])
+    assert result.timed_out
+
+
+def test_a_failed_probe_says_what_the_program_did():
+    from k15_plugin.rewards.sandbox import RunResult, _why_probe_failed
+
+    assert _why_probe_failed([]) == "no result"
+    assert _why_probe_failed([RunResult(exit_code=None, stdout="", error="sandbox failed (EOFError): x")]) == (
+        "sandbox failed (EOFError): x")  # fmt: skip
+    timed_out = RunResult(exit_code=None, stdout="", signal=9, timed_out=True, seconds=30.02)
+    assert _why_probe_failed([timed_out]) == "timed out after 30.0 s"
+    killed = RunResult(exit_code=None, stdout="", signal=9, stderr_tail="Traceback\nMemoryError\n")
+    assert _why_probe_failed([killed]) == "killed by signal 9: MemoryError"
+    assert _why_probe_failed([RunResult(exit_code=1, stdout="", stderr_tail="ImportError: x")]) == (
+        "exited with 1: ImportError: x")  # fmt: skip
+    assert _why_probe_failed([RunResult(exit_code=0, stdout="4\n")]) == "printed '4' instead of 5"
+
+
 def _without_cap_sys_admin(monkeypatch) -> None:
     """Start the launchers as root without CAP_SYS_ADMIN (a default Docker container): no namespaces."""
     import k15_plugin.rewards.sandbox as sandbox_module

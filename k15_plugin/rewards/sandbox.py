@@ -66,7 +66,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from k15_plugin.rewards import _launcher
 from k15_plugin.rewards._launcher import MINIMAL_PATH, SETUP_FAILED, WORKDIR
@@ -594,6 +594,27 @@ class _Slot:
                 pass
 
 
+def _why_probe_failed(results: list[RunResult]) -> str:
+    """One phrase for a failed probe run: the sandbox's own error, else what the program did."""
+    if not results:
+        return "no result"
+    result = results[0]
+    if result.error:
+        return result.error
+    tail = " ".join(result.stderr_tail.strip().splitlines()[-1:])
+    if result.timed_out:
+        what = f"timed out after {result.seconds:.1f} s"
+    elif result.output_overflow:
+        what = "wrote too much output"
+    elif result.signal is not None:
+        what = f"killed by signal {result.signal}"
+    elif result.exit_code != 0:
+        what = f"exited with {result.exit_code}"
+    else:
+        what = f"printed {result.stdout.strip()[:80]!r} instead of 5"
+    return f"{what}: {tail}" if tail else what
+
+
 def _slot_uid(config: SandboxConfig, mode: _Mode, slot: int) -> int | None:
     if not mode.drop_uid:
         return None
@@ -688,6 +709,10 @@ class Sandbox:
         isolation = cfg.isolation
         errors = []
         setup_failed = False
+        # The probe checks that the sandbox works, not the user's per-input time limit: a loaded machine may take
+        # more than a short timeout to start Python (the memory and other limits stay, so a too-small one shows).
+        probe_cfg = replace(cfg, timeout_seconds=max(cfg.timeout_seconds, 30.0),
+                            cpu_seconds=None if cfg.cpu_seconds is None else max(cfg.cpu_seconds, 31))  # fmt: skip
         for python in _python_candidates(cfg):
             try:
                 mode = _Mode(isolation=isolation, userns=not is_root and isolation != "none", drop_uid=is_root,
@@ -698,7 +723,7 @@ class Sandbox:
                 errors.append(str(err))
                 continue
             try:
-                slot = _Slot(cfg, mode, 0)
+                slot = _Slot(probe_cfg, mode, 0)
             except SandboxUnavailableError as err:
                 errors.append(str(err))
                 setup_failed = True
@@ -713,8 +738,7 @@ class Sandbox:
                     mode.notes["uid"] = uid_note
                 self._warn_about(mode, cgroup_note)
                 return mode
-            tail = results[0].stderr_tail.strip().splitlines()[-1:] if results else ["no result"]
-            errors.append(f"{python}: {results[0].error or ' '.join(tail)}")
+            errors.append(f"{python}: {_why_probe_failed(results)}")
         if cgroup:
             _remove_cgroup(cgroup)
         if setup_failed and isolation != "none":
