@@ -10,6 +10,7 @@ import json
 import platform
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,18 +35,41 @@ DEMO = dict(
 )
 
 
-def run_jobs(module: str, one_run, jobs: list, workers: int) -> list[dict]:
+def run_jobs(module: str, one_run, jobs: list, workers: int, cache: Path | None = None) -> list[dict]:
     """``one_run(*job)`` for each job, in order: here one after another (``workers`` 0), or ``workers`` at a time, each
-    in a fresh ``python -m <module> --one <job as JSON>`` process whose last stdout line is the result as JSON."""
-    if workers == 0:
-        return [one_run(*job) for job in jobs]
+    in a fresh ``python -m <module> --one <job as JSON>`` process whose last stdout line is the result as JSON.
+
+    ``cache``: a JSON-lines file of finished jobs (``{"job": ..., "result": ...}``, one line appended as each job
+    ends); jobs already there are not run again, so an interrupted benchmark resumes where it stopped."""
+    done = {}
+    if cache is not None and cache.exists():
+        for line in cache.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by an interruption
+                continue
+            done[json.dumps(entry["job"])] = entry["result"]
+    lock = threading.Lock()
+
+    def finished(job, result):
+        if cache is not None:
+            with lock, cache.open("a") as f:
+                f.write(json.dumps({"job": job, "result": result}) + "\n")
+        return result
 
     def run(job):
-        out = subprocess.run([sys.executable, "-m", module, "--one", json.dumps(job)], capture_output=True, text=True)
+        key = json.dumps(job)
+        if key in done:
+            return done[key]
+        if workers == 0:
+            return finished(job, one_run(*job))
+        out = subprocess.run([sys.executable, "-m", module, "--one", key], capture_output=True, text=True)
         if out.returncode != 0:
-            raise RuntimeError(f"{module} --one {json.dumps(job)} failed:\n{out.stderr[-2000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+            raise RuntimeError(f"{module} --one {key} failed:\n{out.stderr[-2000:]}")
+        return finished(job, json.loads(out.stdout.strip().splitlines()[-1]))
 
+    if workers == 0:
+        return [run(job) for job in jobs]
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(run, jobs))
 

@@ -1,7 +1,10 @@
 """Partial rollouts against full rollouts on a long-tailed task: trajectories per second, idle decode slots, accuracy.
 
-    python -m bench.partial_rollouts            # ~80 minutes on a slow 2-core VM (2 runs at a time, 9 runs)
+    python -m bench.partial_rollouts            # ~80 minutes on a slow 2-core VM (9 runs, 2 at a time); resumes
     python -m bench.partial_rollouts --smoke    # seconds; what the test suite runs
+
+Finished runs are kept in bench/results/partial_rollouts_runs.jsonl: an interrupted benchmark starts again where it
+stopped (``--fresh-start`` runs everything again).
 
 The long-tailed variant of the demo task: the warm-started model (k15_plugin/data/demo_checkpoint_longtail) puts
 no "." filler before most answers but 40-56 before about one in seven, so most completions are 2-4 tokens and
@@ -12,8 +15,11 @@ same checkpoint and seeds:
 * ``full``: TRL's own generation, up to 64 new tokens per trajectory in one call (transformers ``generate`` keeps
   every row of the call busy until the longest is done);
 * ``partial``: ``rollout_segment_tokens=16``, continued over up to 4 rollout batches (loss on every token);
-* ``latest``: the same with ``rollout_loss_mask="latest"`` (loss on each trajectory's last segment), for the
-  choice of the default mask.
+* ``fresh``: segments of 16 with ``rollout_prefill_batches=0``: each rollout batch generates round after round
+  until its own groups have finished, so nothing is carried over (no stale tokens), but rows that finished early
+  leave the later rounds;
+* ``latest`` (optional, ``--arms``): ``partial`` with ``rollout_loss_mask="latest"`` (loss on each trajectory's last
+  segment), for the choice of the default mask.
 
 Runs go two at a time in their own processes (one core each), a seed's arms next to each other. Reported over the
 steady state (the first 8 rollout batches, where the partial arm fills its buffer, are timed separately): trained
@@ -38,7 +44,7 @@ from bench.common import RESULTS, build_trainer, machine, run_jobs, write_json_l
 # The measured setting, and the smoke test's (a few seconds: 2 prompts x 8 samples, 16 tokens in segments of 8).
 FULL = {"max_tokens": 64, "segment": 16, "rows": 128}
 SMOKE = {"max_tokens": 16, "segment": 8, "rows": 16}
-ARMS = ("full", "partial", "latest")
+ARMS = ("full", "partial", "fresh", "latest")
 PASSES = 2  # optimizer steps per rollout batch (num_iterations, the k1.5 trainer's default)
 
 
@@ -51,6 +57,8 @@ def arm_options(arm: str, setting: dict) -> dict:
     if arm == "full":
         return {}
     options = {"rollout_segment_tokens": setting["segment"]}
+    if arm == "fresh":  # nothing in flight between rollout batches: no stale tokens
+        options["rollout_prefill_batches"] = 0
     return {**options, "rollout_loss_mask": "latest"} if arm == "latest" else options
 
 
@@ -163,7 +171,8 @@ def main() -> None:
         "--steps", type=int, default=20, help=f"rollout batches per run ({PASSES} optimizer steps each)"
     )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--arms", default="full,partial,latest", help="comma-separated, from " + ",".join(ARMS))
+    parser.add_argument("--arms", default="full,partial,fresh", help="comma-separated, from " + ",".join(ARMS))
+    parser.add_argument("--fresh-start", action="store_true", help="run every job again (ignore finished runs)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, each in its own process (0: here)")
     parser.add_argument("--smoke", action="store_true", help="1 seed, a few steps, nothing saved")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -179,12 +188,17 @@ def main() -> None:
     setting = FULL
     if cli.smoke:
         setting = {**SMOKE, "heldout": 50}
-        cli.seeds, cli.steps, cli.workers, arms = 1, warmup_batches(SMOKE) + 2, 0, ["full", "partial"]
+        cli.seeds, cli.steps, cli.workers, arms = 1, warmup_batches(SMOKE) + 2, 0, ["full", "partial", "fresh"]
     if cli.steps < warmup_batches(setting) + 2:
         parser.error(f"--steps: at least {warmup_batches(setting) + 2} (the warm-up is {warmup_batches(setting)})")
 
     jobs = [(arm, seed, cli.steps, setting) for seed in range(cli.seeds) for arm in arms]  # a seed's arms side by side
-    runs = run_jobs("bench.partial_rollouts", one_run, jobs, cli.workers)
+    cache = None if cli.smoke else RESULTS / "partial_rollouts_runs.jsonl"
+    if cache is not None:
+        RESULTS.mkdir(exist_ok=True)
+        if cli.fresh_start:
+            cache.unlink(missing_ok=True)
+    runs = run_jobs("bench.partial_rollouts", one_run, jobs, cli.workers, cache)
 
     lines = [
         "| arm | trajectories/s end to end | trajectories/s of generation | decode slots used | generation share "
@@ -205,8 +219,12 @@ def main() -> None:
     print(table)
     start_acc = statistics.mean(r["before"]["accuracy"] for r in runs)
 
-    def ratio(key: str) -> float:
-        return round(_mean(runs, "partial", key) / _mean(runs, "full", key), 3)
+    def ratio(key: str, arm: str = "partial") -> float:
+        return round(_mean(runs, arm, key) / _mean(runs, "full", key), 3)
+
+    def paired_deltas(arm: str) -> list[float]:  # arm - full, seed by seed
+        acc = {(r["arm"], r["seed"]): r["after"]["accuracy"] for r in runs}
+        return [round(acc[arm, seed] - acc["full", seed], 4) for seed in range(cli.seeds)]
 
     accuracy = {arm: _mean(runs, arm, "after", "accuracy") for arm in arms}
     result = {
@@ -214,6 +232,7 @@ def main() -> None:
         "throughput_ratio": ratio("trajectories_per_second"),
         "generation_throughput_ratio": ratio("generation_trajectories_per_second"),
         "accuracy_delta": round(accuracy["partial"] - accuracy["full"], 4),
+        "accuracy_delta_per_seed": paired_deltas("partial"),
         "slot_utilization": {arm: round(_mean(runs, arm, "slot_utilization"), 3) for arm in arms},
         "accuracy": {arm: round(value, 4) for arm, value in accuracy.items()},
         "accuracy_before": round(start_acc, 4),
@@ -227,6 +246,13 @@ def main() -> None:
         "rows_per_batch": setting["rows"],
         "seeds": cli.seeds,
     }
+    if "fresh" in arms:  # segments without carry-over
+        result["fresh"] = {
+            "throughput_ratio": ratio("trajectories_per_second", "fresh"),
+            "generation_throughput_ratio": ratio("generation_trajectories_per_second", "fresh"),
+            "accuracy_delta": round(accuracy["fresh"] - accuracy["full"], 4),
+            "accuracy_delta_per_seed": paired_deltas("fresh"),
+        }
     if "latest" in arms:
         result["latest_minus_all_accuracy"] = round(accuracy["latest"] - accuracy["partial"], 4)
     if not cli.smoke:

@@ -78,7 +78,10 @@ class K15Options:
     rollout_prefill_batches (`int`, defaults to `-1`):
         Extra rollout batches of prompts the first rollout batch admits, so that trajectories can be in flight
         while others train (each rollout batch then admits and trains the same number of groups). `-1`:
-        `max_completion_length / rollout_segment_tokens - 1` (at most `rollout_max_iterations - 1`).
+        `max_completion_length / rollout_segment_tokens - 1` (at most `rollout_max_iterations - 1`). `0`: nothing
+        is carried over between rollout batches (each generates until its own groups have finished: no stale
+        tokens, and rows that finished early leave the later rounds).
+    rollout_loss_mask (`str`, defaults to `"all"`):
         `"all"`: the loss covers every token of a trajectory, with pi_i's log-probs recomputed by the current policy;
         `"latest"`: only its last segment (earlier ones still condition it). GRPO-family trainers only.
     repeat_detection (`bool`, defaults to `False`):
