@@ -43,7 +43,11 @@ def run_jobs(module: str, one_run, jobs: list, workers: int, cache: Path | None 
     ends); jobs already there are not run again, so an interrupted benchmark resumes where it stopped."""
     done = {}
     if cache is not None and cache.exists():
-        for line in cache.read_text().splitlines():
+        text = cache.read_text()
+        if text and not text.endswith("\n"):  # cut short: the next line starts on a line of its own
+            with cache.open("a") as f:
+                f.write("\n")
+        for line in text.splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by an interruption

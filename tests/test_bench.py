@@ -38,3 +38,24 @@ def test_benchmark_smoke(bench, keys, monkeypatch, capsys):
         assert key in last, key
     if bench == "gpu_step":  # the real k15-train run inside it went through
         assert last["k15_train"]["ok"], last["k15_train"]
+
+
+def test_run_jobs_resumes_from_its_cache(tmp_path):
+    from bench.common import run_jobs
+
+    cache = tmp_path / "runs.jsonl"
+    calls = []
+
+    def one_run(arm, seed):
+        calls.append((arm, seed))
+        return {"arm": arm, "seed": seed, "value": seed * 10}
+
+    jobs = [("a", 0), ("a", 1)]
+    first = run_jobs("unused", one_run, jobs, 0, cache)
+    assert calls == jobs and [r["value"] for r in first] == [0, 10]
+    with cache.open("a") as f:
+        f.write('{"job": ["a", 2], "resu')  # a line cut short by an interruption is ignored
+    again = run_jobs("unused", one_run, [*jobs, ("a", 2)], 0, cache)
+    assert calls == [*jobs, ("a", 2)] and again == [*first, {"arm": "a", "seed": 2, "value": 20}]
+    assert run_jobs("unused", one_run, [("a", 2)], 0, cache) == [again[2]] and len(calls) == 3  # kept after the cut
+    assert run_jobs("unused", one_run, [("a", 1)], 0, None) == [first[1]] and calls[-1] == ("a", 1)
