@@ -57,6 +57,7 @@ def run_jobs(module: str, one_run, jobs: list, workers: int, cache: Path | None 
 
     def finished(job, result):
         if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
             with lock, cache.open("a") as f:
                 f.write(json.dumps({"job": job, "result": result}) + "\n")
         return result

@@ -194,10 +194,8 @@ def main() -> None:
 
     jobs = [(arm, seed, cli.steps, setting) for seed in range(cli.seeds) for arm in arms]  # a seed's arms side by side
     cache = None if cli.smoke else RESULTS / "partial_rollouts_runs.jsonl"
-    if cache is not None:
-        RESULTS.mkdir(exist_ok=True)
-        if cli.fresh_start:
-            cache.unlink(missing_ok=True)
+    if cache is not None and cli.fresh_start:
+        cache.unlink(missing_ok=True)
     runs = run_jobs("bench.partial_rollouts", one_run, jobs, cli.workers, cache)
 
     lines = [

@@ -43,7 +43,7 @@ def test_benchmark_smoke(bench, keys, monkeypatch, capsys):
 def test_run_jobs_resumes_from_its_cache(tmp_path):
     from bench.common import run_jobs
 
-    cache = tmp_path / "runs.jsonl"
+    cache = tmp_path / "results" / "runs.jsonl"  # its folder is made on the first write
     calls = []
 
     def one_run(arm, seed):
