@@ -10,6 +10,7 @@ from k15_plugin.core.mirror_descent import (
     sequence_logps,
 )
 from k15_plugin.core.partial_rollouts import PartialRolloutBuffer
+from k15_plugin.core.prompt_sampler import CurriculumPromptSampler, PrioritizedPromptSampler, PromptSampler
 from k15_plugin.core.repeats import RepeatDetector, RepeatRule, first_repeat
 from k15_plugin.core.sampling import (
     CURRICULUM_SCHEDULES,
@@ -22,7 +23,10 @@ from k15_plugin.core.sampling import (
 __all__ = [
     "CURRICULUM_SCHEDULES",
     "ESTIMATORS",
+    "CurriculumPromptSampler",
     "PartialRolloutBuffer",
+    "PrioritizedPromptSampler",
+    "PromptSampler",
     "RepeatDetector",
     "RepeatRule",
     "SuccessRateTracker",
