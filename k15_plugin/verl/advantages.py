@@ -1,0 +1,123 @@
+"""Advantage estimators registered with verl (``algorithm.adv_estimator=...``), all reading ``algorithm.k15``:
+
+* ``k15_md``: r_j - b with b = tau log Z of the prompt's group (``mean`` or ``log_mean_exp``), the k1.5 baseline;
+* ``k15_grpo``: verl's GRPO estimator (``algorithm.norm_adv_by_std_in_grpo=false`` gives Dr. GRPO);
+* ``k15_rloo``: verl's RLOO estimator.
+
+Each adds the k1.5 length penalty first (when ``algorithm.k15.length_penalty.weight > 0``), on whole groups: verl
+calls the estimator with every row of the step and its ``uid``, so a group's min and max length are those of all k
+samples of the prompt, in any row order. The ``k15_grpo`` / ``k15_rloo`` estimators are the baselines for side-by-side
+runs that differ from ``k15_md`` only in the algorithm.
+
+The penalty's warm-up is in trainer steps, which verl does not pass to an estimator: the plugin's trainer
+(``trainer.v1.trainer_mode=k15_sync``) sets it before each advantage computation (:func:`set_trainer_step`). A
+warm-up or ramp without that trainer is refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from verl.trainer.ppo.core_algos import (
+    compute_grpo_outcome_advantage,
+    compute_rloo_outcome_advantage,
+    register_adv_est,
+)
+
+from k15_plugin.core import length_penalty_weight, length_reward, mirror_descent_advantages
+from k15_plugin.verl.options import k15_options
+
+_trainer_step: int | None = None
+
+
+def set_trainer_step(step: int | None) -> None:
+    """The trainer step (rollout batches before this one, from 0) the length penalty's warm-up is counted in."""
+    global _trainer_step
+    _trainer_step = step
+
+
+def groups_by_size(index) -> list[tuple[torch.Tensor, int]]:
+    """Rows bucketed by their ``uid`` group's size: [(rows, k)], rows (M * k,) with each group's k rows consecutive.
+
+    Groups are usually all of size ``rollout.n``; verl's padding rows (one shared ``pad...`` uid) and agent loops
+    that drop a trajectory make other sizes, each handled as groups of its own size.
+    """
+    uids = np.asarray(index)
+    _, inverse, counts = np.unique(uids, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")  # groups consecutive, rows in their original order within
+    size_of_row = counts[inverse[order]]
+    return [(torch.as_tensor(order[size_of_row == k], dtype=torch.long), int(k)) for k in sorted(set(counts.tolist()))]
+
+
+def penalty_weight(options) -> float:
+    lp = options.length_penalty
+    if lp.weight == 0:
+        return 0.0
+    if _trainer_step is None:
+        if lp.warmup_steps or lp.ramp_steps:
+            raise ValueError(
+                "algorithm.k15.length_penalty.warmup_steps/ramp_steps need the trainer step: run with "
+                "trainer.v1.trainer_mode=k15_sync (the plugin's configs do)"
+            )
+        return float(lp.weight)
+    return length_penalty_weight(_trainer_step, lp.weight, lp.warmup_steps, lp.ramp_steps)
+
+
+def penalized_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, options):
+    """(N,) sequence rewards plus the weighted length reward of each row's group, and the weight used."""
+    rewards = token_level_rewards.sum(dim=-1)  # (N,)
+    weight = penalty_weight(options)
+    if weight == 0:
+        return rewards, weight
+    lengths = response_mask.sum(dim=-1)  # (N,) tokens
+    out = rewards.clone()
+    for rows, k in groups_by_size(index):
+        r = rewards[rows]  # (M * k,) groups consecutive
+        out[rows] = r + weight * length_reward(lengths[rows], r >= options.correct_threshold, k).to(r.dtype)
+    return out, weight
+
+
+def _with_length_penalty(token_level_rewards, response_mask, index, config) -> torch.Tensor:
+    """token_level_rewards with each row's length reward added on its last response token."""
+    rewards, weight = penalized_rewards(token_level_rewards, response_mask, index, k15_options(config))
+    if weight == 0:
+        return token_level_rewards
+    extra = rewards - token_level_rewards.sum(dim=-1)  # (N,)
+    mask = response_mask.to(token_level_rewards.dtype)  # (N, T)
+    positions = torch.arange(1, mask.shape[-1] + 1, dtype=mask.dtype) * mask  # (N, T)
+    last = positions.argmax(dim=-1)  # (N,) the row's last response token
+    out = token_level_rewards.clone()
+    rows = torch.arange(out.shape[0])
+    out[rows, last] += extra * mask[rows, last]  # a row without response tokens keeps its rewards
+    return out
+
+
+@register_adv_est("k15_md")
+def compute_k15_md_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config=None,
+                             **kwargs):  # fmt: skip
+    """r_j - tau log Z of the group, broadcast over the row's response tokens: (advantages, returns), each (N, T)."""
+    options = k15_options(config)
+    rewards, _ = penalized_rewards(token_level_rewards, response_mask, index, options)  # (N,)
+    advantages = torch.empty_like(rewards)
+    for rows, k in groups_by_size(index):
+        advantages[rows] = mirror_descent_advantages(rewards[rows], k, options.tau, options.log_z_estimator)
+    advantages = advantages.unsqueeze(-1) * response_mask  # (N, T)
+    return advantages, advantages
+
+
+@register_adv_est("k15_grpo")
+def compute_k15_grpo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config=None,
+                               **kwargs):  # fmt: skip
+    """verl's GRPO advantage on the length-penalized rewards."""
+    rewards = _with_length_penalty(token_level_rewards, response_mask, index, config)
+    norm = True if config is None else bool(config.get("norm_adv_by_std_in_grpo", True))
+    return compute_grpo_outcome_advantage(rewards, response_mask, index, norm_adv_by_std_in_grpo=norm, config=config)
+
+
+@register_adv_est("k15_rloo")
+def compute_k15_rloo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config=None,
+                               **kwargs):  # fmt: skip
+    """verl's RLOO advantage on the length-penalized rewards."""
+    rewards = _with_length_penalty(token_level_rewards, response_mask, index, config)
+    return compute_rloo_outcome_advantage(rewards, response_mask, index, config=config)
