@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from k15_plugin.core.sampling import SuccessRateTracker, curriculum_pool, prioritized_weights
+from k15_plugin.core.sampling import SuccessRateTracker, check_sampler_state, curriculum_pool, prioritized_weights
 
 _STATE_VERSION = 1
 
@@ -165,14 +165,9 @@ class PromptSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`; the next ``iter()`` continues the saved epoch where it stopped."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported sampler state version {state.get('version')!r}, expected {_STATE_VERSION}")
-        for key, value in self._layout().items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"sampler state mismatch for {key}: the checkpoint has {state.get(key)!r}, this run {value!r} "
-                    "(resume with the same dataset, sampler and rollout batch size)"
-                )
+        check_sampler_state(
+            state, _STATE_VERSION, self._layout(), "resume with the same dataset, sampler and rollout batch size"
+        )
         self.tracker.load_state_dict(state["tracker"])
         self.generator.set_state(state["generator"])
         self.epoch = int(state["epoch"])

@@ -206,3 +206,15 @@ def curriculum_pool(
         f = curriculum_fraction(step, start_fraction, ramp_steps)
         mask[order[: _fraction_count(f, num_problems)]] = True
     return mask
+
+
+def check_sampler_state(state: dict, version: int, layout: dict, hint: str) -> None:
+    """Refuse a saved sampler state of another format version or another layout (dataset size, batch shape, kind);
+    ``hint`` says what a matching run needs."""
+    if state.get("version") != version:
+        raise ValueError(f"unsupported sampler state version {state.get('version')!r}, expected {version}")
+    for key, value in layout.items():
+        if state.get(key) != value:
+            raise ValueError(
+                f"sampler state mismatch for {key}: the checkpoint has {state.get(key)!r}, this run {value!r} ({hint})"
+            )

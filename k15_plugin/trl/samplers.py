@@ -34,7 +34,12 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import Sampler
 
-from k15_plugin.core.sampling import SuccessRateTracker, curriculum_pool, prioritized_weights
+from k15_plugin.core.sampling import (
+    SuccessRateTracker,
+    check_sampler_state,
+    curriculum_pool,
+    prioritized_weights,
+)
 
 SAMPLER_STATE_NAME = "k15_sampler_state.pt"
 _STATE_VERSION = 1
@@ -322,14 +327,9 @@ class K15RepeatSampler(Sampler[int]):
                 (transformers' default): they are emitted again as placeholders. ``False`` (``ignore_data_skip``):
                 the stream starts directly with what was not trained on yet.
         """
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported sampler state version {state.get('version')!r}, expected {_STATE_VERSION}")
-        for key, value in self._layout().items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"sampler state mismatch for {key}: the checkpoint has {state.get(key)!r}, this run {value!r} "
-                    "(resume with the same dataset, sampler_type and batch layout)"
-                )
+        check_sampler_state(
+            state, _STATE_VERSION, self._layout(), "resume with the same dataset, sampler_type and batch layout"
+        )
         self.tracker.load_state_dict(state["tracker"])
         self.generator.set_state(state["generator"])
         self.num_chunks_drawn = int(state["num_chunks_drawn"])
