@@ -25,7 +25,7 @@ from verl.trainer.ppo.core_algos import (
 )
 
 from k15_plugin.core import length_penalty_weight, length_reward, mirror_descent_advantages
-from k15_plugin.verl.options import k15_options
+from k15_plugin.host_options import k15_options
 
 _trainer_step: int | None = None
 

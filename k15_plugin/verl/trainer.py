@@ -27,9 +27,9 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.dataset.rl_dataset import collate_fn
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
-from k15_plugin.core.prompt_sampler import CurriculumPromptSampler, PrioritizedPromptSampler, PromptSampler
+from k15_plugin.core.prompt_sampler import PromptSampler
+from k15_plugin.host_options import K15Options, build_prompt_sampler, k15_options
 from k15_plugin.verl.advantages import penalty_weight, set_trainer_step
-from k15_plugin.verl.options import K15Options, k15_options
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +69,6 @@ def difficulty_of(dataset, key: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-def build_prompt_sampler(options: K15Options, dataset, chunk_size: int, seed: int) -> PromptSampler | None:
-    s = options.sampler
-    if s.type == "uniform":
-        return None
-    if s.type == "prioritized":
-        return PrioritizedPromptSampler(len(dataset), chunk_size, seed=seed, prior=s.prior, floor=s.floor)
-    return CurriculumPromptSampler(
-        len(dataset), chunk_size, seed=seed, prior=s.prior, difficulty=difficulty_of(dataset, s.difficulty_key),
-        schedule=s.schedule, switch_step=s.switch_step, hard_fraction=s.hard_fraction,
-        start_fraction=s.start_fraction, ramp_steps=s.ramp_steps,
-    )  # fmt: skip
-
-
 def _as_list(values) -> list:
     return values.tolist() if hasattr(values, "tolist") else list(values)
 
@@ -104,9 +91,12 @@ class K15SyncTrainer(PPOTrainerSync):
     def _init_dataloader(self):
         super()._init_dataloader()
         seed = self.config.data.get("seed", None)
+        sampler = self.k15.sampler
+        difficulty = difficulty_of(self.train_dataset, sampler.difficulty_key) if sampler.type == "curriculum" else None
         self.k15_sampler = build_prompt_sampler(
-            self.k15, self.train_dataset, int(self.config.data.train_batch_size), 0 if seed is None else int(seed)
-        )
+            sampler, len(self.train_dataset), int(self.config.data.train_batch_size), 0 if seed is None else int(seed),
+            difficulty,
+        )  # fmt: skip
         if self.k15_sampler is None:
             return
         loader = self.train_dataloader

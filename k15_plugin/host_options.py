@@ -1,7 +1,9 @@
-"""The plugin's verl settings: the ``algorithm.k15`` node, read and checked in one place (no verl import here).
+"""The k1.5 settings of the Ray-based host adapters (verl, OpenRLHF), read and checked in one place; no host import.
 
-Every key has a default, so an empty node means the paper's defaults with the length penalty off and verl's own
-uniform sampling. Unknown keys and out-of-range values raise ``ValueError`` naming the full key.
+:func:`k15_options` reads verl's ``algorithm.k15`` node: every key has a default, so an empty node means the paper's
+defaults with the length penalty off and the host's own uniform sampling; unknown keys and out-of-range values raise
+``ValueError`` naming the full key. :func:`build_prompt_sampler` turns the sampler settings into a
+:class:`~k15_plugin.core.prompt_sampler.PromptSampler`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from k15_plugin.core.mirror_descent import ESTIMATORS
+from k15_plugin.core.prompt_sampler import CurriculumPromptSampler, PrioritizedPromptSampler, PromptSampler
 from k15_plugin.core.sampling import CURRICULUM_SCHEDULES
 
 SAMPLER_TYPES = ("uniform", "prioritized", "curriculum")
@@ -26,7 +31,7 @@ class LengthPenaltyOptions:
 
 @dataclass(frozen=True)
 class SamplerOptions:
-    type: str = "uniform"  # uniform (verl's own), prioritized or curriculum
+    type: str = "uniform"  # uniform (the host's own), prioritized or curriculum
     prior: float = 0.5  # success rate credited to prompts not attempted yet
     floor: float = 0.05  # prioritized: smallest weight a prompt keeps
     difficulty_key: str = "difficulty"  # curriculum: dataset column (or dotted path, e.g. extra_info.difficulty)
@@ -114,3 +119,21 @@ def k15_options(algorithm) -> K15Options:
     _check(0 < s.start_fraction <= 1, "sampler.start_fraction", "must be in (0, 1]", s.start_fraction)
     _check(s.ramp_steps >= 1, "sampler.ramp_steps", "must be >= 1", s.ramp_steps)
     return o
+
+
+def build_prompt_sampler(
+    options: SamplerOptions, num_problems: int, chunk_size: int, seed: int, difficulty: torch.Tensor | None = None
+) -> PromptSampler | None:
+    """The prompt sampler for ``options`` (None for ``uniform``: the host keeps its own); ``difficulty`` (P,) is
+    needed by the curriculum."""
+    if options.type == "uniform":
+        return None
+    if options.type == "prioritized":
+        return PrioritizedPromptSampler(num_problems, chunk_size, seed=seed, prior=options.prior, floor=options.floor)
+    if difficulty is None:
+        raise ValueError("the curriculum sampler needs difficulty labels")
+    return CurriculumPromptSampler(
+        num_problems, chunk_size, seed=seed, prior=options.prior, difficulty=difficulty, schedule=options.schedule,
+        switch_step=options.switch_step, hard_fraction=options.hard_fraction, start_fraction=options.start_fraction,
+        ramp_steps=options.ramp_steps,
+    )  # fmt: skip
