@@ -15,11 +15,11 @@ from cli_helpers import assert_one_line, main_before_the_job
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from k15_plugin.cli.build import check_config
+from k15_plugin.cli.build import ConfigError, check_config
 from k15_plugin.cli.train import config_dir
 
 CONF = config_dir()
-GROUPS = ["algorithm", "reward", "sampler", "rollout", "model", "data", "launcher", "experiment"]
+GROUPS = ["algorithm", "reward", "sampler", "rollout", "model", "data", "launcher", "experiment", "host"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +58,15 @@ def test_every_option_composes_and_checks(composer, group, tmp_path):
         if group == "launcher" and option != "local":
             overrides.append("launcher.num_processes=1")  # this test runs as one process
         cfg = composer(overrides)
+        if (group, option) == ("algorithm", "ppo"):  # OpenRLHF's; on TRL it is refused with one line
+            with pytest.raises(ConfigError, match="algorithm=ppo runs on OpenRLHF only: add host=openrlhf"):
+                check_config(cfg)
+            continue
+        if (group, option) == ("host", "openrlhf"):  # the flags (OpenRLHF's parser: tests/test_openrlhf_adapter.py)
+            from k15_plugin.cli.openrlhf_host import build_plan
+
+            assert "--algo.advantage.estimator" in build_plan(cfg, tmp_path).argv
+            continue
         if group == "experiment" and cfg.trainer.bf16:  # a GPU recipe: checked as it would be on a GPU machine
             cfg.trainer.use_cpu = False
         check_config(cfg)

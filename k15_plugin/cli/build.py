@@ -107,6 +107,8 @@ def _trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
 def training_spec(cfg: DictConfig, output_dir: str | os.PathLike) -> TrainingSpec:
     """The TRL config class, trainer name and keyword arguments for this composed config."""
     algo = cfg.algorithm
+    if algo.name == "ppo":
+        raise ConfigError("algorithm=ppo runs on OpenRLHF only: add host=openrlhf (TRL's side has no PPO here)")
     if algo.name not in ALGORITHMS:
         raise ConfigError(f"algorithm={algo.name!r} is not one of {list(ALGORITHMS)}")
     kwargs, sources = _trainer_kwargs(cfg)
@@ -159,7 +161,7 @@ _RANGES = [
 ]
 
 
-def _check_ranges(cfg: DictConfig) -> None:
+def check_ranges(cfg: DictConfig) -> None:
     for key, ok, allowed in _RANGES:
         value = OmegaConf.select(cfg, key)
         if not ok(value):
@@ -224,7 +226,7 @@ def check_config(cfg: DictConfig, output_dir: str | os.PathLike = "unused") -> T
 
     Raises :class:`ConfigError` (one line, names the key).
     """
-    _check_ranges(cfg)
+    check_ranges(cfg)
     spec = training_spec(cfg, output_dir)
     try:
         spec.args = spec.config_cls(**spec.kwargs)

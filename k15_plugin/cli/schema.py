@@ -41,6 +41,16 @@ class GRPOAlgorithm:
 
 
 @dataclass
+class PPOAlgorithm:
+    """OpenRLHF's PPO with a critic (host=openrlhf only)."""
+
+    name: str = "ppo"
+    beta: float = 0.0
+    epsilon: float = 0.2
+    num_iterations: int = 1
+
+
+@dataclass
 class RLOOAlgorithm:
     name: str = "rloo"
     beta: float = 0.0
@@ -244,6 +254,14 @@ class Trainer:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
+# ---------------------------------------------------------------------------------------------------- host
+@dataclass
+class Host:
+    name: str = "trl"
+    dry_run: bool = False
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class K15TrainConfig:
     seed: int = 0
@@ -255,6 +273,7 @@ class K15TrainConfig:
     data: Data = MISSING
     launcher: Launcher = MISSING
     trainer: Trainer = field(default_factory=Trainer)
+    host: Any = MISSING
 
 
 SCHEMAS = {
@@ -262,6 +281,8 @@ SCHEMAS = {
     ("algorithm", "kimi_md_schema"): KimiMDAlgorithm,
     ("algorithm", "grpo_schema"): GRPOAlgorithm,
     ("algorithm", "rloo_schema"): RLOOAlgorithm,
+    ("algorithm", "ppo_schema"): PPOAlgorithm,
+    ("host", "host_schema"): Host,
     ("sampler", "uniform_schema"): UniformSampler,
     ("sampler", "prioritized_schema"): PrioritizedSampler,
     ("sampler", "curriculum_schema"): CurriculumSampler,

@@ -107,9 +107,21 @@ def check_overrides(overrides: list[str]) -> None:
                 OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
             except Exception as err:  # composition errors of any kind become one line
                 raise ConfigError(_one_line(err)) from None
-            check_config(cfg)
+            if cfg.host.name == "openrlhf":
+                check_openrlhf(cfg)
+            else:
+                check_config(cfg)
             check_inputs(cfg)  # the data file, model directory and checkpoint it names
     GlobalHydra.instance().clear()
+
+
+def check_openrlhf(cfg: DictConfig) -> None:
+    """host=openrlhf: the OpenRLHF command line this run would start, checked by OpenRLHF's own parser."""
+    from k15_plugin.cli.build import check_ranges
+    from k15_plugin.cli.openrlhf_host import build_plan, check_plan
+
+    check_ranges(cfg)
+    check_plan(build_plan(cfg, "<run dir>"))
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -158,6 +170,10 @@ def run(cfg: DictConfig) -> dict:
     from k15_plugin.data.tasks import load_task
 
     start = _process_start_time()
+    if cfg.host.name == "openrlhf":
+        from k15_plugin.cli.openrlhf_host import run_openrlhf
+
+        return run_openrlhf(cfg, Path(HydraConfig.get().runtime.output_dir))
     transformers.logging.set_verbosity_error()
     if cfg.trainer.torch_threads > 0:
         torch.set_num_threads(cfg.trainer.torch_threads)

@@ -86,10 +86,14 @@ def sandbox_config(code):
                          cgroup=_plain(code.cgroup))  # fmt: skip
 
 
-def _demo_task(data, tokenizer, seed: int, reward=None) -> Task:
+def _demo_rows(data, seed: int) -> tuple[Dataset, Dataset]:
     train, heldout = make_datasets(num_train=data.num_train, seed=seed, heldout_size=data.heldout_size,
                                    filler_max=data.filler_max)  # fmt: skip
-    train = train.add_column("difficulty", [arithmetic_difficulty(p) for p in train["prompt"]])
+    return train.add_column("difficulty", [arithmetic_difficulty(p) for p in train["prompt"]]), heldout
+
+
+def _demo_task(data, tokenizer, seed: int, reward=None) -> Task:
+    train, heldout = _demo_rows(data, seed)
     allow_filler = data.filler_max > 0
 
     def evaluate(model, tokenizer, rows):
@@ -194,6 +198,15 @@ def load_task(data, tokenizer, seed: int, max_new_tokens: int, reward=None) -> T
     if data.source == "demo_arithmetic":
         return _demo_task(data, tokenizer, seed, reward)
     return _loaded_task(data, seed, max_new_tokens, reward)
+
+
+def task_rows(data, seed: int, max_new_tokens: int, reward=None) -> tuple[Dataset, Dataset]:
+    """The train and held-out rows of :func:`load_task` (columns prompt, answer and, where given, difficulty and
+    tests), without a tokenizer: for hosts that read the rows from files (OpenRLHF)."""
+    if data.source == "demo_arithmetic":
+        return _demo_rows(data, seed)
+    task = _loaded_task(data, seed, max_new_tokens, reward)
+    return task.train, task.heldout
 
 
 @torch.no_grad()

@@ -1,0 +1,286 @@
+"""``k15-train host=openrlhf``: the composed k15-train config as an OpenRLHF 0.11 run.
+
+The run's OpenRLHF command line is built from the same config groups as a TRL run (algorithm, model, data, reward,
+sampler, trainer) plus ``host.flags``, a nested node of OpenRLHF's own dotted flags that is applied last (so any
+OpenRLHF option can be set, and a derived one overridden). Before anything starts, the flags are parsed by
+OpenRLHF's real parser (:func:`k15_plugin.openrlhf.flags.check_flags`) and a refusal names the Hydra key.
+
+What is derived (``host.flags`` wins where both set a flag):
+
+==========================================  =====================================================================
+k15-train                                   OpenRLHF
+==========================================  =====================================================================
+algorithm=kimi_md / grpo / dr_grpo / rloo   ``algo.advantage.estimator`` dr_grpo (replaced by the k1.5 baseline) /
+/ ppo                                       group_norm / dr_grpo / rloo / gae; ``algo.kl`` from ``beta`` (kimi_md: 0)
+algorithm.num_iterations                    ``train.max_epochs`` (passes over each rollout batch)
+algorithm.epsilon                           ``actor.eps_clip``
+model.path or model.name (tiny_demo: the    ``actor.model_name_or_path``
+shipped demo checkpoint)
+data (any source)                           ``data.prompt_dataset`` / ``eval.dataset``: the run's own train and
+                                            held-out rows, written as JSONL into ``<run dir>/openrlhf/``
+reward.verifier                             ``reward.remote_url``: a reward file over k15_plugin.rewards
+trainer.num_generations, max_completion_    ``rollout.n_samples_per_prompt``, ``rollout.max_new_tokens``,
+length, temperature                         ``rollout.temperature``
+trainer.per_device_train_batch_size x       ``rollout.batch_size`` (prompts per rollout batch, the TRL
+steps_per_generation / num_generations      generation batch) and ``train.batch_size`` (samples per optimizer
+(x launcher.num_processes)                  step: per_device x gradient_accumulation_steps x processes)
+trainer.learning_rate, adam_beta1/2,        ``actor.adam.*``, ``actor.max_norm``, ``actor.lr_scheduler``
+weight_decay, max_grad_norm, lr_scheduler
+seed, trainer.save_steps, eval_steps        ``train.seed``, ``ckpt.save_steps``, ``eval.steps``
+==========================================  =====================================================================
+
+The run length is OpenRLHF's: ``host.flags.train.num_episodes`` passes over the prompts (``trainer.max_steps`` is
+TRL's). The length penalty, sampler and k1.5 settings travel as ``args.k15``
+(:class:`~k15_plugin.openrlhf.settings.OpenRLHFSettings`), not as flags.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from k15_plugin.cli.build import ConfigError
+from k15_plugin.host_options import LengthPenaltyOptions, SamplerOptions
+from k15_plugin.openrlhf.flags import OPENRLHF_MODULE, check_flags, flag_of_error, to_flags
+from k15_plugin.openrlhf.settings import OpenRLHFSettings
+
+ESTIMATORS = {"kimi_md": "dr_grpo", "grpo": "group_norm", "dr_grpo": "dr_grpo", "rloo": "rloo", "ppo": "gae"}
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "data" / "demo_checkpoint"
+
+
+@dataclass
+class OpenRLHFPlan:
+    argv: list[str]  # OpenRLHF's flags
+    settings: OpenRLHFSettings  # args.k15
+    sources: dict[str, str]  # flag -> the Hydra key it came from
+    files_dir: Path  # where the run's data and reward files go
+
+    def command(self) -> str:
+        return shlex.join([sys.executable, "-m", OPENRLHF_MODULE, *self.argv])
+
+
+def _plain(value: Any) -> Any:
+    return value.value if hasattr(value, "value") else value
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_of(cfg: DictConfig) -> OpenRLHFSettings:
+    """``args.k15`` for this run."""
+    algorithm, sampler, lp = cfg.algorithm, cfg.sampler, cfg.reward.length_penalty
+    kimi = algorithm.name == "kimi_md"
+    sampler_options = SamplerOptions(
+        type=sampler.name,
+        prior=float(sampler.get("prior", 0.5)),
+        floor=float(sampler.get("floor", 0.05)),
+        schedule=sampler.get("schedule", "staged"),
+        switch_step=int(sampler.get("switch_step", 0)),
+        hard_fraction=float(sampler.get("hard_fraction", 0.5)),
+        start_fraction=float(sampler.get("start_fraction", 0.3)),
+        ramp_steps=int(sampler.get("ramp_steps", 100)),
+    )
+    return OpenRLHFSettings(
+        algorithm=algorithm.name,
+        tau=float(algorithm.tau) if kimi else 1.0,
+        log_z_estimator=algorithm.log_z_estimator if kimi else "mean",
+        length_normalize=bool(algorithm.length_normalize) if kimi else False,
+        correct_threshold=float(lp.correct_threshold),
+        reset_optimizer_each_iteration=bool(algorithm.reset_optimizer_each_iteration) if kimi else False,
+        difficulty_column="difficulty",
+        length_penalty=LengthPenaltyOptions(float(lp.weight), int(lp.warmup_steps), int(lp.ramp_steps)),
+        sampler=sampler_options,
+    )
+
+
+def _derived(cfg: DictConfig, files: Path) -> tuple[dict, dict[str, str]]:
+    """The flags k15-train's own keys imply, and which key each came from."""
+    tree: dict = {}
+    sources: dict[str, str] = {}
+
+    def put(flag: str, value: Any, key: str) -> None:
+        _set(tree, flag, value)
+        sources[f"--{flag}"] = key
+
+    a, t = cfg.algorithm, cfg.trainer
+    if a.name not in ESTIMATORS:
+        raise ConfigError(
+            f"algorithm={a.name} runs on host=trl only; on OpenRLHF use one of {', '.join(ESTIMATORS)} "
+            "(DAPO's dynamic sampling: algorithm=grpo host.flags.algo.dynamic_filtering_enable=true)"
+        )
+    put("algo.advantage.estimator", ESTIMATORS[a.name], "algorithm")
+    beta = float(a.get("beta", 0.0) or 0.0)
+    put("algo.kl.init_coef", beta, "algorithm.beta" if "beta" in a else "algorithm")
+    if beta > 0:
+        put("algo.kl.use_loss", True, "algorithm.beta")
+        put("algo.kl.estimator", "k3", "algorithm.beta")
+    put("train.max_epochs", int(a.num_iterations), "algorithm.num_iterations")
+    if "epsilon" in a:
+        put("actor.eps_clip", float(a.epsilon), "algorithm.epsilon")
+
+    model = cfg.model
+    source = model.path or (str(DEMO_CHECKPOINT) if model.name == "tiny_demo" else model.name)
+    put("actor.model_name_or_path", source, "model.path" if model.path else "model.name")
+
+    put("data.prompt_dataset", str(files / "train.jsonl"), "data")
+    put("eval.dataset", str(files / "heldout.jsonl"), "data")
+    put("data.input_key", "prompt", "data.prompt_column")
+    put("data.label_key", "tests" if _plain(cfg.reward.verifier) == "code" else "answer", "data.answer_column")
+    if cfg.data.chat:
+        put("data.apply_chat_template", True, "data.chat")
+    put("reward.remote_url", str(files / "reward_func.py"), "reward.verifier")
+
+    processes = int(cfg.launcher.num_processes)
+    completions = t.per_device_train_batch_size * processes * t.steps_per_generation
+    if completions % t.num_generations:
+        raise ConfigError(
+            f"trainer.per_device_train_batch_size x steps_per_generation x launcher.num_processes ({completions}) "
+            f"must be a multiple of trainer.num_generations ({t.num_generations})"
+        )
+    put("rollout.batch_size", completions // t.num_generations, "trainer.per_device_train_batch_size")
+    put("rollout.n_samples_per_prompt", int(t.num_generations), "trainer.num_generations")
+    put("rollout.max_new_tokens", int(t.max_completion_length), "trainer.max_completion_length")
+    put("rollout.temperature", float(t.temperature), "trainer.temperature")
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * processes
+    put("train.batch_size", int(per_step), "trainer.per_device_train_batch_size")
+    put("train.seed", int(cfg.seed), "seed")
+    put("actor.adam.lr", float(t.learning_rate), "trainer.learning_rate")
+    put("actor.adam.betas", [float(t.adam_beta1), float(t.adam_beta2)], "trainer.adam_beta2")
+    put("actor.adam.weight_decay", float(t.weight_decay), "trainer.weight_decay")
+    put("actor.max_norm", float(t.max_grad_norm), "trainer.max_grad_norm")
+    put("actor.lr_scheduler", str(t.lr_scheduler_type), "trainer.lr_scheduler_type")
+    if t.warmup_steps == 0:
+        put("actor.lr_warmup_ratio", 0.0, "trainer.warmup_steps")
+    put("ckpt.path", str(files / "checkpoints"), "hydra.run.dir")
+    put("ckpt.output_dir", str(files / "model"), "hydra.run.dir")
+    put("ckpt.save_steps", int(t.save_steps) if t.save_steps > 0 else -1, "trainer.save_steps")
+    if t.resume_from_checkpoint:
+        put("ckpt.path", str(t.resume_from_checkpoint), "trainer.resume_from_checkpoint")
+        put("ckpt.load_enable", True, "trainer.resume_from_checkpoint")
+    put("eval.steps", int(t.eval_steps) if t.eval_steps > 0 else -1, "trainer.eval_steps")
+    put("logger.tensorboard_dir", str(files / "tensorboard"), "hydra.run.dir")
+    return tree, sources
+
+
+def build_plan(cfg: DictConfig, run_dir: str | os.PathLike) -> OpenRLHFPlan:
+    """The OpenRLHF command line and ``args.k15`` of this run; raises :class:`ConfigError` (one line)."""
+    files = Path(run_dir) / "openrlhf"
+    tree, sources = _derived(cfg, files)
+    user = OmegaConf.to_container(cfg.host.flags, resolve=True) or {}
+    for dotted in _dotted(user):
+        sources[f"--{dotted}"] = f"host.flags.{dotted}"
+    merged = _merge(tree, user)
+    flat = _dotted(merged)
+    if flat.get("train.async_enable"):
+        raise ConfigError("host.flags.train.async_enable: the plugin's trainer is OpenRLHF's synchronous one")
+    if cfg.algorithm.name == "kimi_md" and float(flat.get("algo.kl.init_coef", 0) or 0) > 0:
+        raise ConfigError(
+            f"{sources.get('--algo.kl.init_coef', 'host.flags.algo.kl.init_coef')}: algorithm=kimi_md regularises "
+            "with its tau term, not a KL to a reference model: keep algo.kl.init_coef at 0"
+        )
+    try:
+        settings = settings_of(cfg)
+    except ValueError as err:
+        raise ConfigError(f"algorithm: {err}") from None
+    return OpenRLHFPlan(to_flags(merged), settings, sources, files)
+
+
+def check_plan(plan: OpenRLHFPlan) -> None:
+    """OpenRLHF's own parser on the plan's flags; raises :class:`ConfigError` naming the Hydra key."""
+    error = check_flags(plan.argv)
+    if error is None:
+        return
+    flag = flag_of_error(error)
+    key = plan.sources.get(flag or "", None)
+    raise ConfigError(f"{key}: OpenRLHF {error}" if key else f"OpenRLHF {error}")
+
+
+def reward_spec(cfg: DictConfig) -> dict:
+    reward = cfg.reward
+    verifier = _plain(reward.verifier)
+    if verifier == "math":
+        extraction = _plain(reward.math.extraction) or cfg.data.answer_extraction
+        return {"verifier": "math", "extraction": extraction, "timeout_seconds": reward.math.timeout_seconds}
+    if verifier == "code":
+        code = reward.code
+        sandbox = {
+            "timeout_seconds": code.timeout_seconds, "memory_mb": code.memory_mb, "concurrency": code.concurrency,
+            "isolation": _plain(code.isolation), "allow_paths": list(code.allow_paths), "cgroup": _plain(code.cgroup),
+        }  # fmt: skip
+        return {"verifier": "code", "partial_credit": code.partial_credit, "sandbox": sandbox}
+    return {"verifier": "task", "extraction": cfg.data.answer_extraction}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_files(cfg: DictConfig, plan: OpenRLHFPlan) -> None:
+    """The data and reward files the plan's flags name."""
+    from k15_plugin.data.tasks import task_rows
+
+    train, heldout = task_rows(cfg.data, cfg.seed, cfg.trainer.max_completion_length, cfg.reward)
+    for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
+        lines = []
+        for row in rows:
+            if "tests" in row and not isinstance(row["tests"], str):
+                row = {**row, "tests": json.dumps(row["tests"])}
+            lines.append(json.dumps(row))
+        _write_atomic(plan.files_dir / name, "\n".join(lines) + "\n")
+    spec = json.dumps(reward_spec(cfg))
+    _write_atomic(
+        plan.files_dir / "reward_func.py",
+        "# OpenRLHF reward file of this run (--reward.remote_url), written by k15-train\n"
+        "from k15_plugin.openrlhf.reward_func import make_reward_func\n\n"
+        f"reward_func = make_reward_func({spec})\n",
+    )
+
+
+def run_openrlhf(cfg: DictConfig, run_dir: Path) -> dict:
+    """Dry run: print the command; otherwise write the run's files and start OpenRLHF with the plugin's classes."""
+    plan = build_plan(cfg, run_dir)
+    if cfg.host.dry_run:
+        print("# k15-train starts OpenRLHF in-process with the plugin's classes in place; its command line:")
+        print(plan.command())
+        print(f"# args.k15 = {plan.settings}")
+        return {"host": "openrlhf", "dry_run": True, "argv": plan.argv}
+    write_files(cfg, plan)
+    from k15_plugin.openrlhf.launch import run
+
+    run(plan.argv, plan.settings)
+    return {"host": "openrlhf", "argv": plan.argv, "run_dir": str(run_dir)}
