@@ -465,7 +465,10 @@ def test_every_algorithm_composes_to_flags_openrlhf_accepts(tmp_path):
             cfg = compose("config", [f"algorithm={algorithm}", "host=openrlhf", "sampler=prioritized",
                                      "reward=length_penalty"])  # fmt: skip
             plans[algorithm] = build_plan(cfg, tmp_path)
+        for experiment in ("demo", "gsm8k_qwen0.5b"):  # the shipped recipes, on OpenRLHF
+            plans[experiment] = build_plan(compose("config", [f"experiment={experiment}", "host=openrlhf"]), tmp_path)
     assert check_flag_sets([p.argv for p in plans.values()]) == [None] * len(plans)  # OpenRLHF's parser accepts
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in plans.pop("gsm8k_qwen0.5b").argv and plans.pop("demo").argv
     for algorithm, plan in plans.items():
         estimator = {"kimi_md": "dr_grpo", "grpo": "group_norm", "ppo": "gae"}.get(algorithm, algorithm)
         assert plan.argv[plan.argv.index("--algo.advantage.estimator") + 1] == estimator
@@ -516,3 +519,22 @@ def test_the_run_files_are_written_for_openrlhf(tmp_path):
     spec.loader.exec_module(module)  # as OpenRLHF loads --reward.remote_url
     answer = rows[0]["answer"]
     assert module.reward_func([rows[0]["prompt"] + answer], [rows[0]["prompt"]], [answer])["scores"].tolist() == [1.0]
+
+
+def test_the_curriculum_reads_difficulty_from_the_prompt_file_as_openrlhf_loads_it(tmp_path):
+    rows = [{"prompt": f"question {i}", "answer": str(i), "difficulty": float(i % 3)} for i in range(12)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ctrl = object.__new__(actors._K15PPOTrainer)
+    args = _args()
+    args.data = NS(prompt_dataset=str(path), prompt_probs=None, max_samples=100, prompt_split="train")
+    args.k15 = OpenRLHFSettings(sampler=SamplerOptions(type="curriculum", schedule="staged", hard_fraction=0.25))
+    ctrl.strategy, ctrl.k15 = NS(args=args, print=lambda *a, **k: None, is_rank_0=lambda: True), args.k15
+    ctrl.prompts_dataloader, ctrl.samples_generator = NS(dataset=_Prompts(12)), NS(prompts_dataloader=None)
+    ctrl._k15_install_sampler()  # reads the file through OpenRLHF's blending_datasets
+    torch.testing.assert_close(ctrl.k15_sampler.difficulty, torch.arange(12, dtype=torch.float64) % 3)
+    assert all(int(p.split()[1]) % 3 == 2 for p in _collect_prompt_batch(iter(ctrl.prompts_dataloader), G)[0])
+    args.k15 = OpenRLHFSettings(sampler=SamplerOptions(type="curriculum"), difficulty_column="level")
+    ctrl.k15 = args.k15
+    with pytest.raises(ValueError, match="no column 'level'"):
+        ctrl._k15_install_sampler()

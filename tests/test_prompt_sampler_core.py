@@ -128,6 +128,8 @@ def test_pop_emitted_refuses_more_than_was_yielded():
     next(it)
     with pytest.raises(RuntimeError, match="prefetching"):
         sampler.pop_emitted(2)
+    first = next(it)
+    assert sampler.pop_emitted() == [sampler.chunk[0].item(), first] and sampler.pop_emitted() == []
 
 
 @pytest.mark.parametrize(

@@ -129,8 +129,10 @@ class PromptSampler(Sampler[int]):
             self._emitted.append(index)
             yield index
 
-    def pop_emitted(self, count: int) -> list[int]:
-        """The next ``count`` rows yielded and not yet claimed, in yield order (the rows of the batch just fetched)."""
+    def pop_emitted(self, count: int | None = None) -> list[int]:
+        """The next ``count`` rows yielded and not yet claimed, in yield order (the rows of the batch just fetched);
+        all of them when ``count`` is None."""
+        count = len(self._emitted) if count is None else count
         _check_int("count", count, 0)
         if count > len(self._emitted):
             raise RuntimeError(

@@ -106,7 +106,7 @@ class _K15PPOTrainer(plain_class(upstream_trainer.PPOTrainer)):
         stay queued).
         """
         dataset = self.prompts_dataloader.dataset
-        for row in self.k15_sampler.pop_emitted(len(self.k15_sampler._emitted)):
+        for row in self.k15_sampler.pop_emitted():
             self._k15_rows[dataset.prompts[row]].append(row)
         k = self.strategy.args.rollout.n_samples_per_prompt
         by_prompt: dict[str, list[float]] = collections.defaultdict(list)
