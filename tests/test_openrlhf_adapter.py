@@ -36,7 +36,7 @@ from k15_plugin.core import length_reward, mirror_descent_advantages, mirror_des
 from k15_plugin.host_options import LengthPenaltyOptions, SamplerOptions
 from k15_plugin.openrlhf import actors, launch
 from k15_plugin.openrlhf.experience import K15ExperienceMaker
-from k15_plugin.openrlhf.flags import check_flags, to_flags
+from k15_plugin.openrlhf.flags import to_flags
 from k15_plugin.openrlhf.loss import K15MirrorDescentLoss
 from k15_plugin.openrlhf.reward_func import make_reward_func
 from k15_plugin.openrlhf.settings import OpenRLHFSettings
@@ -407,10 +407,15 @@ def test_to_flags_maps_a_nested_node():
     assert to_flags(node) == ["--actor.adam.lr", "1e-06", "--actor.adam.betas", "0.9", "0.95", "--train.colocate_all"]
 
 
-def test_check_flags_uses_openrlhfs_parser():
-    from k15_plugin.openrlhf.flags import check_flag_sets
+def _parsed(argvs):
+    """OpenRLHF's parser in this process (k15-train's own check runs it in a subprocess, tested below)."""
+    from k15_plugin.openrlhf.flags import _parse
 
-    ok, choice, unknown, kind = check_flag_sets([
+    return [None if r.get("ok") else r["error"] for r in _parse(argvs)]
+
+
+def test_check_flags_uses_openrlhfs_parser():
+    ok, choice, unknown, kind = _parsed([
         ["--actor.adam.lr", "1e-6", "--algo.advantage.estimator", "dr_grpo"], ["--algo.advantage.estimator", "bogus"],
         ["--nope", "1"], ["--actor.adam.lr", "fast"],
     ])  # fmt: skip
@@ -457,7 +462,6 @@ def test_every_algorithm_composes_to_flags_openrlhf_accepts(tmp_path):
 
     from k15_plugin.cli.openrlhf_host import build_plan
     from k15_plugin.cli.train import config_dir
-    from k15_plugin.openrlhf.flags import check_flag_sets
 
     plans = {}
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -467,7 +471,7 @@ def test_every_algorithm_composes_to_flags_openrlhf_accepts(tmp_path):
             plans[algorithm] = build_plan(cfg, tmp_path)
         for experiment in ("demo", "gsm8k_qwen0.5b"):  # the shipped recipes, on OpenRLHF
             plans[experiment] = build_plan(compose("config", [f"experiment={experiment}", "host=openrlhf"]), tmp_path)
-    assert check_flag_sets([p.argv for p in plans.values()]) == [None] * len(plans)  # OpenRLHF's parser accepts
+    assert _parsed([p.argv for p in plans.values()]) == [None] * len(plans)  # OpenRLHF's parser accepts them
     assert "Qwen/Qwen2.5-0.5B-Instruct" in plans.pop("gsm8k_qwen0.5b").argv and plans.pop("demo").argv
     for algorithm, plan in plans.items():
         estimator = {"kimi_md": "dr_grpo", "grpo": "group_norm", "ppo": "gae"}.get(algorithm, algorithm)
@@ -497,7 +501,7 @@ def test_dry_run_prints_the_command_and_writes_no_run_files(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     line = next(x for x in out.stdout.splitlines() if " -m openrlhf.cli.train_ppo_ray " in x)
     argv = line.split(" -m openrlhf.cli.train_ppo_ray ", 1)[1].split()
-    assert check_flags(argv) is None
+    assert _parsed([argv]) == [None]
     assert str(tmp_path / "run" / "openrlhf" / "train.jsonl") in line
     assert not (tmp_path / "run" / "openrlhf").exists()
 

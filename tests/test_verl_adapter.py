@@ -576,8 +576,18 @@ def test_compute_advantage_feeds_the_sampler_and_sets_the_step(train_files, monk
     assert "advantages" in written
 
 
-def test_gpu_check_script_composes_on_verl(tmp_path, capsys):
-    from bench.verl_gpu_check import main
+def test_gpu_check_script_overrides_compose_and_validate(tmp_path):
+    from bench.verl_gpu_check import verl_command, write_data
 
-    assert main(["--compose-only", "--workdir", str(tmp_path)]) == 0
-    assert '"composed": true' in capsys.readouterr().out
+    train, val = write_data(tmp_path, 8, seed=0)
+    cmd = verl_command(k15_verl.CONFIG_DIR, "Qwen/Qwen2.5-0.5B-Instruct", train, val, tmp_path, 3)
+    start = cmd.index("-m")
+    assert cmd[start + 1 : start + 4] == [
+        "verl.trainer.main_ppo",
+        f"--config-dir={k15_verl.CONFIG_DIR}",
+        "--config-name=k15_md",
+    ]
+    with initialize_config_dir(config_dir=k15_verl.CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="k15_md", overrides=cmd[start + 4 :])
+    validate_config(cfg, use_reference_policy=False, use_critic=False)
+    assert k15_options(cfg.algorithm).sampler.type == "prioritized"

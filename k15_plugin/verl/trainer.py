@@ -14,8 +14,6 @@ Private verl 0.9 methods overridden: ``_init_dataloader``, ``_init_resource_pool
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import ray
 import torch
@@ -30,8 +28,6 @@ from verl.workers.engine_workers import ActorRolloutRefWorker
 from k15_plugin.core.prompt_sampler import PromptSampler
 from k15_plugin.host_options import K15Options, build_prompt_sampler, k15_options
 from k15_plugin.verl.advantages import penalty_weight, set_trainer_step
-
-logger = logging.getLogger(__name__)
 
 RESETTABLE_STRATEGIES = ("fsdp", "fsdp2")
 
