@@ -85,10 +85,12 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
-def build_trainer(algorithm: str, model, tokenizer, train, reward_funcs, output_dir, callbacks=(), **overrides):
+def build_trainer(algorithm: str, model, tokenizer, train, reward_funcs, output_dir, callbacks=(), trainer_cls=None,
+                  **overrides):  # fmt: skip
     """``algorithm``: ``kimi_md``, ``grpo`` (TRL's GRPOTrainer as-is), ``dr_grpo``, ``rloo`` (TRL's own trainers).
 
-    k1.5 options (``tau``, ``log_z_estimator``, ``num_iterations``, ...) go in ``overrides``.
+    k1.5 options (``tau``, ``log_z_estimator``, ``num_iterations``, ...) go in ``overrides``; ``trainer_cls``
+    replaces the algorithm's trainer class with a subclass of it (same config).
     """
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -96,19 +98,19 @@ def build_trainer(algorithm: str, model, tokenizer, train, reward_funcs, output_
 
     args = {**DEMO, "output_dir": str(output_dir), **overrides}
     if algorithm == "kimi_md":
-        config_cls, trainer_cls = KimiMirrorDescentConfig, KimiMirrorDescentTrainer
+        config_cls, default_cls = KimiMirrorDescentConfig, KimiMirrorDescentTrainer
     elif algorithm in ("grpo", "dr_grpo"):
-        config_cls, trainer_cls = GRPOConfig, GRPOTrainer
+        config_cls, default_cls = GRPOConfig, GRPOTrainer
         if algorithm == "dr_grpo":
             args.update(loss_type="dr_grpo", scale_rewards="none")
     elif algorithm == "rloo":
-        config_cls, trainer_cls = RLOOConfig, RLOOTrainer
+        config_cls, default_cls = RLOOConfig, RLOOTrainer
         args.setdefault("beta", 0.0)
     else:
         raise ValueError(f"algorithm must be one of kimi_md, grpo, dr_grpo, rloo, got {algorithm!r}")
     from transformers.trainer_callback import PrinterCallback
 
-    trainer = trainer_cls(
+    trainer = (trainer_cls or default_cls)(
         model=model,
         reward_funcs=reward_funcs,
         args=config_cls(**args),

@@ -22,6 +22,17 @@ import torch
         ("gpu_step", ["step_time_ratio", "weights_changed_by_one_lr1e-6_step", "k15_train"]),
         ("sandbox", ["programs_per_second", "allowlist_per_core"]),
         ("partial_rollouts", ["throughput_ratio", "generation_throughput_ratio", "accuracy_delta", "seeds"]),
+        (
+            "ablations",
+            [
+                "opmd_vs_rest",
+                "k15_vs_grpo",
+                "curriculum_vs_uniform",
+                "prioritized_vs_uniform",
+                "length_penalty",
+                "seeds",
+            ],
+        ),
     ],
 )
 def test_benchmark_smoke(bench, keys, monkeypatch, capsys):
