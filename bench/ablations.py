@@ -1,7 +1,8 @@
 """The paper's ablations on the demo task, from the same warm-started checkpoint and the same sample budget per arm.
 
-    python -m bench.ablations            # 5 seeds, 80 rollout batches per arm (~35 min on 2 cores, 2 runs at a time)
-    python -m bench.ablations --quick    # 3 seeds, 40 rollout batches (~12 min); the same arms
+    python -m bench.ablations            # 5 seeds (15 for the length penalty), 80 rollout batches per arm: ~45 min
+                                         # on 2 cores, 2 runs at a time
+    python -m bench.ablations --quick    # 3 seeds everywhere, 40 rollout batches: ~10 min; the same arms
     python -m bench.ablations --smoke    # seconds; what the test suite runs
 
 Every arm sees rollout batches of 16 prompts x 8 samples; every seed runs every arm (paired: the same seed gives
@@ -278,21 +279,21 @@ def summarize(runs: list[dict], target: float) -> dict:
         "tokens_ratio": r(tokens), "accuracy_delta": r(_mean(gap)), "accuracy_delta_stderr": r(_stderr(gap)),
         "accuracy_delta_per_seed": [r(x) for x in gap], "accuracy_off": r(_mean(_finals(runs, off))),
         "tokens_off": r(_mean(_finals(runs, off, "mean_completion_tokens"))),
-        "tokens_on": r(_mean(_finals(runs, on, "mean_completion_tokens"))),
+        "tokens_on": r(_mean(_finals(runs, on, "mean_completion_tokens"))), "seeds": len(gap),
     }  # fmt: skip
     return out
 
 
-def table(runs: list[dict], names: list[str], seeds: int) -> str:
-    lines = [f"| arm | held-out accuracy, mean (min-max, {seeds} seeds) | hard subset | greedy tokens | wall s |",
-             "|---|---|---|---|---|"]  # fmt: skip
+def table(runs: list[dict], names: list[str]) -> str:
+    lines = ["| arm | seeds | held-out accuracy, mean (min-max) | hard subset | greedy tokens | wall s |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for name in names:
         acc = _finals(runs, name)
         hard = _finals(runs, name, "hard_accuracy") if ARMS[name][3] == "hard_minority" else []
         tokens = _finals(runs, name, "mean_completion_tokens")
         secs = _mean([r["seconds"] for r in runs if r["name"] == name])
         hard_text = f"{_mean(hard):.3f}" if hard else ""
-        lines.append(f"| {name} | {_mean(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) | {hard_text} | "
+        lines.append(f"| {name} | {len(acc)} | {_mean(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) | {hard_text} | "
                      f"{_mean(tokens):.2f} | {secs:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -326,7 +327,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--target", type=float, default=0.35, help="accuracy for the samples-to-target figures")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, each in its own process")
-    parser.add_argument("--quick", action="store_true", help="3 seeds, 40 rollout batches per arm")
+    parser.add_argument(
+        "--more-seeds", nargs="*", default=["length_penalty=15"], metavar="ABLATION=N",
+        help="seeds in all for an ablation whose spread needs more than --seeds (default: length_penalty=15)",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="3 seeds, 40 rollout batches per arm, no more seeds")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 1 rollout batch per arm, nothing saved")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run in this process
     cli = parser.parse_args()
@@ -335,11 +340,17 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     if cli.quick:
-        cli.seeds, cli.rollouts = 3, 40
+        cli.seeds, cli.rollouts, cli.more_seeds = 3, 40, []
     if cli.smoke:
-        cli.seeds, cli.rollouts, cli.eval_every, cli.workers = 1, 1, 1, 0
+        cli.seeds, cli.rollouts, cli.eval_every, cli.workers, cli.more_seeds = 1, 1, 1, 0, []
     names = list(ARMS)
     jobs = [[n, s, cli.rollouts, cli.eval_every] for s in range(cli.seeds) for n in names]
+    for item in cli.more_seeds:
+        ablation, _, count = item.partition("=")
+        if ablation not in {a for a, *_ in ARMS.values()} or not count.isdigit():
+            parser.error(f"--more-seeds {item}: expected ABLATION=N with ABLATION one of the ablations")
+        more = [n for n in names if ARMS[n][0] == ablation]
+        jobs += [[n, s, cli.rollouts, cli.eval_every] for s in range(cli.seeds, int(count)) for n in more]
     cache = None if cli.smoke else RESULTS / "ablations_runs.jsonl"
     runs = run_jobs("bench.ablations", one_run, jobs, cli.workers, cache=cache)
     summary = summarize(runs, cli.target)
@@ -348,7 +359,7 @@ def main() -> None:
         arms = [n for n in names if ARMS[n][0] == ablation]
         if ablation == "curriculum":
             arms = [K15_DEFAULT, *arms]
-        sections.append(f"### {ablation}\n\n{table(runs, arms, cli.seeds)}\n")
+        sections.append(f"### {ablation}\n\n{table(runs, arms)}\n")
         if not cli.smoke:
             plot(runs, arms, RESULTS / f"ablations_{ablation}.png",
                  "hard_accuracy" if ablation == "prioritized" else "accuracy")  # fmt: skip
@@ -358,8 +369,9 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "ablations.md").write_text(
             f"# ablations ({time.strftime('%Y-%m-%d')}, {machine()}, {cli.workers} runs at a time)\n\n"
-            f"{cli.rollouts} rollout batches x {SAMPLES_PER_ROLLOUT} samples per arm, {cli.seeds} seeds; held-out "
-            f"greedy accuracy on 500 prompts at the end.\n\n{text}\n\n```json\n{json.dumps(summary, indent=2)}\n```\n"
+            f"{cli.rollouts} rollout batches x {SAMPLES_PER_ROLLOUT} samples per arm, {cli.seeds} seeds (more where "
+            f"listed: {' '.join(cli.more_seeds) or 'none'}); held-out greedy accuracy on 500 prompts at the end.\n\n"
+            f"{text}\n\n```json\n{json.dumps(summary, indent=2)}\n```\n"
         )
     write_json_line(
         {"bench": "ablations", **summary, "seeds": cli.seeds, "rollouts": cli.rollouts, "quick": cli.quick},
