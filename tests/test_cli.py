@@ -136,6 +136,10 @@ def _cli(args, cwd, timeout=1800):  # a slow, loaded 2-core machine: minutes of 
         (["rollout=partial", "rollout.loss_mask=first"], "rollout.loss_mask"),
         (["rollout=partial", "rollout.repeat.min_count=1"], "rollout.repeat.min_count: repeat_min_count must be"),
         (["rollout=partial", "algorithm=rloo", "rollout.loss_mask=latest"], "rollout.loss_mask"),
+        (["algorithm=ppo"], "algorithm=ppo runs on OpenRLHF only"),
+        (["host.dry_run=true"], "host.dry_run: only host=openrlhf"),
+        (["host=openrlhf", "algorithm=dapo"], "algorithm=dapo runs on host=trl only"),
+        (["host=openrlhf", "trainer.learning_rate=0"], "trainer.learning_rate"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_loading(tmp_path, monkeypatch, capsys, args, key):

@@ -490,8 +490,9 @@ def test_a_bad_openrlhf_flag_stops_k15_train_with_one_line(tmp_path, monkeypatch
     code, err = main_before_the_job(["host=openrlhf", "+host.flags.train.async_enable=true"], tmp_path, monkeypatch,
                                     capsys)  # fmt: skip
     assert code == 2 and "host.flags.train.async_enable" in err
-    code, err = main_before_the_job(["algorithm=ppo"], tmp_path, monkeypatch, capsys)
-    assert code == 2 and "host=openrlhf" in err
+    multirun = ["-m", "host=openrlhf", "algorithm=kimi_md,rloo", "host.flags.train.num_episodes=x"]
+    code, err = main_before_the_job(multirun, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "host.flags.train.num_episodes: OpenRLHF argument --train.num_episodes: invalid int" in err
 
 
 def test_dry_run_prints_the_command_and_writes_no_run_files(tmp_path):

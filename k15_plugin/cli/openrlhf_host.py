@@ -49,7 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from k15_plugin.cli.build import ConfigError
 from k15_plugin.host_options import LengthPenaltyOptions, SamplerOptions
-from k15_plugin.openrlhf.flags import OPENRLHF_MODULE, check_flags, flag_of_error, to_flags
+from k15_plugin.openrlhf.flags import OPENRLHF_MODULE, check_flag_sets, flag_of_error, to_flags
 from k15_plugin.openrlhf.settings import OpenRLHFSettings
 
 ESTIMATORS = {"kimi_md": "dr_grpo", "grpo": "group_norm", "dr_grpo": "dr_grpo", "rloo": "rloo", "ppo": "gae"}
@@ -219,12 +219,17 @@ def build_plan(cfg: DictConfig, run_dir: str | os.PathLike) -> OpenRLHFPlan:
 
 def check_plan(plan: OpenRLHFPlan) -> None:
     """OpenRLHF's own parser on the plan's flags; raises :class:`ConfigError` naming the Hydra key."""
-    error = check_flags(plan.argv)
-    if error is None:
-        return
-    flag = flag_of_error(error)
-    key = plan.sources.get(flag or "", None)
-    raise ConfigError(f"{key}: OpenRLHF {error}" if key else f"OpenRLHF {error}")
+    check_plans([plan])
+
+
+def check_plans(plans: list[OpenRLHFPlan]) -> None:
+    """:func:`check_plan` for several plans (a multirun) with one start of OpenRLHF's parser."""
+    for plan, error in zip(plans, check_flag_sets([p.argv for p in plans]), strict=True):
+        if error is None:
+            continue
+        flag = flag_of_error(error)
+        key = plan.sources.get(flag or "", None)
+        raise ConfigError(f"{key}: OpenRLHF {error}" if key else f"OpenRLHF {error}")
 
 
 def reward_spec(cfg: DictConfig) -> dict:

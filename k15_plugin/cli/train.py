@@ -100,6 +100,7 @@ def check_overrides(overrides: list[str]) -> None:
 
     ours = [o for o in overrides if not o.lstrip("+~").startswith("hydra.") and o not in ("-m", "--multirun")]
     GlobalHydra.instance().clear()
+    openrlhf_plans = []  # checked together: one start of OpenRLHF's parser for a whole multirun
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         for variant in _override_variants(ours) if ours else [[]]:
             try:
@@ -108,20 +109,27 @@ def check_overrides(overrides: list[str]) -> None:
             except Exception as err:  # composition errors of any kind become one line
                 raise ConfigError(_one_line(err)) from None
             if cfg.host.name == "openrlhf":
-                check_openrlhf(cfg)
+                openrlhf_plans.append(openrlhf_plan(cfg))
             else:
+                if cfg.host.dry_run:
+                    raise ConfigError("host.dry_run: only host=openrlhf has a dry run (k15-train --cfg job prints the "
+                                      "composed config)")  # fmt: skip
                 check_config(cfg)
             check_inputs(cfg)  # the data file, model directory and checkpoint it names
     GlobalHydra.instance().clear()
+    if openrlhf_plans:
+        from k15_plugin.cli.openrlhf_host import check_plans
+
+        check_plans(openrlhf_plans)
 
 
-def check_openrlhf(cfg: DictConfig) -> None:
-    """host=openrlhf: the OpenRLHF command line this run would start, checked by OpenRLHF's own parser."""
+def openrlhf_plan(cfg: DictConfig):
+    """host=openrlhf: the OpenRLHF command line this run would start (checked by OpenRLHF's parser afterwards)."""
     from k15_plugin.cli.build import check_ranges
-    from k15_plugin.cli.openrlhf_host import build_plan, check_plan
+    from k15_plugin.cli.openrlhf_host import build_plan
 
     check_ranges(cfg)
-    check_plan(build_plan(cfg, "<run dir>"))
+    return build_plan(cfg, "<run dir>")
 
 
 # ------------------------------------------------------------------------------------------------ the job
