@@ -591,3 +591,16 @@ def test_gpu_check_script_overrides_compose_and_validate(tmp_path):
         cfg = compose(config_name="k15_md", overrides=cmd[start + 4 :])
     validate_config(cfg, use_reference_policy=False, use_critic=False)
     assert k15_options(cfg.algorithm).sampler.type == "prioritized"
+
+
+def test_compute_score_loads_through_verls_custom_reward_function():
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    cfg = compose_plugin("k15_md", [
+        "reward.custom_reward_function.path=pkg://k15_plugin.verl.rewards",
+        "+reward.custom_reward_function.reward_kwargs.verifier=math",
+        "+reward.custom_reward_function.reward_kwargs.extraction=boxed",
+    ])  # fmt: skip
+    score = get_custom_reward_fn(cfg)  # verl's own loader, with the reward_kwargs bound
+    assert score(data_source="k15", solution_str="so the answer is \\boxed{\\frac{1}{2}}", ground_truth="0.5") == 1.0
+    assert score(data_source="k15", solution_str="\\boxed{3}", ground_truth="0.5") == 0.0

@@ -10,11 +10,12 @@ The returned ``scores`` (correctness in [0, 1]) are what the k1.5 length penalty
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from k15_plugin.rewards.scorer import scorer
 
 
 def completion_of(query: str, prompt: str) -> str:
@@ -23,38 +24,9 @@ def completion_of(query: str, prompt: str) -> str:
     return query[at + len(prompt) :] if at >= 0 else query
 
 
-def _scorer(spec: dict) -> Callable[[list[str], list[Any]], list[float]]:
-    verifier = spec.get("verifier", "math")
-    if verifier == "task":
-        from k15_plugin.rewards.answer import AnswerMatchReward
-
-        reward = AnswerMatchReward(extraction=spec.get("extraction") or "last_number")
-        return lambda completions, labels: reward(completions, answer=labels)
-    if verifier == "math":
-        from k15_plugin.rewards import get_math_reward
-
-        reward = get_math_reward(extraction=spec.get("extraction") or "auto",
-                                 timeout_seconds=float(spec.get("timeout_seconds", 5.0)))  # fmt: skip
-        return lambda completions, labels: reward(completions, answer=labels)
-    if verifier == "code":
-        from k15_plugin.rewards import SandboxConfig, get_code_reward
-
-        sandbox = dict(spec.get("sandbox", {}))
-        sandbox["allow_paths"] = tuple(sandbox.get("allow_paths", ()))
-        partial_credit = bool(spec.get("partial_credit", True))
-        reward = get_code_reward(partial_credit=partial_credit, sandbox=SandboxConfig(**sandbox))
-
-        def score(completions, labels):
-            tests = [json.loads(label) if isinstance(label, str) else label for label in labels]
-            return reward(completions, tests=tests)
-
-        return score
-    raise ValueError(f"verifier must be task, math or code, got {verifier!r}")
-
-
 def make_reward_func(spec: dict | None = None) -> Callable:
     """An OpenRLHF ``reward_func`` for ``spec`` (``{"verifier": "math", "extraction": "auto", ...}``)."""
-    score = _scorer(dict(spec or {}))
+    score = scorer(dict(spec or {}))
 
     def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any], **kwargs) -> dict:
         completions = [completion_of(q, p) for q, p in zip(queries, prompts, strict=True)]
