@@ -168,6 +168,13 @@ def test_multirun_demo_writes_a_run_directory_per_algorithm(tmp_path):
         assert (run_dir / "curves.png").stat().st_size > 1000
         assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
         assert str(run_dir) in result.stdout
+        final = run_dir / "final_model"  # the trained model, loadable as model.path of a later run
+        assert summary["final_model"] == str(final) and not (run_dir / "final_model.tmp").exists()
+        from k15_plugin.data.arithmetic import evaluate_greedy, load_demo_checkpoint, make_datasets
+
+        model, tokenizer = load_demo_checkpoint(final)
+        heldout = make_datasets(seed=0, heldout_size=100)[1]  # the run's held-out rows
+        assert evaluate_greedy(model, tokenizer, heldout)["accuracy"] == summary["eval_accuracy_after"]
         if algorithm == "grpo":  # one step per rollout batch of 128
             assert summary["train_samples"] == 4 * 128
             continue

@@ -245,6 +245,7 @@ class Trainer:
     resume_from_checkpoint: str | None = None
     eval_steps: int = 200
     eval_size: int = 500
+    save_final_model: bool = True
     use_vllm: bool = False
     vllm_mode: str = "colocate"
     vllm_gpu_memory_utilization: float = 0.3

@@ -159,6 +159,20 @@ def _peft_config(model_cfg):
                       task_type="CAUSAL_LM")  # fmt: skip
 
 
+def _save_final_model(trainer, run_dir: Path, is_main: bool) -> str:
+    """The trained model, written to ``<run dir>/final_model`` all at once (a temporary folder renamed into place)."""
+    import shutil
+
+    final, tmp = run_dir / "final_model", run_dir / "final_model.tmp"
+    trainer.save_model(str(tmp))  # every process: DeepSpeed ZeRO-3 gathers the weights; the main one writes
+    trainer.accelerator.wait_for_everyone()
+    if is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    trainer.accelerator.wait_for_everyone()
+    return str(final)
+
+
 def _process_start_time() -> float:
     import psutil
 
@@ -214,6 +228,7 @@ def run(cfg: DictConfig) -> dict:
     trainer.train(resume_from_checkpoint=cfg.trainer.resume_from_checkpoint)
 
     before, after = callback.before, evaluate(None)
+    final_model = _save_final_model(trainer, run_dir, is_main) if t.save_final_model else None
     state = trainer.state
     rollouts = -(
         -state.global_step * args.gradient_accumulation_steps // (args.steps_per_generation * args.num_iterations)
@@ -230,6 +245,7 @@ def run(cfg: DictConfig) -> dict:
         "heldout_size": len(task.heldout),
         "device": str(args.device),  # where training and the held-out evaluation ran
         "run_dir": str(run_dir),
+        "final_model": final_model,
         "overrides": list(HydraConfig.get().overrides.task),
     }
     if is_main:
