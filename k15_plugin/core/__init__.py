@@ -14,6 +14,7 @@ from k15_plugin.core.prompt_sampler import CurriculumPromptSampler, PrioritizedP
 from k15_plugin.core.repeats import RepeatDetector, RepeatRule, first_repeat
 from k15_plugin.core.sampling import (
     CURRICULUM_SCHEDULES,
+    CurriculumPool,
     SuccessRateTracker,
     curriculum_fraction,
     curriculum_pool,
@@ -23,6 +24,7 @@ from k15_plugin.core.sampling import (
 __all__ = [
     "CURRICULUM_SCHEDULES",
     "ESTIMATORS",
+    "CurriculumPool",
     "CurriculumPromptSampler",
     "PartialRolloutBuffer",
     "PrioritizedPromptSampler",

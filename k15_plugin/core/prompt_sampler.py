@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from k15_plugin.core.sampling import SuccessRateTracker, check_sampler_state, curriculum_pool, prioritized_weights
+from k15_plugin.core.sampling import CurriculumPool, SuccessRateTracker, check_sampler_state, prioritized_weights
 
 _STATE_VERSION = 1
 
@@ -194,7 +194,7 @@ class PrioritizedPromptSampler(PromptSampler):
 
 
 class CurriculumPromptSampler(PromptSampler):
-    """Uniform over the pool of :func:`~k15_plugin.core.sampling.curriculum_pool` at the chunk's trainer step.
+    """Uniform over the :class:`~k15_plugin.core.sampling.CurriculumPool` at the chunk's trainer step.
 
     Args:
         difficulty: (P,) difficulty labels, higher is harder.
@@ -206,24 +206,11 @@ class CurriculumPromptSampler(PromptSampler):
                  switch_step: int = 0, hard_fraction: float = 0.5, start_fraction: float = 0.3, ramp_steps: int = 100,
                  **kwargs):  # fmt: skip
         super().__init__(num_problems, chunk_size, **kwargs)
-        if not isinstance(difficulty, torch.Tensor) or difficulty.shape != (num_problems,):
-            raise ValueError(
-                f"difficulty must be a tensor of shape ({num_problems},) (one label per dataset row), "
-                f"got {getattr(difficulty, 'shape', type(difficulty))}"
-            )
-        self.difficulty = difficulty.detach().cpu()
-        self.schedule = schedule
-        self.pool_kwargs = {
-            "switch_step": switch_step,
-            "hard_fraction": hard_fraction,
-            "start_fraction": start_fraction,
-            "ramp_steps": ramp_steps,
-        }
-        self.pool(0)  # validates the schedule and its parameters now
-
-    def pool(self, step: int) -> torch.Tensor:
-        """(P,) bool mask of the rows eligible at trainer step ``step``."""
-        return curriculum_pool(self.difficulty, step, self.schedule, **self.pool_kwargs)
+        self.pool = CurriculumPool(
+            difficulty, num_problems, schedule, switch_step=switch_step, hard_fraction=hard_fraction,
+            start_fraction=start_fraction, ramp_steps=ramp_steps,
+        )  # fmt: skip
+        self.difficulty = self.pool.difficulty
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:
         return self.pool(self.step_of_chunk(chunk_number)).to(torch.float64)  # (P,)

@@ -208,6 +208,37 @@ def curriculum_pool(
     return mask
 
 
+class CurriculumPool:
+    """A curriculum over fixed labels: ``pool(step)`` is :func:`curriculum_pool` with the settings checked once.
+
+    Args:
+        difficulty: (num_problems,) difficulty labels, one per dataset row, higher is harder.
+        num_problems: the dataset size the labels must match.
+        schedule, switch_step, hard_fraction, start_fraction, ramp_steps: see :func:`curriculum_pool`.
+    """
+
+    def __init__(self, difficulty: torch.Tensor, num_problems: int, schedule: str = "staged", *, switch_step: int = 0,
+                 hard_fraction: float = 0.5, start_fraction: float = 0.3, ramp_steps: int = 100):  # fmt: skip
+        if not isinstance(difficulty, torch.Tensor) or difficulty.shape != (num_problems,):
+            raise ValueError(
+                f"difficulty must be a tensor of shape ({num_problems},) (one label per dataset row), "
+                f"got {getattr(difficulty, 'shape', type(difficulty))}"
+            )
+        self.difficulty = difficulty.detach().cpu()
+        self.schedule = schedule
+        self.kwargs = {
+            "switch_step": switch_step,
+            "hard_fraction": hard_fraction,
+            "start_fraction": start_fraction,
+            "ramp_steps": ramp_steps,
+        }
+        self(0)  # checks the schedule and its parameters now
+
+    def __call__(self, step: int) -> torch.Tensor:
+        """(P,) bool mask of the problems eligible at ``step``."""
+        return curriculum_pool(self.difficulty, step, self.schedule, **self.kwargs)
+
+
 def check_sampler_state(state: dict, version: int, layout: dict, hint: str) -> None:
     """Refuse a saved sampler state of another format version or another layout (dataset size, batch shape, kind);
     ``hint`` says what a matching run needs."""

@@ -34,12 +34,7 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import Sampler
 
-from k15_plugin.core.sampling import (
-    SuccessRateTracker,
-    check_sampler_state,
-    curriculum_pool,
-    prioritized_weights,
-)
+from k15_plugin.core.sampling import CurriculumPool, SuccessRateTracker, check_sampler_state, prioritized_weights
 
 SAMPLER_STATE_NAME = "k15_sampler_state.pt"
 _STATE_VERSION = 1
@@ -398,24 +393,12 @@ class CurriculumSampler(K15RepeatSampler):
                  difficulty: torch.Tensor, schedule: str = "staged", switch_step: int = 0, hard_fraction: float = 0.5,
                  start_fraction: float = 0.3, ramp_steps: int = 100, **kwargs):  # fmt: skip
         super().__init__(data_source, mini_repeat_count, batch_size, repeat_count, **kwargs)
-        if not isinstance(difficulty, torch.Tensor) or difficulty.shape != (self.num_samples,):
-            raise ValueError(
-                f"difficulty must be a tensor of shape ({self.num_samples},) (one label per dataset row), "
-                f"got {getattr(difficulty, 'shape', type(difficulty))}"
-            )
-        self.difficulty = difficulty.detach().cpu()
-        self.pool_kwargs = {
-            "switch_step": switch_step,
-            "hard_fraction": hard_fraction,
-            "start_fraction": start_fraction,
-            "ramp_steps": ramp_steps,
-        }
-        self.schedule = schedule
-        self.pool(0)  # validates the schedule and its parameters now
-
-    def pool(self, step: int) -> torch.Tensor:
-        """(P,) bool mask of the problems eligible at optimizer step ``step``."""
-        return curriculum_pool(self.difficulty, step, self.schedule, **self.pool_kwargs)
+        # pool(step): the (P,) bool mask of the problems eligible at optimizer step ``step``
+        self.pool = CurriculumPool(
+            difficulty, self.num_samples, schedule, switch_step=switch_step, hard_fraction=hard_fraction,
+            start_fraction=start_fraction, ramp_steps=ramp_steps,
+        )  # fmt: skip
+        self.difficulty = self.pool.difficulty
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:
         return self.pool(self.step_of_chunk(chunk_number)).to(torch.float64)  # (P,) 1 in the pool, 0 outside
