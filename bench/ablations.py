@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from bench.common import RESULTS, build_trainer, demo_task, machine, run_jobs, write_json_line
+from bench.common import RESULTS, build_trainer, demo_task, machine, run_jobs, samples_to_target, write_json_line
 
 SAMPLES_PER_ROLLOUT = 128
 PAPER = {"num_iterations": 2}  # 2 optimizer steps (passes) per rollout batch, optimizer reset (the default)
@@ -224,10 +224,6 @@ def _finals(runs, name, key="accuracy"):
 def _paired(runs, a, b, key="accuracy"):
     """Per-seed a - b (same seeds)."""
     return [x - y for x, y in zip(_finals(runs, a, key), _finals(runs, b, key), strict=True)]
-
-
-def samples_to_target(run: dict, target: float) -> int | None:
-    return next((p["samples"] for p in run["curve"] if p["accuracy"] >= target), None)
 
 
 def _samples_to(runs, name, target):

@@ -79,6 +79,11 @@ def run_jobs(module: str, one_run, jobs: list, workers: int, cache: Path | None 
         return list(pool.map(run, jobs))
 
 
+def samples_to_target(run: dict, target: float) -> int | None:
+    """Samples a run's held-out curve (points with ``samples`` and ``accuracy``) took to reach ``target``."""
+    return next((p["samples"] for p in run["curve"] if p["accuracy"] >= target), None)
+
+
 def machine() -> str:
     import torch  # here, not at the top: the sandbox benchmark needs no torch
 

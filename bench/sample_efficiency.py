@@ -21,7 +21,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from bench.common import RESULTS, build_trainer, demo_task, machine, run_jobs, write_json_line
+from bench.common import RESULTS, build_trainer, demo_task, machine, run_jobs, samples_to_target, write_json_line
 
 # name -> (algorithm, trainer overrides). Every setting sees rollout batches of 16 prompts x 8 samples. "2 passes"
 # takes two optimizer steps on the whole batch (num_iterations=2, k15-train's kimi_md default: the paper's several
@@ -87,10 +87,6 @@ def one_run(name: str, seed: int, rollouts: int, eval_every: int) -> dict:
     for p in curve.points:
         p["samples"] = p["step"] // updates * SAMPLES_PER_ROLLOUT
     return {"name": name, "seed": seed, "final_accuracy": final, "seconds": seconds, "curve": curve.points}
-
-
-def samples_to_target(run: dict, target: float) -> int | None:
-    return next((p["samples"] for p in run["curve"] if p["accuracy"] >= target), None)
 
 
 def _plot(runs: list[dict], names: list[str], path) -> None:

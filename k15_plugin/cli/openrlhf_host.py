@@ -41,7 +41,7 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -102,16 +102,9 @@ def settings_of(cfg: DictConfig) -> OpenRLHFSettings:
     """``args.k15`` for this run."""
     algorithm, sampler, lp = cfg.algorithm, cfg.sampler, cfg.reward.length_penalty
     kimi = algorithm.name == "kimi_md"
-    sampler_options = SamplerOptions(
-        type=sampler.name,
-        prior=float(sampler.get("prior", 0.5)),
-        floor=float(sampler.get("floor", 0.05)),
-        schedule=sampler.get("schedule", "staged"),
-        switch_step=int(sampler.get("switch_step", 0)),
-        hard_fraction=float(sampler.get("hard_fraction", 0.5)),
-        start_fraction=float(sampler.get("start_fraction", 0.3)),
-        ramp_steps=int(sampler.get("ramp_steps", 100)),
-    )
+    # the sampler group's own keys (its schema types them); the others keep SamplerOptions' defaults
+    shared = {f.name for f in fields(SamplerOptions)} - {"type"}
+    sampler_options = SamplerOptions(type=sampler.name, **{k: v for k, v in sampler.items() if k in shared})
     return OpenRLHFSettings(
         algorithm=algorithm.name,
         tau=float(algorithm.tau) if kimi else 1.0,
