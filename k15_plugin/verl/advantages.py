@@ -64,15 +64,16 @@ def penalty_weight(options) -> float:
     return length_penalty_weight(_trainer_step, lp.weight, lp.warmup_steps, lp.ramp_steps)
 
 
-def penalized_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, options):
-    """(N,) sequence rewards plus the weighted length reward of each row's group, and the weight used."""
+def penalized_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, groups, options):
+    """(N,) sequence rewards plus the weighted length reward of each row's group (``groups``: from
+    :func:`groups_by_size`), and the weight used."""
     rewards = token_level_rewards.sum(dim=-1)  # (N,)
     weight = penalty_weight(options)
     if weight == 0:
         return rewards, weight
     lengths = response_mask.sum(dim=-1)  # (N,) tokens
     out = rewards.clone()
-    for rows, k in groups_by_size(index):
+    for rows, k in groups:
         r = rewards[rows]  # (M * k,) groups consecutive
         out[rows] = r + weight * length_reward(lengths[rows], r >= options.correct_threshold, k).to(r.dtype)
     return out, weight
@@ -80,7 +81,8 @@ def penalized_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Te
 
 def _with_length_penalty(token_level_rewards, response_mask, index, config) -> torch.Tensor:
     """token_level_rewards with each row's length reward added on its last response token."""
-    rewards, weight = penalized_rewards(token_level_rewards, response_mask, index, k15_options(config))
+    options = k15_options(config)
+    rewards, weight = penalized_rewards(token_level_rewards, response_mask, groups_by_size(index), options)
     if weight == 0:
         return token_level_rewards
     extra = rewards - token_level_rewards.sum(dim=-1)  # (N,)
@@ -98,9 +100,10 @@ def compute_k15_md_advantage(token_level_rewards: torch.Tensor, response_mask: t
                              **kwargs):  # fmt: skip
     """r_j - tau log Z of the group, broadcast over the row's response tokens: (advantages, returns), each (N, T)."""
     options = k15_options(config)
-    rewards, _ = penalized_rewards(token_level_rewards, response_mask, index, options)  # (N,)
+    groups = groups_by_size(index)
+    rewards, _ = penalized_rewards(token_level_rewards, response_mask, groups, options)  # (N,)
     advantages = torch.empty_like(rewards)
-    for rows, k in groups_by_size(index):
+    for rows, k in groups:
         advantages[rows] = mirror_descent_advantages(rewards[rows], k, options.tau, options.log_z_estimator)
     advantages = advantages.unsqueeze(-1) * response_mask  # (N, T)
     return advantages, advantages
