@@ -67,10 +67,19 @@ def test_every_option_composes_and_checks(composer, group, tmp_path):
 
             assert "--algo.advantage.estimator" in build_plan(cfg, tmp_path).argv
             continue
-        if group == "experiment" and cfg.trainer.bf16:  # a GPU recipe: checked as it would be on a GPU machine
-            cfg.trainer.use_cpu = False
+        if group == "experiment" and cfg.trainer.bf16:  # a GPU recipe: checked on this CPU machine without bf16
+            cfg.trainer.use_cpu, cfg.trainer.bf16 = True, False
         check_config(cfg)
         assert cfg[group if group != "experiment" else "trainer"] is not None
+
+
+def test_an_experiment_sets_the_trainer(composer):
+    """An experiment's trainer values win over config.yaml's own (they were silently overridden once), and the
+    command line wins over both."""
+    cfg = composer(["experiment=gsm8k_qwen0.5b"])
+    assert (cfg.trainer.max_completion_length, cfg.trainer.learning_rate, cfg.trainer.bf16) == (512, 1e-6, True)
+    cfg = composer(["experiment=gsm8k_qwen0.5b", "trainer.max_steps=7"])
+    assert (cfg.trainer.max_steps, cfg.trainer.learning_rate) == (7, 1e-6)
 
 
 def test_default_config_is_the_demo(composer):
