@@ -157,6 +157,7 @@ _RANGES = [
     ("data.heldout_size", lambda v: v >= 1, "an integer >= 1"),
     ("data.num_train", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("data.filler_max", lambda v: v >= 0, "an integer >= 0"),
+    ("data.terms", lambda v: v in (2, 3), "2 (a+b=) or 3 (a+b+c=, worked answers allowed)"),
     ("launcher.num_processes", lambda v: v >= 1, "an integer >= 1"),
 ]
 
@@ -208,6 +209,9 @@ def check_ranges(cfg: DictConfig) -> None:
         except ValueError as err:
             raise ConfigError(f"reward.code.{err}") from None
     d = cfg.data
+    if d.source == "demo_arithmetic" and d.terms == 3 and d.filler_max:
+        raise ConfigError(f"data.filler_max={d.filler_max} applies to the two-term task only: set data.filler_max=0 "
+                          "with data.terms=3")  # fmt: skip
     if d.source in ("hub", "jsonl") and (OmegaConf.is_missing(d, "path") or not d.path):
         raise ConfigError(f"data.path is required for data.source={d.source} (a Hub dataset id or a JSONL file)")
     if d.source == "jsonl" and not Path(d.path).is_file():

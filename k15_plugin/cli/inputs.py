@@ -368,6 +368,9 @@ def check_data(cfg: DictConfig) -> None:
                           f"loaders pass the difficulty as the `{DIFFICULTY}` column; name the field "
                           f"{DIFFICULTY!r} in the data")  # fmt: skip
     if d.source == "demo_arithmetic":
+        if d.terms == 3 and s.name == "curriculum":
+            raise ConfigError("sampler=curriculum reads difficulty labels, which the three-term task "
+                              "(data.terms=3) does not have: use sampler=uniform or sampler=prioritized")  # fmt: skip
         need, how = prompts_per_batch(cfg)
         if d.num_train is not None and d.num_train < need:
             raise ConfigError(f"data.num_train={d.num_train}: one generation batch needs {need} distinct prompts "
@@ -405,10 +408,10 @@ def _model_config(cfg: DictConfig) -> tuple[dict | None, str]:
     m = cfg.model
     if m.path is not None:
         return _saved_model_config(m.path, "model.path"), f"model.path={m.path}"
-    if m.name == "tiny_demo":
-        from k15_plugin.data.arithmetic import DEMO_CHECKPOINT_DIR
+    from k15_plugin.data.arithmetic import DEMO_MODELS
 
-        return _read_config(DEMO_CHECKPOINT_DIR / "config.json", "model.name", m.name), "model.name=tiny_demo"
+    if m.name in DEMO_MODELS:
+        return _read_config(DEMO_MODELS[m.name] / "config.json", "model.name", m.name), f"model.name={m.name}"
     if (Path(m.name) / "config.json").is_file():
         return _read_config(Path(m.name) / "config.json", "model.name", m.name), f"model.name={m.name}"
     try:  # a Hub model already in the local cache; nothing is downloaded

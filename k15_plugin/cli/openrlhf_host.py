@@ -53,7 +53,6 @@ from k15_plugin.openrlhf.flags import OPENRLHF_MODULE, check_flag_sets, flag_of_
 from k15_plugin.openrlhf.settings import OpenRLHFSettings
 
 ESTIMATORS = {"kimi_md": "dr_grpo", "grpo": "group_norm", "dr_grpo": "dr_grpo", "rloo": "rloo", "ppo": "gae"}
-DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "data" / "demo_checkpoint"
 
 
 @dataclass
@@ -144,7 +143,9 @@ def _derived(cfg: DictConfig, files: Path) -> tuple[dict, dict[str, str]]:
         put("actor.eps_clip", float(a.epsilon), "algorithm.epsilon")
 
     model = cfg.model
-    source = model.path or (str(DEMO_CHECKPOINT) if model.name == "tiny_demo" else model.name)
+    from k15_plugin.data.arithmetic import DEMO_MODELS
+
+    source = model.path or str(DEMO_MODELS.get(model.name, model.name))
     put("actor.model_name_or_path", source, "model.path" if model.path else "model.name")
 
     put("data.prompt_dataset", str(files / "train.jsonl"), "data")

@@ -212,6 +212,7 @@ class Data:
     heldout_size: int = 500
     num_train: int | None = None
     filler_max: int = 0
+    terms: int = 2
 
 
 # ---------------------------------------------------------------------------------------------------- launcher

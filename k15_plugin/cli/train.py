@@ -137,10 +137,10 @@ def _load_model(model_cfg):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model_cfg.name == "tiny_demo":
-        from k15_plugin.data.arithmetic import load_demo_checkpoint
+    from k15_plugin.data.arithmetic import DEMO_MODELS, load_demo_checkpoint
 
-        return load_demo_checkpoint(model_cfg.path)
+    if model_cfg.name in DEMO_MODELS:
+        return load_demo_checkpoint(model_cfg.path or DEMO_MODELS[model_cfg.name])
     source = model_cfg.path or model_cfg.name
     tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
     if tokenizer.pad_token is None:

@@ -57,6 +57,7 @@ __all__ = [
     "DEMO_CHECKPOINT_DIR",
     "DEMO_FILLER_CHECKPOINT_DIR",
     "DEMO_LONGTAIL_CHECKPOINT_DIR",
+    "DEMO_MODELS",
     "FILLER",
     "FILLER_DISTS",
     "HELDOUT_SEED",
@@ -100,6 +101,13 @@ DEMO_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo_checkpoint"
 DEMO_FILLER_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo_checkpoint_filler"
 DEMO_LONGTAIL_CHECKPOINT_DIR = Path(__file__).resolve().parent / "demo_checkpoint_longtail"
 WARM_START_FILE = "warm_start.json"
+# The shipped checkpoints by model name (model.name in k15-train, --model in k15-curate / k15-long2short).
+DEMO_MODELS = {
+    "tiny_demo": DEMO_CHECKPOINT_DIR,
+    "tiny_demo_filler": DEMO_FILLER_CHECKPOINT_DIR,
+    "tiny_demo_sum3_long": Path(__file__).resolve().parent / "demo_checkpoint_sum3_long",
+    "tiny_demo_sum3_short": Path(__file__).resolve().parent / "demo_checkpoint_sum3_short",
+}
 
 # Filler-count distributions of the warm start: "uniform" is 0..filler_max, "longtail" the mixture below.
 FILLER_DISTS = ("uniform", "longtail")
@@ -279,14 +287,19 @@ class ArithmeticReward:
     ``completion_ids`` after the first EOS, so "ends with EOS" means "stopped by itself".
 
     With ``allow_filler=True`` any number of leading ``.`` filler tokens is accepted before the digits (the filler
-    variant of the task). Malformed input of any kind scores 0.0; only a missing ``completion_ids`` or ``answer``
-    argument (a wiring mistake, not a bad sample) raises.
+    variant of the task). With ``allow_steps=True`` (the three-term task, :mod:`k15_plugin.data.sum3`) the completion
+    may show its work first: the answer is the digits after the last ``=``, and what comes before it may hold only
+    digits, ``+`` and ``=`` (``"46+56=102"`` answers ``102``); as with a chain of thought, only the answer is judged.
+    Malformed input of any kind scores 0.0; only a missing ``completion_ids`` or ``answer`` argument (a wiring
+    mistake, not a bad sample) raises.
 
     Instances are picklable (they hold only ints and a small dict), as multi-process reward evaluation needs, and
     carry ``__name__`` because TRL logs rewards under that name.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, allow_filler: bool = False) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase | None = None, allow_filler: bool = False, allow_steps: bool = False
+    ) -> None:
         vocab = dict(VOCAB) if tokenizer is None else dict(tokenizer.get_vocab())
         eos_id = VOCAB[EOS] if tokenizer is None else tokenizer.eos_token_id
         if eos_id is None:
@@ -294,9 +307,12 @@ class ArithmeticReward:
         self.__name__ = "arithmetic_correct"
         self.eos_token_id = int(eos_id)
         self.allow_filler = bool(allow_filler)
+        self.allow_steps = bool(allow_steps)
         # Only digit and filler tokens may appear before EOS; anything else (BOS, PAD, '+', '=') makes it wrong.
         self._id_to_char = {int(i): tok for tok, i in vocab.items() if tok.isdigit() and len(tok) == 1}
         self._filler_id = vocab.get(FILLER)
+        self._step_ids = {vocab.get(c) for c in "+="} - {None}
+        self._equals_id = vocab.get("=")
 
     def score(self, completion_ids: Sequence[int], answer: str | int) -> float:
         """Reward of a single completion (token ids, EOS included) against ``answer``."""
@@ -315,6 +331,11 @@ class ArithmeticReward:
             while start < len(body) and body[start] == self._filler_id:
                 start += 1
             body = body[start:]
+        if self.allow_steps and self._equals_id in body:
+            last = len(body) - 1 - body[::-1].index(self._equals_id)
+            work, body = body[:last], body[last + 1 :]
+            if any(i not in self._id_to_char and i not in self._step_ids for i in work):
+                return 0.0
         chars = [self._id_to_char.get(i) for i in body]
         if not chars or any(c is None for c in chars):
             return 0.0
@@ -338,7 +359,10 @@ class ArithmeticReward:
         return [self.score(ids, ans) for ids, ans in zip(completion_ids, answer, strict=True)]
 
     def __repr__(self) -> str:
-        return f"ArithmeticReward(eos_token_id={self.eos_token_id}, allow_filler={self.allow_filler})"
+        return (
+            f"ArithmeticReward(eos_token_id={self.eos_token_id}, allow_filler={self.allow_filler}, "
+            f"allow_steps={self.allow_steps})"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -372,17 +396,19 @@ def evaluate_greedy(
     max_new_tokens: int | None = None,
     batch_size: int = 500,
     allow_filler: bool = False,
+    allow_steps: bool = False,
 ) -> dict[str, float]:
     """Greedy held-out accuracy and mean completion length (tokens up to and including EOS).
 
     Prompts are left-padded with an attention mask, so ``generate`` derives position ids from the mask and scores
     exactly what a sampled rollout would see. Correctness uses :class:`ArithmeticReward` (``allow_filler`` selects
     the filler variant). ``max_new_tokens`` defaults to the longest correct completion: 4, or 4 + 6 with filler
-    (more filler than that counts as wrong -- it would not fit).
+    (more filler than that counts as wrong -- it would not fit). ``allow_steps``: worked answers are accepted (the
+    three-term task; pass ``max_new_tokens``).
     """
     if max_new_tokens is None:
         max_new_tokens = _MAX_ANSWER_TOKENS + (6 if allow_filler else 0)
-    reward = ArithmeticReward(tokenizer, allow_filler=allow_filler)
+    reward = ArithmeticReward(tokenizer, allow_filler=allow_filler, allow_steps=allow_steps)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

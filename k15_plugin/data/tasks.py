@@ -87,6 +87,10 @@ def sandbox_config(code):
 
 
 def _demo_rows(data, seed: int) -> tuple[Dataset, Dataset]:
+    if data.terms == 3:  # a+b+c= (k15_plugin.data.sum3); no difficulty labels
+        from k15_plugin.data.sum3 import make_sum3_datasets
+
+        return make_sum3_datasets(num_train=data.num_train, seed=seed, heldout_size=data.heldout_size)
     train, heldout = make_datasets(num_train=data.num_train, seed=seed, heldout_size=data.heldout_size,
                                    filler_max=data.filler_max)  # fmt: skip
     return train.add_column("difficulty", [arithmetic_difficulty(p) for p in train["prompt"]]), heldout
@@ -94,12 +98,16 @@ def _demo_rows(data, seed: int) -> tuple[Dataset, Dataset]:
 
 def _demo_task(data, tokenizer, seed: int, reward=None) -> Task:
     train, heldout = _demo_rows(data, seed)
-    allow_filler = data.filler_max > 0
+    allow_filler, steps = data.filler_max > 0, data.terms == 3
+    max_new_tokens = None
+    if steps:
+        from k15_plugin.data.sum3 import MAX_NEW_TOKENS as max_new_tokens
 
     def evaluate(model, tokenizer, rows):
-        return evaluate_greedy(model, tokenizer, rows, allow_filler=allow_filler)
+        return evaluate_greedy(model, tokenizer, rows, max_new_tokens=max_new_tokens, allow_filler=allow_filler,
+                               allow_steps=steps)  # fmt: skip
 
-    exact = ArithmeticReward(tokenizer, allow_filler=allow_filler)
+    exact = ArithmeticReward(tokenizer, allow_filler=allow_filler, allow_steps=steps)
     return Task(train, heldout, reward_funcs(reward, data, train.column_names, exact), evaluate)
 
 
