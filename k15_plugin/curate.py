@@ -191,7 +191,11 @@ def question_type(prompt: Any, answer: Any) -> str | None:
 
 
 class Generator:
-    """``sample(prompts, n) -> [[(text, token_ids), ...n], ...]``: vLLM when usable, else ``transformers``."""
+    """``sample(prompts, n) -> [[(text, token_ids), ...n], ...]``: vLLM when usable, else ``transformers``.
+
+    ``temperature`` 0 decodes greedily. A sample that stopped by itself ends with EOS; one cut at ``max_new_tokens``
+    does not.
+    """
 
     def __init__(self, model: str, backend: str, temperature: float, max_new_tokens: int, batch_size: int,
                  chat: bool, seed: int):  # fmt: skip
@@ -262,10 +266,15 @@ class Generator:
             batch = tok(texts[start : start + per_call], return_tensors="pt", padding=True, padding_side="left")
             batch = {k: v.to(device) for k, v in batch.items()}
             torch.manual_seed(seed + start)  # the same prompts in the same chunks give the same samples
+            # temperature 0: greedy decoding (every other option plain, whatever the generation config says)
+            options = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
+            if self.temperature == 0:
+                options = {"do_sample": False, "num_beams": 1}
             with torch.no_grad():
                 generated = self.model.generate(
-                    **batch, do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0,
+                    **batch, **options, repetition_penalty=1.0, no_repeat_ngram_size=0,
                     max_new_tokens=self.max_new_tokens, num_return_sequences=n, pad_token_id=tok.pad_token_id,
+                    eos_token_id=eos,
                 )  # fmt: skip
             completions = generated[:, batch["input_ids"].shape[1] :].tolist()
             for i in range(len(completions) // n):

@@ -1,0 +1,139 @@
+"""What the long2short commands read: models by path or demo name, prompts from a built-in task or a JSONL file,
+and a scorer that judges completions as the plugin's rewards do."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class Long2ShortError(ValueError):
+    """A user-facing error: one line, naming the option, file or key at fault."""
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def model_dir(value: str, option: str) -> Path:
+    """A saved model's directory: a path, or a shipped demo model's name (``tiny_demo_sum3_long``, ...)."""
+    from k15_plugin.data.arithmetic import DEMO_MODELS
+
+    path = DEMO_MODELS.get(value, Path(value))
+    if not path.is_dir():
+        raise Long2ShortError(
+            f"{option} {value}: not a directory (a model saved with save_pretrained, or one of {sorted(DEMO_MODELS)})"
+        )
+    if not (path / "config.json").is_file():
+        raise Long2ShortError(f"{option} {value}: no config.json in {path} (expected a save_pretrained directory)")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------- JSONL
+def read_jsonl(path: str | Path, option: str) -> list[dict]:
+    """The objects of a JSONL file; a missing file or a bad line is one error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise Long2ShortError(f"{option} {path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise Long2ShortError(f"{path}:{number}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise Long2ShortError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if not rows:
+        raise Long2ShortError(f"{option} {path}: the file has no rows")
+    return rows
+
+
+def require_columns(rows: list[dict], path: str | Path, columns: Sequence[str]) -> None:
+    for number, row in enumerate(rows, 1):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise Long2ShortError(
+                f"{path}: row {number} has no {', '.join(repr(c) for c in missing)} (columns: {sorted(row)})"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------- tasks
+# The built-in tasks: their prompts (train or held-out split), their checker and their generation budget.
+BUILTIN_TASKS = ("demo_sum3", "demo_arithmetic", "demo_arithmetic_filler")
+
+
+@dataclass
+class Prompts:
+    rows: list[dict]  # prompt, answer (and tests for code)
+    source: str  # what they came from, for the provenance files
+    builtin: str | None = None  # the built-in task's name
+    max_new_tokens: int | None = None  # the task's own budget (built-in tasks)
+
+
+def task_prompts(
+    task: str | None,
+    input_path: str | None,
+    split: str,
+    num_prompts: int | None,
+    seed: int = 0,
+    need: Sequence[str] = ("prompt", "answer"),
+) -> Prompts:
+    """The prompts of a built-in task's ``split`` (``train`` or ``heldout``) or of a JSONL file."""
+    if num_prompts is not None and num_prompts < 1:
+        raise Long2ShortError(f"--num-prompts must be >= 1, got {num_prompts}")
+    if task is not None:
+        if task not in BUILTIN_TASKS:
+            raise Long2ShortError(f"--task {task}: not one of {list(BUILTIN_TASKS)}")
+        if task == "demo_sum3":
+            from k15_plugin.data.sum3 import MAX_NEW_TOKENS, make_sum3_datasets
+
+            train, heldout = make_sum3_datasets(seed=seed)
+            budget = MAX_NEW_TOKENS
+        else:
+            from k15_plugin.data.arithmetic import make_datasets
+
+            filler = 6 if task == "demo_arithmetic_filler" else 0
+            train, heldout = make_datasets(seed=seed, filler_max=filler)
+            budget = 4 + filler
+        ds = train if split == "train" else heldout
+        rows = [{"prompt": p, "answer": a} for p, a in zip(ds["prompt"], ds["answer"], strict=True)]
+        source = f"task {task} ({split} split, seed {seed})" if split == "train" else f"task {task} (held-out split)"
+        out = Prompts(rows, source, task, budget)
+    else:
+        rows = read_jsonl(input_path, "--input")
+        require_columns(rows, input_path, need)
+        out = Prompts(rows, str(Path(input_path).resolve()))
+    if num_prompts is not None:
+        out.rows = out.rows[:num_prompts]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- scoring
+Score = Callable[[list[str], list[list[int]], list[dict]], list[float]]
+
+
+def make_scorer(prompts: Prompts, tokenizer, reward: str, extraction: str | None) -> Score:
+    """``score(texts, token_ids, rows) -> rewards``: the built-in task's exact checker (on the token ids, EOS
+    included), or ``reward`` (task: answer match with ``extraction``, math: math-verify, code: the sandbox over the
+    rows' ``tests``) from :mod:`k15_plugin.rewards`."""
+    if prompts.builtin is not None and reward == "task":
+        from k15_plugin.data.arithmetic import ArithmeticReward
+
+        checker = ArithmeticReward(
+            tokenizer,
+            allow_filler=prompts.builtin == "demo_arithmetic_filler",
+            allow_steps=prompts.builtin == "demo_sum3",
+        )
+        return lambda texts, ids, rows: [checker.score(i, r["answer"]) for i, r in zip(ids, rows, strict=True)]
+    from k15_plugin.rewards.scorer import scorer
+
+    spec: dict[str, Any] = {"verifier": reward}
+    if extraction:
+        spec["extraction"] = extraction
+    score = scorer(spec)
+    label = "tests" if reward == "code" else "answer"
+    return lambda texts, ids, rows: [float(x) for x in score(list(texts), [r[label] for r in rows])]
