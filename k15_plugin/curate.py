@@ -343,18 +343,19 @@ def _columns(rows: list[dict], args: argparse.Namespace, need_answer: bool) -> N
                             "and --answer-column")  # fmt: skip
 
 
-def _process(args, rows: list[dict], sidecar: Sidecar, work: Callable[[list[int]], dict[int, dict]], chunk: int,
-             progress: bool) -> bool:  # fmt: skip
-    """Run ``work`` over the unfinished indices in chunks; returns False when stopped by ``--stop-after``."""
+def run_chunks(sidecar: Sidecar, total: int, work: Callable[[list[int]], dict[int, dict]], chunk: int,
+               stop_after: int | None, desc: str, unit: str, progress: bool) -> bool:  # fmt: skip
+    """``work(indices) -> {index: record}`` over the indices ``0..total-1`` the sidecar does not hold yet, ``chunk``
+    at a time, each result saved before the next; at most ``stop_after`` indices (None: all). Returns False when
+    stopped early by ``stop_after``."""
     from tqdm.auto import tqdm
 
-    todo = [i for i in range(len(rows)) if i not in sidecar.done]
-    if args.stop_after is not None:
-        todo, stopped = todo[: args.stop_after], len(todo) > args.stop_after
-    else:
-        stopped = False
-    bar = tqdm(total=len(rows), initial=len(sidecar.done), desc=args.command, unit="prompt", disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    todo = [i for i in range(total) if i not in sidecar.done]
+    stopped = stop_after is not None and len(todo) > stop_after
+    if stop_after is not None:
+        todo = todo[:stop_after]
+    bar = tqdm(total=total, initial=total - len([i for i in range(total) if i not in sidecar.done]), desc=desc,
+               unit=unit, disable=not progress, dynamic_ncols=True)  # fmt: skip
     try:
         for start in range(0, len(todo), chunk):
             indices = todo[start : start + chunk]
@@ -363,6 +364,12 @@ def _process(args, rows: list[dict], sidecar: Sidecar, work: Callable[[list[int]
     finally:
         bar.close()
     return not stopped
+
+
+def _process(args, rows: list[dict], sidecar: Sidecar, work: Callable[[list[int]], dict[int, dict]], chunk: int,
+             progress: bool) -> bool:  # fmt: skip
+    """Run ``work`` over the unfinished prompts in chunks; returns False when stopped by ``--stop-after``."""
+    return run_chunks(sidecar, len(rows), work, chunk, args.stop_after, args.command, "prompt", progress)
 
 
 def _model_defaults(args: argparse.Namespace, command: str) -> None:

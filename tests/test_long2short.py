@@ -106,8 +106,9 @@ def test_shipped_sum3_checkpoints_match_their_records():
         assert sum(f.stat().st_size for f in directory.iterdir()) < 3_000_000
         measured[name] = evaluate_greedy(model, tok, heldout, max_new_tokens=MAX_NEW_TOKENS, allow_steps=True)
         assert measured[name]["accuracy"] == pytest.approx(info["heldout_accuracy"], abs=0.01)
-        assert measured[name]["mean_completion_tokens"] == pytest.approx(info["heldout_mean_completion_tokens"],
-                                                                         abs=0.05)  # fmt: skip
+        assert measured[name]["mean_completion_tokens"] == pytest.approx(
+            info["heldout_mean_completion_tokens"], abs=0.05
+        )
     assert measured["long"]["accuracy"] > measured["short"]["accuracy"] + 0.2
     assert measured["long"]["mean_completion_tokens"] > 3 * measured["short"]["mean_completion_tokens"]
     formats = read_warm_start_info(SUM3_LONG_CHECKPOINT_DIR)["sampled_formats"]
@@ -123,8 +124,19 @@ def test_merge_is_the_weighted_average(tiny_models, tmp_path):
     a, b = load_file(tiny_models["a"] / "model.safetensors"), load_file(tiny_models["b"] / "model.safetensors")
     for weight in (0.5, 0.25, 1.0):
         out = tmp_path / f"m{weight}"
-        summary = run(["merge", "--long", str(tiny_models["a"]), "--short", str(tiny_models["b"]), "--output",
-                       str(out), "--weight-long", str(weight)])  # fmt: skip
+        summary = run(
+            [
+                "merge",
+                "--long",
+                str(tiny_models["a"]),
+                "--short",
+                str(tiny_models["b"]),
+                "--output",
+                str(out),
+                "--weight-long",
+                str(weight),
+            ]
+        )
         assert summary["weight_long"] == weight
         merged = load_file(out / "model.safetensors")
         assert set(merged) == set(a)
@@ -146,16 +158,30 @@ def test_merge_reruns_and_refusals(tiny_models, tmp_path, capsys):
     assert run(args)["skipped"] == "already done"
     assert "another job" in _error([*args, "--weight-long", "0.3"], capsys)  # would silently replace: refused
     assert run([*args, "--weight-long", "0.3", "--overwrite"])["weight_long"] == 0.3
-    line = _error(["merge", "--long", str(tiny_models["a"]), "--short", str(tiny_models["other"]), "--output",
-                   str(tmp_path / "x")], capsys)  # fmt: skip
+    line = _error(
+        [
+            "merge",
+            "--long",
+            str(tiny_models["a"]),
+            "--short",
+            str(tiny_models["other"]),
+            "--output",
+            str(tmp_path / "x"),
+        ],
+        capsys,
+    )
     assert "--short" in line and "hidden_size" in line
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
-    assert "not a directory" in _error(["merge", "--long", str(tmp_path / "nope"), "--short", str(tiny_models["b"]),
-                                        "--output", str(tmp_path / "y")], capsys)  # fmt: skip
+    assert "not a directory" in _error(
+        ["merge", "--long", str(tmp_path / "nope"), "--short", str(tiny_models["b"]), "--output", str(tmp_path / "y")],
+        capsys,
+    )
     assert "--base" in _error([*args, "--method", "ties", "--overwrite"], capsys)
     assert "--weight-long" in _error([*args, "--weight-long", "1.5"], capsys)
-    assert "the same model" in _error(["merge", "--long", str(tiny_models["a"]), "--short", str(tiny_models["a"]),
-                                       "--output", str(tmp_path / "z")], capsys)  # fmt: skip
+    assert "the same model" in _error(
+        ["merge", "--long", str(tiny_models["a"]), "--short", str(tiny_models["a"]), "--output", str(tmp_path / "z")],
+        capsys,
+    )
 
 
 def test_merge_refuses_a_different_tokenizer(tiny_models, tmp_path, capsys):
@@ -168,8 +194,9 @@ def test_merge_refuses_a_different_tokenizer(tiny_models, tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(changed)
     tok.add_special_tokens({"additional_special_tokens": ["<think>"]})
     tok.save_pretrained(changed)
-    line = _error(["merge", "--long", str(tiny_models["a"]), "--short", str(changed), "--output",
-                   str(tmp_path / "m")], capsys)  # fmt: skip
+    line = _error(
+        ["merge", "--long", str(tiny_models["a"]), "--short", str(changed), "--output", str(tmp_path / "m")], capsys
+    )
     assert "vocabulary" in line and "<think>" in line
 
 
@@ -179,8 +206,23 @@ def test_merge_refuses_a_different_tokenizer(tiny_models, tmp_path, capsys):
 
 
 def _sample_args(model, out, *extra):
-    return ["sample", "--model", str(model), "--task", "demo_sum3", "--num-prompts", "6", "--n", "3",
-            "--batch-size", "6", "--quiet", "--output", str(out), *extra]  # fmt: skip
+    return [
+        "sample",
+        "--model",
+        str(model),
+        "--task",
+        "demo_sum3",
+        "--num-prompts",
+        "6",
+        "--n",
+        "3",
+        "--batch-size",
+        "6",
+        "--quiet",
+        "--output",
+        str(out),
+        *extra,
+    ]
 
 
 def test_sample_scores_with_the_task_reward_and_resumes(tmp_path):
@@ -209,37 +251,87 @@ def test_sample_scores_with_the_task_reward_and_resumes(tmp_path):
 
 def test_sample_refusals(tiny_models, tmp_path, capsys):
     bad = _write(tmp_path / "bad.jsonl", [{"prompt": "1+2="}])
-    assert "row 1 has no 'answer'" in _error(["sample", "--model", str(tiny_models["a"]), "--input", str(bad),
-                                              "--output", str(tmp_path / "o.jsonl"), "--max-new-tokens", "4"], capsys)  # fmt: skip
+    assert "row 1 has no 'answer'" in _error(
+        [
+            "sample",
+            "--model",
+            str(tiny_models["a"]),
+            "--input",
+            str(bad),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--max-new-tokens",
+            "4",
+        ],
+        capsys,
+    )
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "1+2=", "answer": "3"}\n{oops\n')
-    assert f"{broken}:2: not JSON" in _error(["sample", "--model", str(tiny_models["a"]), "--input", str(broken),
-                                              "--output", str(tmp_path / "o.jsonl"), "--max-new-tokens", "4"], capsys)  # fmt: skip
-    assert "--max-new-tokens is required" in _error(["sample", "--model", str(tiny_models["a"]), "--input",
-                                                     str(_write(tmp_path / "ok.jsonl", [{"prompt": "1+2=",
-                                                     "answer": "3"}])), "--output", str(tmp_path / "o.jsonl")], capsys)  # fmt: skip
-    assert "--task nope" in _error(["sample", "--model", str(tiny_models["a"]), "--task", "nope", "--output",
-                                    str(tmp_path / "o.jsonl")], capsys)  # fmt: skip
+    assert f"{broken}:2: not JSON" in _error(
+        [
+            "sample",
+            "--model",
+            str(tiny_models["a"]),
+            "--input",
+            str(broken),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--max-new-tokens",
+            "4",
+        ],
+        capsys,
+    )
+    assert "--max-new-tokens is required" in _error(
+        [
+            "sample",
+            "--model",
+            str(tiny_models["a"]),
+            "--input",
+            str(_write(tmp_path / "ok.jsonl", [{"prompt": "1+2=", "answer": "3"}])),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ],
+        capsys,
+    )
+    assert "--task nope" in _error(
+        ["sample", "--model", str(tiny_models["a"]), "--task", "nope", "--output", str(tmp_path / "o.jsonl")], capsys
+    )
     assert not (tmp_path / "o.jsonl").exists()
 
 
 def _samples_row(prompt, answer, samples):
-    return {"prompt": prompt, "answer": answer, "samples": [
-        {"text": t, "tokens": n, "reward": float(c), "correct": c, "truncated": tr} for t, n, c, tr in samples]}  # fmt: skip
+    return {
+        "prompt": prompt,
+        "answer": answer,
+        "samples": [
+            {"text": t, "tokens": n, "reward": float(c), "correct": c, "truncated": tr} for t, n, c, tr in samples
+        ],
+    }
 
 
 @pytest.fixture
 def samples_file(tmp_path):
     rows = [
         # shortest correct: "102" (4 tokens); "46+56=102" (10 >= 1.5 x 4) is a correct negative, wrong ones too
-        _samples_row("12+34+56=", "102", [("12+34+56=46+56=102", 19, True, False), ("103", 4, False, False),
-                                          ("46+56=102", 10, True, False), ("102", 4, True, False)]),
+        _samples_row(
+            "12+34+56=",
+            "102",
+            [
+                ("12+34+56=46+56=102", 19, True, False),
+                ("103", 4, False, False),
+                ("46+56=102", 10, True, False),
+                ("102", 4, True, False),
+            ],
+        ),
         # only a truncated "correct-looking" sample: no positive, the row is dropped
         _samples_row("1+2+3=", "6", [("3+3=6", 5, False, True), ("7", 2, False, False)]),
         # correct answers of 9 and 13 tokens: 13 < 1.5 x 9, so only the wrong one is a negative
-        _samples_row("10+20+30=", "60", [("30+30=60", 9, True, False), ("10+20=30+30=60", 13, True, False),
-                                         ("61", 3, False, False)]),
-    ]  # fmt: skip
+        _samples_row(
+            "10+20+30=",
+            "60",
+            [("30+30=60", 9, True, False), ("10+20=30+30=60", 13, True, False), ("61", 3, False, False)],
+        ),
+    ]
     return _write(tmp_path / "samples.jsonl", rows)
 
 
@@ -247,8 +339,10 @@ def test_build_sft_keeps_the_shortest_correct(samples_file, tmp_path):
     out = tmp_path / "sft.jsonl"
     summary = run(["build-sft", "--samples", str(samples_file), "--output", str(out)])
     assert summary["rows"] == 2 and summary["dropped_no_correct"] == 1
-    assert [(r["prompt"], r["completion"], r["tokens"]) for r in _read(out)] == [("12+34+56=", "102", 4),
-                                                                                ("10+20+30=", "30+30=60", 9)]  # fmt: skip
+    assert [(r["prompt"], r["completion"], r["tokens"]) for r in _read(out)] == [
+        ("12+34+56=", "102", 4),
+        ("10+20+30=", "30+30=60", 9),
+    ]
     rand = tmp_path / "random.jsonl"
     run(["build-sft", "--samples", str(samples_file), "--output", str(rand), "--select", "random", "--seed", "3"])
     picked = _read(rand)
@@ -260,8 +354,12 @@ def test_build_dpo_pairs_follow_the_paper(samples_file, tmp_path):
     out = tmp_path / "pairs.jsonl"
     summary = run(["build-dpo", "--samples", str(samples_file), "--output", str(out), "--pairs-per-prompt", "all"])
     pairs = [(r["prompt"], r["chosen"], r["rejected"], r["rejected_correct"]) for r in _read(out)]
-    assert pairs == [("12+34+56=", "102", "12+34+56=46+56=102", True), ("12+34+56=", "102", "103", False),
-                     ("12+34+56=", "102", "46+56=102", True), ("10+20+30=", "30+30=60", "61", False)]  # fmt: skip
+    assert pairs == [
+        ("12+34+56=", "102", "12+34+56=46+56=102", True),
+        ("12+34+56=", "102", "103", False),
+        ("12+34+56=", "102", "46+56=102", True),
+        ("10+20+30=", "30+30=60", "61", False),
+    ]
     assert summary["pairs"] == 4 and summary["rejected_correct"] == 2 and summary["dropped_no_correct"] == 1
     one = tmp_path / "one.jsonl"
     assert run(["build-dpo", "--samples", str(samples_file), "--output", str(one)])["pairs"] == 2  # one per prompt
@@ -269,11 +367,13 @@ def test_build_dpo_pairs_follow_the_paper(samples_file, tmp_path):
 
 def test_build_refusals(tmp_path, capsys):
     no_samples = _write(tmp_path / "x.jsonl", [{"prompt": "1+2=", "samples": "no"}])
-    assert "row 1 has no 'samples' list" in _error(["build-sft", "--samples", str(no_samples), "--output",
-                                                    str(tmp_path / "o.jsonl")], capsys)  # fmt: skip
+    assert "row 1 has no 'samples' list" in _error(
+        ["build-sft", "--samples", str(no_samples), "--output", str(tmp_path / "o.jsonl")], capsys
+    )
     wrong = _write(tmp_path / "w.jsonl", [_samples_row("1+2=", "3", [("4", 2, False, False)])])
-    assert "no prompt has a correct sample" in _error(["build-dpo", "--samples", str(wrong), "--output",
-                                                       str(tmp_path / "o.jsonl")], capsys)  # fmt: skip
+    assert "no prompt has a correct sample" in _error(
+        ["build-dpo", "--samples", str(wrong), "--output", str(tmp_path / "o.jsonl")], capsys
+    )
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -283,14 +383,29 @@ def test_build_refusals(tmp_path, capsys):
 
 
 def _finetune_args(kind, model, data, out, *extra):
-    return [kind, "--model", str(model), "--data", str(data), "--output", str(out), "--batch-size", "4",
-            "--quiet", "--learning-rate", "1e-3", *extra]  # fmt: skip
+    return [
+        kind,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--learning-rate",
+        "1e-3",
+        *extra,
+    ]
 
 
 @pytest.fixture
 def sft_file(tmp_path):
-    rows = [{"prompt": f"{a}+{b}+{c}=", "completion": completion(a, b, c, "steps")}
-            for a, b, c in [(1, 2, 3), (10, 20, 30), (5, 5, 5), (7, 8, 9), (40, 1, 2), (3, 3, 3), (9, 9, 9), (2, 4, 6)]]  # fmt: skip
+    rows = [
+        {"prompt": f"{a}+{b}+{c}=", "completion": completion(a, b, c, "steps")}
+        for a, b, c in [(1, 2, 3), (10, 20, 30), (5, 5, 5), (7, 8, 9), (40, 1, 2), (3, 3, 3), (9, 9, 9), (2, 4, 6)]
+    ]
     return _write(tmp_path / "sft.jsonl", rows)
 
 
@@ -333,8 +448,10 @@ def test_sft_resumes_from_its_last_checkpoint(tiny_models, sft_file, tmp_path, m
 
 
 def test_dpo_trains_with_the_sft_term(tiny_models, tmp_path):
-    rows = [{"prompt": f"{a}+{b}+{c}=", "chosen": completion(a, b, c, "steps"), "rejected": completion(a, b, c, "verbose")}
-            for a, b, c in [(1, 2, 3), (10, 20, 30), (5, 5, 5), (7, 8, 9)]]  # fmt: skip
+    rows = [
+        {"prompt": f"{a}+{b}+{c}=", "chosen": completion(a, b, c, "steps"), "rejected": completion(a, b, c, "verbose")}
+        for a, b, c in [(1, 2, 3), (10, 20, 30), (5, 5, 5), (7, 8, 9)]
+    ]
     data = _write(tmp_path / "pairs.jsonl", rows)
     summary = run(_finetune_args("dpo", tiny_models["a"], data, tmp_path / "dpo", "--set", "max_steps=3"))
     assert summary["steps"] == 3
@@ -347,8 +464,9 @@ def test_finetune_refusals(tiny_models, sft_file, tmp_path, capsys):
     out = tmp_path / "o"
     line = _error(_finetune_args("sft", tiny_models["a"], sft_file, out, "--max-length", "12"), capsys)
     assert f"{sft_file}: row 1 (completion) is 13 tokens, more than --max-length 12" in line
-    assert "not a field of TRL's SFTConfig" in _error(_finetune_args("sft", tiny_models["a"], sft_file, out, "--set",
-                                                                     "learning_rat=1"), capsys)  # fmt: skip
+    assert "not a field of TRL's SFTConfig" in _error(
+        _finetune_args("sft", tiny_models["a"], sft_file, out, "--set", "learning_rat=1"), capsys
+    )
     assert "row 1 has no 'chosen'" in _error(_finetune_args("dpo", tiny_models["a"], sft_file, out), capsys)
     assert "--loss" in _error(_finetune_args("dpo", tiny_models["a"], sft_file, out, "--loss", "sigmoid,nope"), capsys)
     assert not out.exists()
@@ -363,9 +481,25 @@ def test_eval_and_report(tiny_models, tmp_path):
     from k15_plugin.data.arithmetic import evaluate_greedy, load_demo_checkpoint
 
     out = tmp_path / "eval.jsonl"
-    summary = run(["eval", "--models", f"long={tiny_models['a']}", f"other={tiny_models['b']}", "--task",
-                   "demo_sum3", "--num-prompts", "20", "--sampled", "2", "--max-new-tokens", "6", "--quiet",
-                   "--output", str(out)])  # fmt: skip
+    summary = run(
+        [
+            "eval",
+            "--models",
+            f"long={tiny_models['a']}",
+            f"other={tiny_models['b']}",
+            "--task",
+            "demo_sum3",
+            "--num-prompts",
+            "20",
+            "--sampled",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--quiet",
+            "--output",
+            str(out),
+        ]
+    )
     rows = _read(out)
     assert [r["name"] for r in rows] == ["long", "other"] and summary["complete"]
     _, heldout = make_sum3_datasets(num_train=10)
@@ -376,8 +510,19 @@ def test_eval_and_report(tiny_models, tmp_path):
         assert row["greedy_tokens"] == pytest.approx(greedy["mean_completion_tokens"])
         assert 0 <= row["sampled_accuracy"] <= 1 and 1 <= row["sampled_tokens"] <= 6
     report = tmp_path / "report.md"
-    result = run(["report", "--eval", str(out), "--reference", "long", "--output", str(report), "--plot",
-                  str(tmp_path / "fig.png")])  # fmt: skip
+    result = run(
+        [
+            "report",
+            "--eval",
+            str(out),
+            "--reference",
+            "long",
+            "--output",
+            str(report),
+            "--plot",
+            str(tmp_path / "fig.png"),
+        ]
+    )
     other = result["tables"]["greedy"][1]
     assert other["tokens_ratio"] == pytest.approx(rows[1]["greedy_tokens"] / rows[0]["greedy_tokens"])
     assert other["accuracy_delta"] == pytest.approx(100 * (rows[1]["greedy_accuracy"] - rows[0]["greedy_accuracy"]))
@@ -385,9 +530,21 @@ def test_eval_and_report(tiny_models, tmp_path):
 
 
 def test_eval_refusals(tiny_models, tmp_path, capsys):
-    assert "--models" in _error(["eval", "--models", f"x={tiny_models['a']}", f"x={tiny_models['b']}", "--task",
-                                 "demo_sum3", "--output", str(tmp_path / "e.jsonl")], capsys)  # fmt: skip
+    assert "--models" in _error(
+        [
+            "eval",
+            "--models",
+            f"x={tiny_models['a']}",
+            f"x={tiny_models['b']}",
+            "--task",
+            "demo_sum3",
+            "--output",
+            str(tmp_path / "e.jsonl"),
+        ],
+        capsys,
+    )
     rows = _write(tmp_path / "e.jsonl", [{"name": "a", "greedy_accuracy": 0.5, "greedy_tokens": 4.0}])
-    assert "--reference long" in _error(["report", "--eval", str(rows), "--reference", "long", "--output",
-                                         str(tmp_path / "r.md")], capsys)  # fmt: skip
+    assert "--reference long" in _error(
+        ["report", "--eval", str(rows), "--reference", "long", "--output", str(tmp_path / "r.md")], capsys
+    )
     assert not (tmp_path / "r.md").exists()

@@ -61,34 +61,6 @@ def _check_sampling(n: int, temperature: float, max_new_tokens: int | None, batc
         raise Long2ShortError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
 
 
-def _run(
-    sidecar, indices: list[int], chunk: int, stop_after: int | None, desc: str, unit: str, progress: bool, work
-) -> bool:
-    """``work(chunk_indices) -> {index: record}`` over the unfinished indices; False when stopped by stop_after."""
-    from tqdm.auto import tqdm
-
-    todo = [i for i in indices if i not in sidecar.done]
-    stopped = stop_after is not None and len(todo) > stop_after
-    if stop_after is not None:
-        todo = todo[:stop_after]
-    bar = tqdm(
-        total=len(indices),
-        initial=len(indices) - len([i for i in indices if i not in sidecar.done]),
-        desc=desc,
-        unit=unit,
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    try:
-        for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
-            sidecar.add(work(part))
-            bar.update(len(part))
-    finally:
-        bar.close()
-    return not stopped
-
-
 def sample(
     model: str,
     prompts: Prompts,
@@ -108,7 +80,7 @@ def sample(
     progress: bool = True,
 ) -> dict[str, Any]:
     """``n`` scored samples per prompt into ``output`` (JSONL: the prompt's row plus ``samples``)."""
-    from k15_plugin.curate import Sidecar, write_atomically
+    from k15_plugin.curate import Sidecar, run_chunks, write_atomically
 
     max_new_tokens = max_new_tokens or prompts.max_new_tokens
     _check_sampling(n, temperature, max_new_tokens, batch_size)
@@ -141,9 +113,8 @@ def sample(
             groups = _scored(generator, score, [rows[i] for i in indices], n, seed + indices[0])
             return {i: {"samples": g} for i, g in zip(indices, groups, strict=True)}
 
-        complete = _run(
-            sidecar, list(range(len(rows))), max(1, batch_size // n), stop_after, "sample", "prompt", progress, work
-        )
+        chunk = max(1, batch_size // n)
+        complete = run_chunks(sidecar, len(rows), work, chunk, stop_after, "sample", "prompt", progress)
     finally:
         sidecar.close()
     summary: dict[str, Any] = {"command": "sample", "complete": complete, "resumed": resumed}
@@ -205,7 +176,7 @@ def evaluate(
     completions per prompt at ``temperature``, averaged (0 skips it). Also the standard error of each accuracy over
     prompts and the share of truncated completions.
     """
-    from k15_plugin.curate import Sidecar, write_atomically
+    from k15_plugin.curate import Sidecar, run_chunks, write_atomically
 
     max_new_tokens = max_new_tokens or prompts.max_new_tokens
     _check_sampling(max(sampled, 1), temperature, max_new_tokens, batch_size)
@@ -254,7 +225,7 @@ def evaluate(
         return {i: record}
 
     try:
-        _run(sidecar, list(range(len(names))), 1, None, "eval", "model", progress, work)
+        run_chunks(sidecar, len(names), work, 1, None, "eval", "model", progress)
     finally:
         sidecar.close()
     written = [

@@ -168,7 +168,9 @@ def finetune(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     longest = _check_lengths(rows, data, tokenizer, COLUMNS[kind], max_length)
-    policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16 if extra.get("bf16") else None)
+    # float32 weights whatever the checkpoint's dtype: bf16=true trains in mixed precision on these (pure bf16 weights
+    # would round small updates away)
+    policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     args = _config(cls, kind, {**fields, "output_dir": str(out.partial / "trainer")}, extra)
     dataset = Dataset.from_list([{c: r[c] for c in COLUMNS[kind]} for r in rows])
     trainer_cls = SFTTrainer if kind == "sft" else DPOTrainer
