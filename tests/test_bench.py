@@ -22,6 +22,7 @@ import torch
         ("gpu_step", ["step_time_ratio", "weights_changed_by_one_lr1e-6_step", "k15_train"]),
         ("sandbox", ["programs_per_second", "allowlist_per_core"]),
         ("partial_rollouts", ["throughput_ratio", "generation_throughput_ratio", "accuracy_delta", "seeds"]),
+        ("long2short", ["long", "methods", "best", "best_tokens_ratio", "best_accuracy_delta", "seeds"]),
         (
             "ablations",
             [

@@ -78,8 +78,9 @@ def test_an_experiment_sets_the_trainer(composer):
     command line wins over both."""
     cfg = composer(["experiment=gsm8k_qwen0.5b"])
     assert (cfg.trainer.max_completion_length, cfg.trainer.learning_rate, cfg.trainer.bf16) == (512, 1e-6, True)
-    cfg = composer(["experiment=gsm8k_qwen0.5b", "trainer.max_steps=7"])
-    assert (cfg.trainer.max_steps, cfg.trainer.learning_rate) == (7, 1e-6)
+    cfg = composer(["experiment=long2short_rl", "trainer.max_steps=7"])
+    assert (cfg.trainer.max_completion_length, cfg.trainer.max_steps) == (11, 7)
+    assert (cfg.model.name, cfg.data.terms, cfg.reward.name) == ("tiny_demo_sum3_long", 3, "length_penalty")
 
 
 def test_default_config_is_the_demo(composer):
