@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 
 
 class _Data:  # the fields of a composed `data` config that load_task reads for the demo task
-    source, num_train, heldout_size, filler_max = "demo_arithmetic", 200, 120, 0
+    source, num_train, heldout_size, filler_max, terms = "demo_arithmetic", 200, 120, 0, 2
 
 
 @pytest.fixture(scope="module")

@@ -42,9 +42,8 @@ Skipped by design (not collected; the reason for each):
   ``test_trust_remote_code`` (remote code lives on the Hub), ``test_correct_reward_processing_classes_list``/
   ``test_single_reward_model_with_single_processing_class``/``test_mismatched_reward_processing_classes_length``
   (pure TRL argument plumbing around Hub reward models).
-* PEFT/LoRA (``test_train_peft*``, ``test_train_moe_peft_model``, ``test_liger_kernel_with_peft*``): the scenario
-  below is defined only when ``importlib.util.find_spec("peft")`` finds peft; it is not installed in this
-  environment, so it is not collected and has never run here.
+* PEFT/LoRA (``test_train_moe_peft_model``, ``test_liger_kernel_with_peft*``; ``test_train_peft_config`` is
+  below, collected where peft is installed: the README's test command installs it with mergekit).
 * GPU-only generation paths: ``use_transformers_continuous_batching``, bitsandbytes quantization, Hub kernels.
 * ``environment_factory`` scenarios: experimental TRL API built on Hub chat templates with tool parsing.
 * ``dataloader_num_workers>0`` (``test_train_multiple_dataloader_workers``,
@@ -915,7 +914,7 @@ def test_mirror_descent_config_accepts_defaults(tmp_path, overrides):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# PEFT (collected only where peft is installed; it is not in this environment)
+# PEFT (collected only where peft is installed: the merge extra brings it)
 # ----------------------------------------------------------------------------------------------------------------------
 
 if PEFT_AVAILABLE:
@@ -925,8 +924,9 @@ if PEFT_AVAILABLE:
         """``test_train_peft_config``: LoRA adapters train, the base weights do not."""
         from peft import LoraConfig
 
+        # 2 steps: LoRA's B starts at zero, so A gets no gradient until B has moved once
         trainer = _trainer(
-            kind, tmp_path, trainer_kwargs={"peft_config": LoraConfig(target_modules=["q_proj", "v_proj"])}
+            kind, tmp_path, max_steps=2, trainer_kwargs={"peft_config": LoraConfig(target_modules=["q_proj", "v_proj"])}
         )
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
