@@ -82,7 +82,7 @@ def sample(
     """``n`` scored samples per prompt into ``output`` (JSONL: the prompt's row plus ``samples``)."""
     from k15_plugin.curate import Sidecar, run_chunks, write_atomically
 
-    max_new_tokens = max_new_tokens or prompts.max_new_tokens
+    max_new_tokens = prompts.max_new_tokens if max_new_tokens is None else max_new_tokens
     _check_sampling(n, temperature, max_new_tokens, batch_size)
     path = model_dir(model, "--model")
     job = {
@@ -178,7 +178,7 @@ def evaluate(
     """
     from k15_plugin.curate import Sidecar, run_chunks, write_atomically
 
-    max_new_tokens = max_new_tokens or prompts.max_new_tokens
+    max_new_tokens = prompts.max_new_tokens if max_new_tokens is None else max_new_tokens
     _check_sampling(max(sampled, 1), temperature, max_new_tokens, batch_size)
     dirs = {name: model_dir(path, f"--models {name}=") for name, path in models.items()}
     job = {
