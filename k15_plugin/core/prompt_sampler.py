@@ -20,13 +20,18 @@ then reports one success flag per completion with :meth:`PromptSampler.update`.
 from __future__ import annotations
 
 import collections
-import warnings
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
 
-from k15_plugin.core.sampling import CurriculumPool, SuccessRateTracker, check_sampler_state, prioritized_weights
+from k15_plugin.core.sampling import (
+    CurriculumPool,
+    SuccessRateTracker,
+    check_sampler_state,
+    draw_chunk,
+    prioritized_weights,
+)
 
 _STATE_VERSION = 1
 
@@ -91,17 +96,10 @@ class PromptSampler(Sampler[int]):
         return chunk_number * self.steps_per_chunk
 
     def _draw_chunk(self) -> torch.Tensor:
-        weights = self.chunk_weights(self.num_chunks_drawn)  # (P,)
-        eligible = int((weights > 0).sum())
-        replacement = eligible < self.chunk_size
-        if replacement and not self._warned_replacement:
-            warnings.warn(
-                f"{type(self).__name__}: only {eligible} rows are eligible for a rollout batch of {self.chunk_size} "
-                "prompts; drawing with replacement, so a batch may hold a prompt twice. (Warned once.)",
-                stacklevel=3,
-            )
-            self._warned_replacement = True
-        chunk = torch.multinomial(weights, self.chunk_size, replacement=replacement, generator=self.generator)
+        chunk, self._warned_replacement = draw_chunk(
+            self.chunk_weights(self.num_chunks_drawn), self.chunk_size, self.generator, who=type(self).__name__,
+            batch="rollout batch", warned=self._warned_replacement, stacklevel=3,
+        )  # fmt: skip
         self.num_chunks_drawn += 1
         return chunk  # (chunk_size,)
 

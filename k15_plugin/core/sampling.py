@@ -17,6 +17,7 @@ host's prompt grouping and save their state with its checkpoints.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -142,6 +143,27 @@ def prioritized_weights(rates: torch.Tensor, floor: float) -> torch.Tensor:
     if not torch.isfinite(s).all() or (s < 0).any() or (s > 1).any():
         raise ValueError("rates must be finite success rates in [0, 1]")
     return (1.0 - s).clamp(min=floor)  # (P,)
+
+
+def draw_chunk(weights: torch.Tensor, size: int, generator: torch.Generator | None, *, who: str, batch: str,
+               warned: bool, stacklevel: int = 2) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """``size`` distinct prompt indices drawn with probability proportional to ``weights`` (P,), and whether the
+    replacement warning has now been given.
+
+    Distinct prompts need at least ``size`` positive weights; with fewer, the draw is with replacement (so a
+    ``batch`` may hold a prompt twice, keeping the host's batch shapes intact) and a warning naming ``who`` is given
+    once: only when ``warned`` is False. ``stacklevel`` counts from the caller.
+    """
+    eligible = int((weights > 0).sum())
+    replacement = eligible < size
+    if replacement and not warned:
+        warnings.warn(
+            f"{who}: only {eligible} prompts are eligible for a {batch} of {size} prompts; drawing with replacement, "
+            "so a batch may hold a prompt twice. (Warned once.)",
+            stacklevel=stacklevel + 1,
+        )
+        warned = True
+    return torch.multinomial(weights, size, replacement=replacement, generator=generator), warned  # (size,)
 
 
 def curriculum_fraction(step: int, start_fraction: float, ramp_steps: int) -> float:

@@ -34,7 +34,13 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import Sampler
 
-from k15_plugin.core.sampling import CurriculumPool, SuccessRateTracker, check_sampler_state, prioritized_weights
+from k15_plugin.core.sampling import (
+    CurriculumPool,
+    SuccessRateTracker,
+    check_sampler_state,
+    draw_chunk,
+    prioritized_weights,
+)
 
 SAMPLER_STATE_NAME = "k15_sampler_state.pt"
 _STATE_VERSION = 1
@@ -165,19 +171,10 @@ class K15RepeatSampler(Sampler[int]):
         return epoch * self.steps_per_epoch + (position * self.repeat_count) // self.gradient_accumulation_steps
 
     def _draw_chunk(self, chunk_number: int) -> torch.Tensor:
-        weights = self.chunk_weights(chunk_number)  # (P,)
-        eligible = int((weights > 0).sum())
-        replacement = eligible < self.batch_size
-        if replacement and not self._warned_replacement:
-            # Distinct prompts are impossible; repeating some keeps the generation batch (and TRL's shapes) intact.
-            warnings.warn(
-                f"{type(self).__name__}: only {eligible} problems are eligible for a generation batch of "
-                f"{self.batch_size} prompts; drawing with replacement, so a batch may hold a prompt twice. "
-                "(Warned once.)",
-                stacklevel=2,
-            )
-            self._warned_replacement = True
-        chunk = torch.multinomial(weights, self.batch_size, replacement=replacement, generator=self.generator)
+        chunk, self._warned_replacement = draw_chunk(
+            self.chunk_weights(chunk_number), self.batch_size, self.generator, who=type(self).__name__,
+            batch="generation batch", warned=self._warned_replacement,
+        )  # fmt: skip
         self.num_chunks_drawn += 1
         return chunk  # (batch_size,)
 
