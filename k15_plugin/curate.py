@@ -350,12 +350,11 @@ def run_chunks(sidecar: Sidecar, total: int, work: Callable[[list[int]], dict[in
     stopped early by ``stop_after``."""
     from tqdm.auto import tqdm
 
-    todo = [i for i in range(total) if i not in sidecar.done]
-    stopped = stop_after is not None and len(todo) > stop_after
-    if stop_after is not None:
-        todo = todo[:stop_after]
-    bar = tqdm(total=total, initial=total - len([i for i in range(total) if i not in sidecar.done]), desc=desc,
-               unit=unit, disable=not progress, dynamic_ncols=True)  # fmt: skip
+    pending = [i for i in range(total) if i not in sidecar.done]
+    stopped = stop_after is not None and len(pending) > stop_after
+    todo = pending if stop_after is None else pending[:stop_after]
+    bar = tqdm(total=total, initial=total - len(pending), desc=desc, unit=unit, disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
     try:
         for start in range(0, len(todo), chunk):
             indices = todo[start : start + chunk]
@@ -555,20 +554,28 @@ def curate(argv: Sequence[str] | None = None) -> dict:
             "output": str(output) if complete else None, **summary}  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point ``k15-curate``: prints the summary as one JSON line."""
+def console_main(prog: str, run: Callable[[Sequence[str] | None], dict], error: type[Exception],
+                 argv: Sequence[str] | None = None) -> None:  # fmt: skip
+    """A resumable command's console entry point: ``run(argv)``'s summary printed as one JSON line. ``error`` (the
+    user-facing errors) is one line on stderr and exit code 2, an interruption exit code 130, and a run stopped
+    early (``complete`` false) :data:`EXIT_INCOMPLETE`."""
     try:
-        summary = curate(argv)
-    except CurationError as err:
-        print(f"k15-curate: error: {err}", file=sys.stderr)
+        summary = run(argv)
+    except error as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("k15-curate: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-    print(json.dumps(summary))
-    if not summary["complete"]:
-        print("k15-curate: stopped early (--stop-after); rerun the same command to continue", file=sys.stderr)
+    print(json.dumps(summary, default=str))
+    if summary.get("complete") is False:
+        print(f"{prog}: stopped early (--stop-after); rerun the same command to continue", file=sys.stderr)
         sys.exit(EXIT_INCOMPLETE)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``k15-curate``: prints the summary as one JSON line."""
+    console_main("k15-curate", curate, CurationError, argv)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,10 @@ finished job does nothing.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from k15_plugin.long2short.data import BUILTIN_TASKS, Long2ShortError
-
-EXIT_INCOMPLETE = 3
 
 
 def _prompts_args(p: argparse.ArgumentParser) -> None:
@@ -254,19 +250,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: prints the summary as one JSON line."""
-    try:
-        summary = run(argv)
-    except Long2ShortError as err:
-        print(f"k15-long2short: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("k15-long2short: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    print(json.dumps(summary, default=str))
-    if summary.get("complete") is False:
-        print("k15-long2short: stopped early (--stop-after); rerun the same command to continue", file=sys.stderr)
-        sys.exit(EXIT_INCOMPLETE)
+    """Console entry point: prints the summary as one JSON line (k15-curate's conventions)."""
+    from k15_plugin.curate import console_main
+
+    console_main("k15-long2short", run, Long2ShortError, argv)
 
 
 if __name__ == "__main__":
