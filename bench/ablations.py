@@ -64,8 +64,11 @@ ARMS = {
     "length penalty on": ("length_penalty", "kimi_md", PAPER, "filler"),
 }
 K15_DEFAULT = "k1.5 tau 1"  # also the uniform arm of the curriculum ablation and the k1.5 tau-1 point of the grid
-BASELINES = {"GRPO": ("GRPO 1 step", "GRPO 2 passes"), "Dr. GRPO": ("Dr. GRPO 1 step", "Dr. GRPO 2 passes"),
-             "RLOO": ("RLOO 1 step", "RLOO 2 passes")}  # fmt: skip
+BASELINES = {
+    "GRPO": ("GRPO 1 step", "GRPO 2 passes"),
+    "Dr. GRPO": ("Dr. GRPO 1 step", "Dr. GRPO 2 passes"),
+    "RLOO": ("RLOO 1 step", "RLOO 2 passes"),
+}
 K15_GRID = ("k1.5 tau 0.25", K15_DEFAULT, "k1.5 tau 4")
 HARD_SHARE = 0.2
 
@@ -101,8 +104,16 @@ def pass_rates(model, tokenizer, ds, samples: int = 8, batch: int = 500) -> list
     prompts, answers = list(ds["prompt"]), list(ds["answer"])
     for start in range(0, len(prompts), batch):
         enc = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True)
-        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4,
-                             num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=4,
+            num_return_sequences=samples,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         ids = out[:, enc["input_ids"].shape[1] :].tolist()
         for i, answer in enumerate(answers[start : start + batch]):
             rates.append(statistics.mean(reward.score(c, answer) for c in ids[i * samples : (i + 1) * samples]))
@@ -153,8 +164,11 @@ def _schedule(name: str, steps: int) -> dict:
     if name == "curriculum gradual":
         return {"curriculum_schedule": "gradual", "curriculum_start_fraction": 0.3, "curriculum_ramp_steps": steps // 2}
     if name == "length penalty on":
-        return {"length_penalty_weight": 0.1, "length_penalty_warmup_steps": steps // 3,
-                "length_penalty_ramp_steps": max(1, steps // 6)}  # fmt: skip
+        return {
+            "length_penalty_weight": 0.1,
+            "length_penalty_warmup_steps": steps // 3,
+            "length_penalty_ramp_steps": max(1, steps // 6),
+        }
     return {}
 
 
@@ -193,11 +207,21 @@ def one_run(name: str, seed: int, rollouts: int, eval_every: int) -> dict:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(
-            "kimi_md" if algorithm == "rest" else algorithm, model, tokenizer, train, rewards, tmp,
-            callbacks=[Curve()], seed=seed, max_steps=steps, logging_steps=steps,
+            "kimi_md" if algorithm == "rest" else algorithm,
+            model,
+            tokenizer,
+            train,
+            rewards,
+            tmp,
+            callbacks=[Curve()],
+            seed=seed,
+            max_steps=steps,
+            logging_steps=steps,
             trainer_cls=rest_trainer_cls() if algorithm == "rest" else None,
-            **overrides, **_schedule(name, steps), **extra,
-        )  # fmt: skip
+            **overrides,
+            **_schedule(name, steps),
+            **extra,
+        )
         trainer.train()
     final = evaluate(trainer.model)
     points.append({"samples": rollouts * SAMPLES_PER_ROLLOUT, **final})
@@ -236,22 +260,29 @@ def summarize(runs: list[dict], target: float) -> dict:
     out = {}
     gap = _paired(runs, K15_DEFAULT, "ReST")
     out["opmd_vs_rest"] = {
-        "opmd_accuracy": r(_mean(_finals(runs, K15_DEFAULT))), "rest_accuracy": r(_mean(_finals(runs, "ReST"))),
-        "difference": r(_mean(gap)), "difference_stderr": r(_stderr(gap)), "target_accuracy": target,
+        "opmd_accuracy": r(_mean(_finals(runs, K15_DEFAULT))),
+        "rest_accuracy": r(_mean(_finals(runs, "ReST"))),
+        "difference": r(_mean(gap)),
+        "difference_stderr": r(_stderr(gap)),
+        "target_accuracy": target,
         "opmd_samples_to_target": r(_samples_to(runs, K15_DEFAULT, target)),
         "rest_samples_to_target": r(_samples_to(runs, "ReST", target)),
-    }  # fmt: skip
+    }
     best_k15 = max(K15_GRID, key=lambda n: _mean(_finals(runs, n)))
     best_of = {b: max(arms, key=lambda n: _mean(_finals(runs, n))) for b, arms in BASELINES.items()}
     best_baseline = max(best_of.values(), key=lambda n: _mean(_finals(runs, n)))
     gap = _paired(runs, best_k15, best_baseline)
     out["k15_vs_grpo"] = {
-        "k15_accuracy": r(_mean(_finals(runs, best_k15))), "k15_best_setting": best_k15,
-        "grpo_accuracy": r(_mean(_finals(runs, best_of["GRPO"]))), "grpo_best_setting": best_of["GRPO"],
-        "best_baseline": best_baseline, "best_baseline_accuracy": r(_mean(_finals(runs, best_baseline))),
-        "difference": r(_mean(gap)), "difference_stderr": r(_stderr(gap)),
+        "k15_accuracy": r(_mean(_finals(runs, best_k15))),
+        "k15_best_setting": best_k15,
+        "grpo_accuracy": r(_mean(_finals(runs, best_of["GRPO"]))),
+        "grpo_best_setting": best_of["GRPO"],
+        "best_baseline": best_baseline,
+        "best_baseline_accuracy": r(_mean(_finals(runs, best_baseline))),
+        "difference": r(_mean(gap)),
+        "difference_stderr": r(_stderr(gap)),
         "baselines": {b: {"setting": n, "accuracy": r(_mean(_finals(runs, n)))} for b, n in best_of.items()},
-    }  # fmt: skip
+    }
     out["curriculum_vs_uniform"] = {
         "uniform_accuracy": r(_mean(_finals(runs, K15_DEFAULT))),
         "curriculum_accuracy": r(max(_mean(_finals(runs, n)) for n in ("curriculum staged", "curriculum gradual"))),
@@ -265,32 +296,41 @@ def summarize(runs: list[dict], target: float) -> dict:
         "uniform_hard_accuracy": r(_mean(_finals(runs, u, "hard_accuracy"))),
         "prioritized_hard_accuracy": r(_mean(_finals(runs, p, "hard_accuracy"))),
         "hard_difference_stderr": r(_stderr(_paired(runs, p, u, "hard_accuracy"))),
-        "uniform_accuracy": r(_mean(_finals(runs, u))), "prioritized_accuracy": r(_mean(_finals(runs, p))),
+        "uniform_accuracy": r(_mean(_finals(runs, u))),
+        "prioritized_accuracy": r(_mean(_finals(runs, p))),
         "difference_stderr": r(_stderr(_paired(runs, p, u))),
-    }  # fmt: skip
+    }
     off, on = "length penalty off", "length penalty on"
     tokens = _mean(_finals(runs, on, "mean_completion_tokens")) / _mean(_finals(runs, off, "mean_completion_tokens"))
     gap = _paired(runs, on, off)
     out["length_penalty"] = {
-        "tokens_ratio": r(tokens), "accuracy_delta": r(_mean(gap)), "accuracy_delta_stderr": r(_stderr(gap)),
-        "accuracy_delta_per_seed": [r(x) for x in gap], "accuracy_off": r(_mean(_finals(runs, off))),
+        "tokens_ratio": r(tokens),
+        "accuracy_delta": r(_mean(gap)),
+        "accuracy_delta_stderr": r(_stderr(gap)),
+        "accuracy_delta_per_seed": [r(x) for x in gap],
+        "accuracy_off": r(_mean(_finals(runs, off))),
         "tokens_off": r(_mean(_finals(runs, off, "mean_completion_tokens"))),
-        "tokens_on": r(_mean(_finals(runs, on, "mean_completion_tokens"))), "seeds": len(gap),
-    }  # fmt: skip
+        "tokens_on": r(_mean(_finals(runs, on, "mean_completion_tokens"))),
+        "seeds": len(gap),
+    }
     return out
 
 
 def table(runs: list[dict], names: list[str]) -> str:
-    lines = ["| arm | seeds | held-out accuracy, mean (min-max) | hard subset | greedy tokens | wall s |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| arm | seeds | held-out accuracy, mean (min-max) | hard subset | greedy tokens | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in names:
         acc = _finals(runs, name)
         hard = _finals(runs, name, "hard_accuracy") if ARMS[name][3] == "hard_minority" else []
         tokens = _finals(runs, name, "mean_completion_tokens")
         secs = _mean([r["seconds"] for r in runs if r["name"] == name])
         hard_text = f"{_mean(hard):.3f}" if hard else ""
-        lines.append(f"| {name} | {len(acc)} | {_mean(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) | {hard_text} | "
-                     f"{_mean(tokens):.2f} | {secs:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {len(acc)} | {_mean(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) | {hard_text} | "
+            f"{_mean(tokens):.2f} | {secs:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -324,9 +364,12 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.35, help="accuracy for the samples-to-target figures")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, each in its own process")
     parser.add_argument(
-        "--more-seeds", nargs="*", default=["length_penalty=15"], metavar="ABLATION=N",
+        "--more-seeds",
+        nargs="*",
+        default=["length_penalty=15"],
+        metavar="ABLATION=N",
         help="seeds in all for an ablation whose spread needs more than --seeds (default: length_penalty=15)",
-    )  # fmt: skip
+    )
     parser.add_argument("--quick", action="store_true", help="3 seeds, 40 rollout batches per arm, no more seeds")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 1 rollout batch per arm, nothing saved")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run in this process
@@ -357,8 +400,12 @@ def main() -> None:
             arms = [K15_DEFAULT, *arms]
         sections.append(f"### {ablation}\n\n{table(runs, arms)}\n")
         if not cli.smoke:
-            plot(runs, arms, RESULTS / f"ablations_{ablation}.png",
-                 "hard_accuracy" if ablation == "prioritized" else "accuracy")  # fmt: skip
+            plot(
+                runs,
+                arms,
+                RESULTS / f"ablations_{ablation}.png",
+                "hard_accuracy" if ablation == "prioritized" else "accuracy",
+            )
     text = "\n".join(sections)
     print(text)
     if not cli.smoke:

@@ -90,8 +90,9 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
-def build_trainer(algorithm: str, model, tokenizer, train, reward_funcs, output_dir, callbacks=(), trainer_cls=None,
-                  **overrides):  # fmt: skip
+def build_trainer(
+    algorithm: str, model, tokenizer, train, reward_funcs, output_dir, callbacks=(), trainer_cls=None, **overrides
+):
     """``algorithm``: ``kimi_md``, ``grpo`` (TRL's GRPOTrainer as-is), ``dr_grpo``, ``rloo`` (TRL's own trainers).
 
     k1.5 options (``tau``, ``log_z_estimator``, ``num_iterations``, ...) go in ``overrides``; ``trainer_cls``

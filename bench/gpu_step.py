@@ -32,12 +32,27 @@ import torch
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 # Qwen2.5-0.5B's architecture, for machines that cannot download it (random weights: timing, not learning)
 QWEN_0_5B = dict(
-    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-    num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
     rms_norm_eps=1e-6,
-)  # fmt: skip
-TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
 
 
 def _vllm_installed() -> bool:
@@ -60,8 +75,12 @@ def _model_source(smoke: bool, workdir: Path) -> tuple[str, bool]:
     from k15_plugin.data.arithmetic import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = Qwen2Config(**(TINY if smoke else QWEN_0_5B), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = Qwen2Config(
+        **(TINY if smoke else QWEN_0_5B),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     path = workdir / "model"
     Qwen2ForCausalLM(config).save_pretrained(path)
@@ -102,11 +121,24 @@ def step_times(algorithm: str, source: str, rows: list[dict], steps: int, smoke:
 
     cuda = torch.cuda.is_available()
     common = dict(
-        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=32, steps_per_generation=2,
-        num_generations=8, max_completion_length=16 if smoke else 128, learning_rate=1e-6, bf16=cuda,
-        use_cpu=not cuda, use_vllm=cuda and _vllm_installed(), vllm_mode="colocate", vllm_gpu_memory_utilization=0.3,
-        logging_steps=1, report_to=[], save_strategy="no", seed=0, gradient_checkpointing=False,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        steps_per_generation=2,
+        num_generations=8,
+        max_completion_length=16 if smoke else 128,
+        learning_rate=1e-6,
+        bf16=cuda,
+        use_cpu=not cuda,
+        use_vllm=cuda and _vllm_installed(),
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        gradient_checkpointing=False,
+    )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)  # fp32 master weights
     tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
     data = Dataset.from_list(rows)
@@ -114,8 +146,9 @@ def step_times(algorithm: str, source: str, rows: list[dict], steps: int, smoke:
         config, trainer_cls = KimiMirrorDescentConfig(**common), KimiMirrorDescentTrainer
     else:
         config, trainer_cls = GRPOConfig(**common, loss_type="grpo"), GRPOTrainer
-    trainer = trainer_cls(model=model, reward_funcs=[_length_reward], train_dataset=data, args=config,
-                          processing_class=tokenizer)  # fmt: skip
+    trainer = trainer_cls(
+        model=model, reward_funcs=[_length_reward], train_dataset=data, args=config, processing_class=tokenizer
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     first = {}
 
@@ -138,9 +171,18 @@ def cli_run(source: str, real_model: bool, rows: list[dict] | None, workdir: Pat
     """`k15-train experiment=gsm8k_qwen0.5b` for a few steps (offline: the same recipe on local files)."""
     cuda = torch.cuda.is_available()
     run_dir = workdir / "cli_run"
-    args = ["experiment=gsm8k_qwen0.5b", "trainer.max_steps=4", "trainer.eval_steps=2", "trainer.eval_size=16",
-            "data.heldout_size=32", "trainer.save_steps=0", "trainer.logging_steps=1", "trainer.report_to=[]",
-            f"trainer.use_vllm={str(cuda and _vllm_installed()).lower()}", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    args = [
+        "experiment=gsm8k_qwen0.5b",
+        "trainer.max_steps=4",
+        "trainer.eval_steps=2",
+        "trainer.eval_size=16",
+        "data.heldout_size=32",
+        "trainer.save_steps=0",
+        "trainer.logging_steps=1",
+        "trainer.report_to=[]",
+        f"trainer.use_vllm={str(cuda and _vllm_installed()).lower()}",
+        f"hydra.run.dir={run_dir}",
+    ]
     if not real_model:
         args += [f"model.path={source}"]
     if rows is None:  # no GSM8K: the same recipe on a local JSONL file
@@ -148,12 +190,17 @@ def cli_run(source: str, real_model: bool, rows: list[dict] | None, workdir: Pat
         path.write_text("".join(json.dumps(r) + "\n" for r in _arithmetic_rows(512)))
         args += ["data=jsonl", f"data.path={path}", "data.chat=false", "data.heldout_size=32"]
     if not cuda:  # --smoke on a CPU machine
-        args += ["trainer.use_cpu=true", "trainer.bf16=false", "trainer.max_completion_length=8",
-                 "trainer.per_device_train_batch_size=16"]  # fmt: skip
+        args += [
+            "trainer.use_cpu=true",
+            "trainer.bf16=false",
+            "trainer.max_completion_length=8",
+            "trainer.per_device_train_batch_size=16",
+        ]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     start = time.time()
-    out = subprocess.run([sys.executable, "-m", "k15_plugin.cli.train", *args], capture_output=True, text=True,
-                         env=env, timeout=1800)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "k15_plugin.cli.train", *args], capture_output=True, text=True, env=env, timeout=1800
+    )
     if out.returncode != 0:
         return {"ok": False, "error": out.stderr[-1500:]}
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -191,17 +238,21 @@ def main() -> None:
         cli_result = cli_run(source, real_model, gsm8k, workdir, cli.smoke)
     for k, v in medians.items():
         print(f"{k:<8} median step {v:.3f} s over {len(times[k])} steps")
-    print(json.dumps({
-        "bench": "gpu_step",
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "model": MODEL if real_model else "Qwen2.5-0.5B architecture, random weights (offline)",
-        "data": "gsm8k" if gsm8k else "synthetic arithmetic (offline)",
-        "vllm": torch.cuda.is_available() and _vllm_installed(),
-        "median_step_seconds": {k: round(v, 4) for k, v in medians.items()},
-        "step_time_ratio": round(medians["kimi_md"] / medians["grpo"], 3),
-        "weights_changed_by_one_lr1e-6_step": {k: round(v, 4) for k, v in changed.items()},
-        "k15_train": cli_result,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "bench": "gpu_step",
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "model": MODEL if real_model else "Qwen2.5-0.5B architecture, random weights (offline)",
+                "data": "gsm8k" if gsm8k else "synthetic arithmetic (offline)",
+                "vllm": torch.cuda.is_available() and _vllm_installed(),
+                "median_step_seconds": {k: round(v, 4) for k, v in medians.items()},
+                "step_time_ratio": round(medians["kimi_md"] / medians["grpo"], 3),
+                "weights_changed_by_one_lr1e-6_step": {k: round(v, 4) for k, v in changed.items()},
+                "k15_train": cli_result,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,11 @@ def _trajectories(runs: list[dict]) -> str:
     out = ["## Trajectories (sampled, per logging step): acc / len / all-wrong groups / weight", ""]
     for r in runs:
         label = f"seed {r['seed']}, {'with' if r['with_penalty'] else 'without'} penalty"
-        points = [f"{h['step']}: {h.get('acc', 0):.2f} / {h.get('len', 0):.1f} / {h.get('all_wrong', float('nan')):.2f}"
-                  f" / {h.get('w', 0):.2f}" for h in r["history"]]  # fmt: skip
+        points = [
+            f"{h['step']}: {h.get('acc', 0):.2f} / {h.get('len', 0):.1f} / {h.get('all_wrong', float('nan')):.2f}"
+            f" / {h.get('w', 0):.2f}"
+            for h in r["history"]
+        ]
         out.append(f"- {label}: " + "; ".join(points))
     return "\n".join(out) + "\n"
 

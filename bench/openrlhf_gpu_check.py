@@ -57,13 +57,30 @@ def main(argv=None) -> int:
     write_data(data, 96)
     run_dir = workdir / "run"
     cmd = [
-        sys.executable, "-m", "k15_plugin.cli.train", "host=openrlhf", "algorithm=kimi_md", "algorithm.tau=0.5",
-        f"model.name={args.model}", "model=qwen2.5_0.5b", "data=jsonl", f"data.path={data}", "data.heldout_size=16",
-        "data.chat=true", "sampler=prioritized", "reward=length_penalty", "reward.length_penalty.warmup_steps=1",
-        "trainer.num_generations=4", "trainer.per_device_train_batch_size=32", "trainer.max_completion_length=256",
-        "trainer.learning_rate=1e-6", "trainer.save_steps=2", "trainer.eval_steps=0",
-        "host.flags.train.num_episodes=1", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "k15_plugin.cli.train",
+        "host=openrlhf",
+        "algorithm=kimi_md",
+        "algorithm.tau=0.5",
+        f"model.name={args.model}",
+        "model=qwen2.5_0.5b",
+        "data=jsonl",
+        f"data.path={data}",
+        "data.heldout_size=16",
+        "data.chat=true",
+        "sampler=prioritized",
+        "reward=length_penalty",
+        "reward.length_penalty.warmup_steps=1",
+        "trainer.num_generations=4",
+        "trainer.per_device_train_batch_size=32",
+        "trainer.max_completion_length=256",
+        "trainer.learning_rate=1e-6",
+        "trainer.save_steps=2",
+        "trainer.eval_steps=0",
+        "host.flags.train.num_episodes=1",
+        f"hydra.run.dir={run_dir}",
+    ]
     if args.dry_run:
         cmd.append("host.dry_run=true")
     start = time.time()

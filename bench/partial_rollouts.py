@@ -65,8 +65,10 @@ def arm_options(arm: str, setting: dict) -> dict:
 LONG = 40  # tokens: a trajectory at least this long counts as long
 # Repeat detection's false positives on this model's normal outputs (a run of 40-56 "." filler is legitimate here):
 # the default rule, and a stricter one with a 32-token span, applied post hoc to every trained trajectory.
-REPEAT_RULES = {"default (16-1024 x4, span 64)": {}, "span 32, periods 1-8": {"min_period": 1, "max_period": 8,
-                                                                               "min_span": 32}}  # fmt: skip
+REPEAT_RULES = {
+    "default (16-1024 x4, span 64)": {},
+    "span 32, periods 1-8": {"min_period": 1, "max_period": 8, "min_span": 32},
+}
 
 
 def one_run(arm: str, seed: int, steps: int, setting: dict) -> dict:
@@ -99,18 +101,31 @@ def one_run(arm: str, seed: int, steps: int, setting: dict) -> dict:
 
     clock, calls, lengths, trained = StepClock(), [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer("kimi_md", model, tokenizer, train, [ArithmeticReward(tokenizer, allow_filler=True)],
-                                tmp, callbacks=[clock], seed=seed, max_steps=steps * PASSES, num_iterations=PASSES,
-                                logging_steps=1, max_completion_length=max_tokens, per_device_train_batch_size=rows,
-                                **arm_options(arm, setting))  # fmt: skip
+        trainer = build_trainer(
+            "kimi_md",
+            model,
+            tokenizer,
+            train,
+            [ArithmeticReward(tokenizer, allow_filler=True)],
+            tmp,
+            callbacks=[clock],
+            seed=seed,
+            max_steps=steps * PASSES,
+            num_iterations=PASSES,
+            logging_steps=1,
+            max_completion_length=max_tokens,
+            per_device_train_batch_size=rows,
+            **arm_options(arm, setting),
+        )
         single_turn = trainer._generate_single_turn
 
         def timed(prompt_ids, *args, **kwargs):  # every generate call of either arm, with its decode slots
             t0 = time.perf_counter()
             ids, logprobs = single_turn(prompt_ids, *args, **kwargs)
             steps_run = max((len(x) for x in ids), default=0)
-            calls.append((trainer.state.global_step, time.perf_counter() - t0, sum(map(len, ids)),
-                          len(ids) * steps_run))  # fmt: skip
+            calls.append(
+                (trainer.state.global_step, time.perf_counter() - t0, sum(map(len, ids)), len(ids) * steps_run)
+            )
             return ids, logprobs
 
         trainer._generate_single_turn = timed

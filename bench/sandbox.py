@@ -33,8 +33,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _module_at(revision: str, directory: str):
     """``k15_plugin/rewards/sandbox.py`` as it was at ``revision`` (then a single stdlib-only file), imported alone."""
-    source = subprocess.run(["git", "show", f"{revision}:k15_plugin/rewards/sandbox.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout  # fmt: skip
+    source = subprocess.run(
+        ["git", "show", f"{revision}:k15_plugin/rewards/sandbox.py"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     path = Path(directory) / "k15_sandbox_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("k15_sandbox_before", path)
@@ -71,8 +76,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the weaker modes say they are weaker, once each
-        factories = {mode: (lambda c, m=mode: Sandbox(timeout_seconds=10.0, concurrency=c, isolation=m))
-                     for mode in cli.modes}  # fmt: skip
+        factories = {
+            mode: (lambda c, m=mode: Sandbox(timeout_seconds=10.0, concurrency=c, isolation=m)) for mode in cli.modes
+        }
         if cli.before:
             before = _module_at(cli.before, scratch)
             factories[f"before ({cli.before})"] = lambda c: before.Sandbox(timeout_seconds=10.0, concurrency=c)
@@ -86,8 +92,10 @@ def main() -> None:
         for sandbox in sandboxes.values():
             if hasattr(sandbox, "close"):
                 sandbox.close()
-    rates = {name: {str(c): round(cli.programs * cli.rounds / seconds[name, c], 1) for c in cli.concurrency}
-             for name in factories}  # fmt: skip
+    rates = {
+        name: {str(c): round(cli.programs * cli.rounds / seconds[name, c], 1) for c in cli.concurrency}
+        for name in factories
+    }
     cores = os.cpu_count() or 1
     print(f"programs per second ({cli.rounds} rounds x {cli.programs} programs, {cores} cores)")
     print(f"{'mode':<24}" + "".join(f"{'c=' + str(c):>10}" for c in cli.concurrency))
@@ -103,9 +111,12 @@ def main() -> None:
     }
     if not cli.smoke:
         RESULTS.mkdir(exist_ok=True)
-    write_json_line(result, save=not cli.smoke,
-                    machine_info=f"{platform.machine()}, {cores} cores, Python {platform.python_version()}, "
-                                 f"Linux {platform.release()}")  # fmt: skip
+    write_json_line(
+        result,
+        save=not cli.smoke,
+        machine_info=f"{platform.machine()}, {cores} cores, Python {platform.python_version()}, "
+        f"Linux {platform.release()}",
+    )
 
 
 if __name__ == "__main__":

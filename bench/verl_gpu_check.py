@@ -49,9 +49,16 @@ def write_data(directory: Path, rows: int, seed: int) -> tuple[Path, Path]:
 
 def verl_command(config_dir: str, model: str, train: Path, val: Path, workdir: Path, steps: int) -> list[str]:
     return [
-        sys.executable, "-m", "verl.trainer.main_ppo", f"--config-dir={config_dir}", "--config-name=k15_md",
-        f"data.train_files={train}", f"data.val_files={val}",
-        "data.train_batch_size=16", "data.max_prompt_length=256", "data.max_response_length=256",
+        sys.executable,
+        "-m",
+        "verl.trainer.main_ppo",
+        f"--config-dir={config_dir}",
+        "--config-name=k15_md",
+        f"data.train_files={train}",
+        f"data.val_files={val}",
+        "data.train_batch_size=16",
+        "data.max_prompt_length=256",
+        "data.max_response_length=256",
         f"actor_rollout_ref.model.path={model}",
         "actor_rollout_ref.actor.optim.lr=1e-6",
         # 2 optimizer steps per rollout batch of 16 prompts x 4 samples
@@ -66,12 +73,17 @@ def verl_command(config_dir: str, model: str, train: Path, val: Path, workdir: P
         "algorithm.k15.sampler.type=prioritized",
         "algorithm.k15.length_penalty.weight=0.1",
         "algorithm.k15.length_penalty.warmup_steps=1",
-        "trainer.n_gpus_per_node=1", "trainer.nnodes=1",
-        f"trainer.total_training_steps={steps}", "trainer.save_freq=2", "trainer.test_freq=-1",
-        "trainer.val_before_train=false", "trainer.logger=[console,file]",
+        "trainer.n_gpus_per_node=1",
+        "trainer.nnodes=1",
+        f"trainer.total_training_steps={steps}",
+        "trainer.save_freq=2",
+        "trainer.test_freq=-1",
+        "trainer.val_before_train=false",
+        "trainer.logger=[console,file]",
         f"trainer.default_local_dir={workdir / 'checkpoints'}",
-        "trainer.project_name=k15_gpu_check", "trainer.experiment_name=k15_md",
-    ]  # fmt: skip
+        "trainer.project_name=k15_gpu_check",
+        "trainer.experiment_name=k15_md",
+    ]
 
 
 def run(cmd: list[str], log: Path, env: dict) -> tuple[int, list[dict]]:

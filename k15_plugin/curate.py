@@ -197,8 +197,9 @@ class Generator:
     does not.
     """
 
-    def __init__(self, model: str, backend: str, temperature: float, max_new_tokens: int, batch_size: int,
-                 chat: bool, seed: int):  # fmt: skip
+    def __init__(
+        self, model: str, backend: str, temperature: float, max_new_tokens: int, batch_size: int, chat: bool, seed: int
+    ):
         import torch
 
         self.temperature, self.max_new_tokens, self.batch_size = temperature, max_new_tokens, batch_size
@@ -272,10 +273,15 @@ class Generator:
                 options = {"do_sample": False, "num_beams": 1}
             with torch.no_grad():
                 generated = self.model.generate(
-                    **batch, **options, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                    max_new_tokens=self.max_new_tokens, num_return_sequences=n, pad_token_id=tok.pad_token_id,
+                    **batch,
+                    **options,
+                    repetition_penalty=1.0,
+                    no_repeat_ngram_size=0,
+                    max_new_tokens=self.max_new_tokens,
+                    num_return_sequences=n,
+                    pad_token_id=tok.pad_token_id,
                     eos_token_id=eos,
-                )  # fmt: skip
+                )
             completions = generated[:, batch["input_ids"].shape[1] :].tolist()
             for i in range(len(completions) // n):
                 samples = []
@@ -339,12 +345,22 @@ def _columns(rows: list[dict], args: argparse.Namespace, need_answer: bool) -> N
     needed = [args.prompt_column] + ([args.answer_column] if need_answer else [])
     missing = [c for c in needed if c not in rows[0]]
     if missing:
-        raise CurationError(f"column(s) {missing} not in the input (columns: {sorted(rows[0])}); see --prompt-column "
-                            "and --answer-column")  # fmt: skip
+        raise CurationError(
+            f"column(s) {missing} not in the input (columns: {sorted(rows[0])}); see --prompt-column "
+            "and --answer-column"
+        )
 
 
-def run_chunks(sidecar: Sidecar, total: int, work: Callable[[list[int]], dict[int, dict]], chunk: int,
-               stop_after: int | None, desc: str, unit: str, progress: bool) -> bool:  # fmt: skip
+def run_chunks(
+    sidecar: Sidecar,
+    total: int,
+    work: Callable[[list[int]], dict[int, dict]],
+    chunk: int,
+    stop_after: int | None,
+    desc: str,
+    unit: str,
+    progress: bool,
+) -> bool:
     """``work(indices) -> {index: record}`` over the indices ``0..total-1`` the sidecar does not hold yet, ``chunk``
     at a time, each result saved before the next; at most ``stop_after`` indices (None: all). Returns False when
     stopped early by ``stop_after``."""
@@ -353,8 +369,9 @@ def run_chunks(sidecar: Sidecar, total: int, work: Callable[[list[int]], dict[in
     pending = [i for i in range(total) if i not in sidecar.done]
     stopped = stop_after is not None and len(pending) > stop_after
     todo = pending if stop_after is None else pending[:stop_after]
-    bar = tqdm(total=total, initial=total - len(pending), desc=desc, unit=unit, disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=total, initial=total - len(pending), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True
+    )
     try:
         for start in range(0, len(todo), chunk):
             indices = todo[start : start + chunk]
@@ -365,8 +382,9 @@ def run_chunks(sidecar: Sidecar, total: int, work: Callable[[list[int]], dict[in
     return not stopped
 
 
-def _process(args, rows: list[dict], sidecar: Sidecar, work: Callable[[list[int]], dict[int, dict]], chunk: int,
-             progress: bool) -> bool:  # fmt: skip
+def _process(
+    args, rows: list[dict], sidecar: Sidecar, work: Callable[[list[int]], dict[int, dict]], chunk: int, progress: bool
+) -> bool:
     """Run ``work`` over the unfinished prompts in chunks; returns False when stopped by ``--stop-after``."""
     return run_chunks(sidecar, len(rows), work, chunk, args.stop_after, args.command, "prompt", progress)
 
@@ -382,8 +400,9 @@ def _model_defaults(args: argparse.Namespace, command: str) -> None:
 
 
 def run_difficulty(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
-    generator = Generator(args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size,
-                          args.chat, args.seed)  # fmt: skip
+    generator = Generator(
+        args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size, args.chat, args.seed
+    )
     score = make_scorer(args.reward, generator.tokenizer, args.extraction)
 
     def work(indices: list[int]) -> dict[int, dict]:
@@ -399,17 +418,24 @@ def run_difficulty(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> 
     finished = _process(args, rows, sidecar, work, max(1, args.batch_size // args.n), progress)
     if not finished:
         return False, {}
-    out = [{**row, "pass_rate": sidecar.done[i]["pass_rate"], "difficulty": 1.0 - sidecar.done[i]["pass_rate"]}
-           for i, row in enumerate(rows)]  # fmt: skip
+    out = [
+        {**row, "pass_rate": sidecar.done[i]["pass_rate"], "difficulty": 1.0 - sidecar.done[i]["pass_rate"]}
+        for i, row in enumerate(rows)
+    ]
     write_atomically(Path(args.output), out)
     rates = [r["pass_rate"] for r in out]
-    return True, {"rows": len(out), "mean_pass_rate": sum(rates) / max(len(rates), 1),
-                  "unsolved": sum(r == 0 for r in rates), "always_solved": sum(r == 1 for r in rates)}  # fmt: skip
+    return True, {
+        "rows": len(out),
+        "mean_pass_rate": sum(rates) / max(len(rates), 1),
+        "unsolved": sum(r == 0 for r in rates),
+        "always_solved": sum(r == 1 for r in rates),
+    }
 
 
 def run_easy_to_hack(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
-    generator = Generator(args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size,
-                          args.chat, args.seed)  # fmt: skip
+    generator = Generator(
+        args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size, args.chat, args.seed
+    )
     score = make_scorer(args.reward, generator.tokenizer, args.extraction)
 
     def work(indices: list[int]) -> dict[int, dict]:
@@ -431,8 +457,9 @@ def run_easy_to_hack(args, rows: list[dict], sidecar: Sidecar, progress: bool) -
 
 def run_filter(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
     def work(indices: list[int]) -> dict[int, dict]:
-        return {i: {"reason": question_type(rows[i][args.prompt_column], rows[i].get(args.answer_column))}
-                for i in indices}  # fmt: skip
+        return {
+            i: {"reason": question_type(rows[i][args.prompt_column], rows[i].get(args.answer_column))} for i in indices
+        }
 
     if not _process(args, rows, sidecar, work, 1024, progress):
         return False, {}
@@ -480,9 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sampling(p: argparse.ArgumentParser, temperature: float) -> None:
         p.add_argument("--model", required=True, help=f"model path or Hub id; {DEMO_MODEL!r}: the built-in demo model")
-        p.add_argument("--reward", choices=["math", "arithmetic"], default=None,
-                       help="scoring: math (math-verify) or arithmetic (demo task); default: arithmetic for "
-                            f"{DEMO_MODEL}, math otherwise")  # fmt: skip
+        p.add_argument(
+            "--reward",
+            choices=["math", "arithmetic"],
+            default=None,
+            help="scoring: math (math-verify) or arithmetic (demo task); default: arithmetic for "
+            f"{DEMO_MODEL}, math otherwise",
+        )
         p.add_argument(
             "--extraction",
             default="auto",
@@ -550,12 +581,19 @@ def curate(argv: Sequence[str] | None = None) -> dict:
     new = len(sidecar.done) - resumed
     if complete:
         sidecar.remove()
-    return {"command": args.command, "complete": complete, "processed": new, "resumed": resumed,
-            "output": str(output) if complete else None, **summary}  # fmt: skip
+    return {
+        "command": args.command,
+        "complete": complete,
+        "processed": new,
+        "resumed": resumed,
+        "output": str(output) if complete else None,
+        **summary,
+    }
 
 
-def console_main(prog: str, run: Callable[[Sequence[str] | None], dict], error: type[Exception],
-                 argv: Sequence[str] | None = None) -> None:  # fmt: skip
+def console_main(
+    prog: str, run: Callable[[Sequence[str] | None], dict], error: type[Exception], argv: Sequence[str] | None = None
+) -> None:
     """A resumable command's console entry point: ``run(argv)``'s summary printed as one JSON line. ``error`` (the
     user-facing errors) is one line on stderr and exit code 2, an interruption exit code 130, and a run stopped
     early (``complete`` false) :data:`EXIT_INCOMPLETE`."""

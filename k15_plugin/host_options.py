@@ -112,8 +112,12 @@ def k15_options(algorithm) -> K15Options:
     _check(0 <= s.prior <= 1, "sampler.prior", "must be in [0, 1]", s.prior)
     _check(0 < s.floor <= 1, "sampler.floor", "must be in (0, 1]", s.floor)
     _check(bool(s.difficulty_key), "sampler.difficulty_key", "must be a column name", s.difficulty_key)
-    _check(s.schedule in CURRICULUM_SCHEDULES, "sampler.schedule", f"must be one of {list(CURRICULUM_SCHEDULES)}",
-           s.schedule)  # fmt: skip
+    _check(
+        s.schedule in CURRICULUM_SCHEDULES,
+        "sampler.schedule",
+        f"must be one of {list(CURRICULUM_SCHEDULES)}",
+        s.schedule,
+    )
     _check(s.switch_step >= 0, "sampler.switch_step", "must be >= 0", s.switch_step)
     _check(0 < s.hard_fraction <= 1, "sampler.hard_fraction", "must be in (0, 1]", s.hard_fraction)
     _check(0 < s.start_fraction <= 1, "sampler.start_fraction", "must be in (0, 1]", s.start_fraction)
@@ -133,7 +137,14 @@ def build_prompt_sampler(
     if difficulty is None:
         raise ValueError("the curriculum sampler needs difficulty labels")
     return CurriculumPromptSampler(
-        num_problems, chunk_size, seed=seed, prior=options.prior, difficulty=difficulty, schedule=options.schedule,
-        switch_step=options.switch_step, hard_fraction=options.hard_fraction, start_fraction=options.start_fraction,
+        num_problems,
+        chunk_size,
+        seed=seed,
+        prior=options.prior,
+        difficulty=difficulty,
+        schedule=options.schedule,
+        switch_step=options.switch_step,
+        hard_fraction=options.hard_fraction,
+        start_fraction=options.start_fraction,
         ramp_steps=options.ramp_steps,
-    )  # fmt: skip
+    )

@@ -52,20 +52,42 @@ def main(out: Path) -> None:
     def reward(prompts, completion_ids, trainer_state, **kwargs):
         buffer = trainer.__dict__["_k15_buffer"]
         digest = hashlib.sha256(json.dumps(buffer.state_dict(), sort_keys=True).encode()).hexdigest()
-        seen.append({"step": trainer_state.global_step, "prompts": list(prompts),
-                     "completions": [list(c) for c in completion_ids], "buffer": digest})  # fmt: skip
+        seen.append(
+            {
+                "step": trainer_state.global_step,
+                "prompts": list(prompts),
+                "completions": [list(c) for c in completion_ids],
+                "buffer": digest,
+            }
+        )
         return [float(len(c) <= 2) for c in completion_ids]
 
     reward.__name__ = "short"
     tokenizer = build_tokenizer()
     train, _ = make_datasets(seed=0)
     args = KimiMirrorDescentConfig(
-        output_dir=str(out / "run"), use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=6,
-        num_generations=4, max_completion_length=12, rollout_segment_tokens=4, max_steps=4, logging_steps=1,
-        save_strategy="no", learning_rate=1e-3, seed=0, disable_tqdm=True,
-    )  # fmt: skip
-    trainer = KimiMirrorDescentTrainer(model=tiny_test_model(tokenizer), reward_funcs=[reward], args=args,
-                                       train_dataset=train.select(range(96)), processing_class=tokenizer)  # fmt: skip
+        output_dir=str(out / "run"),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        per_device_train_batch_size=6,
+        num_generations=4,
+        max_completion_length=12,
+        rollout_segment_tokens=4,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = KimiMirrorDescentTrainer(
+        model=tiny_test_model(tokenizer),
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=train.select(range(96)),
+        processing_class=tokenizer,
+    )
     trainer.train()
     rank = trainer.accelerator.process_index
     expected = [[target(ids) for ids in tokenizer(s["prompts"])["input_ids"]] for s in seen]

@@ -86,8 +86,11 @@ def test_an_experiment_sets_the_trainer(composer):
 def test_default_config_is_the_demo(composer):
     cfg = composer()
     assert (cfg.algorithm.name, cfg.model.name, cfg.data.name, cfg.sampler.name) == (
-        "kimi_md", "tiny_demo", "demo_arithmetic", "uniform",
-    )  # fmt: skip
+        "kimi_md",
+        "tiny_demo",
+        "demo_arithmetic",
+        "uniform",
+    )
     assert cfg.algorithm.tau > 0 and cfg.trainer.max_steps >= 1
 
 
@@ -118,9 +121,13 @@ def test_yaml_keys_are_all_known_to_the_schema(composer):
 def _cli(args, cwd, timeout=1800):  # a slow, loaded 2-core machine: minutes of imports
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, "-m", "k15_plugin.cli.train", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "k15_plugin.cli.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(
@@ -161,17 +168,31 @@ def test_multirun_demo_writes_a_run_directory_per_algorithm(tmp_path):
     """A real ``k15-train -m`` process: kimi_md and GRPO side by side, each with its own complete run directory."""
     sweep = tmp_path / "sweep"
     result = _cli(
-        ["-m", "algorithm=kimi_md,grpo", "trainer.max_steps=4", "trainer.eval_steps=2", "trainer.logging_steps=1",
-         "trainer.eval_size=50", "data.heldout_size=100", f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            "algorithm=kimi_md,grpo",
+            "trainer.max_steps=4",
+            "trainer.eval_steps=2",
+            "trainer.logging_steps=1",
+            "trainer.eval_size=50",
+            "data.heldout_size=100",
+            f"hydra.sweep.dir={sweep}",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dirs = {json.loads(p.read_text())["algorithm"]: p.parent for p in sweep.glob("*/summary.json")}
     assert sorted(run_dirs) == ["grpo", "kimi_md"]
     for algorithm, run_dir in run_dirs.items():
         summary = json.loads((run_dir / "summary.json").read_text())
-        for key in ("eval_accuracy_before", "eval_accuracy_after", "mean_completion_tokens_before",
-                    "mean_completion_tokens_after", "train_samples", "wall_seconds"):  # fmt: skip
+        for key in (
+            "eval_accuracy_before",
+            "eval_accuracy_after",
+            "mean_completion_tokens_before",
+            "mean_completion_tokens_after",
+            "train_samples",
+            "wall_seconds",
+        ):
             assert key in summary, (algorithm, key)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert any("heldout/accuracy" in r for r in records), algorithm
@@ -199,8 +220,10 @@ def test_multirun_demo_writes_a_run_directory_per_algorithm(tmp_path):
 def test_wheel_ships_the_configs(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("k15_plugin-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -214,11 +237,28 @@ def test_distributed_launch_shares_one_run_directory(tmp_path):
     directory, written by the main process only."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "k15_plugin.cli.train",
-         "launcher=accelerate_ddp", "launcher.num_processes=2", "trainer.max_steps=2", "trainer.eval_steps=0",
-         "trainer.per_device_train_batch_size=64", "trainer.save_steps=2", "data.heldout_size=100"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "k15_plugin.cli.train",
+            "launcher=accelerate_ddp",
+            "launcher.num_processes=2",
+            "trainer.max_steps=2",
+            "trainer.eval_steps=0",
+            "trainer.per_device_train_batch_size=64",
+            "trainer.save_steps=2",
+            "data.heldout_size=100",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs").iterdir()  # both processes resolved the same directory
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -58,50 +58,103 @@ def _case(name, train, expected, *overrides, files=()):
 
 
 CASES = [
-    _case("bad_json", _lines(_with(6, '{"prompt": "1+1=" "answer": "2"}')),
-          "data.path={tmp}/train.jsonl:7: not valid JSON (Expecting ',' delimiter at column 19)"),
-    _case("no_prompt_column", _lines(_with(2, {"question": "1+1=", "answer": "2"})),
-          'train.jsonl:3: no "prompt" field (data.prompt_column=prompt); the row has "question", "answer"'),
+    _case(
+        "bad_json",
+        _lines(_with(6, '{"prompt": "1+1=" "answer": "2"}')),
+        "data.path={tmp}/train.jsonl:7: not valid JSON (Expecting ',' delimiter at column 19)",
+    ),
+    _case(
+        "no_prompt_column",
+        _lines(_with(2, {"question": "1+1=", "answer": "2"})),
+        'train.jsonl:3: no "prompt" field (data.prompt_column=prompt); the row has "question", "answer"',
+    ),
     _case("empty_file", "", "data.path={tmp}/train.jsonl: no rows (the file is empty)"),
     _case("only_blank_lines", "\n  \n\n", "train.jsonl: no rows (the file has only blank lines)"),
-    _case("code_without_tests", _lines(GOOD), 'train.jsonl:1: no "tests" field, which reward.verifier=code runs',
-          "reward=code"),
-    _case("invalid_utf8", _lines(GOOD[:4]).encode() + b'{"prompt": "caf\xe9", "answer": "1"}\n',
-          "train.jsonl:5: not valid UTF-8 (byte 0xe9 at byte 16 of the line)"),
+    _case(
+        "code_without_tests",
+        _lines(GOOD),
+        'train.jsonl:1: no "tests" field, which reward.verifier=code runs',
+        "reward=code",
+    ),
+    _case(
+        "invalid_utf8",
+        _lines(GOOD[:4]).encode() + b'{"prompt": "caf\xe9", "answer": "1"}\n',
+        "train.jsonl:5: not valid UTF-8 (byte 0xe9 at byte 16 of the line)",
+    ),
     _case("array_line", _lines(_with(1, ["1+1=", "2"])), "train.jsonl:2: the line is an array, expected one JSON"),
-    _case("number_prompt", _lines(_with(3, {"prompt": 42, "answer": "2"})),
-          'train.jsonl:4: "prompt" is a number (42), expected a non-empty string'),
+    _case(
+        "number_prompt",
+        _lines(_with(3, {"prompt": 42, "answer": "2"})),
+        'train.jsonl:4: "prompt" is a number (42), expected a non-empty string',
+    ),
     _case("null_prompt", _lines(_with(0, {"prompt": None, "answer": "2"})), 'train.jsonl:1: "prompt" is null'),
-    _case("empty_prompt", _lines(_with(5, {"prompt": "  ", "answer": "2"})),
-          'train.jsonl:6: "prompt" is an empty string'),
-    _case("chat_list_prompt", _lines(_with(0, {"prompt": [{"role": "user", "content": "hi"}], "answer": "2"})),
-          'train.jsonl:1: "prompt" is a list; expected a string'),
-    _case("missing_answer", _lines(_with(9, {"prompt": "1+1="})),
-          'train.jsonl:10: no "answer" field (data.answer_column=answer); the row has "prompt"'),
+    _case(
+        "empty_prompt", _lines(_with(5, {"prompt": "  ", "answer": "2"})), 'train.jsonl:6: "prompt" is an empty string'
+    ),
+    _case(
+        "chat_list_prompt",
+        _lines(_with(0, {"prompt": [{"role": "user", "content": "hi"}], "answer": "2"})),
+        'train.jsonl:1: "prompt" is a list; expected a string',
+    ),
+    _case(
+        "missing_answer",
+        _lines(_with(9, {"prompt": "1+1="})),
+        'train.jsonl:10: no "answer" field (data.answer_column=answer); the row has "prompt"',
+    ),
     _case("list_answer", _lines(_with(1, {"prompt": "1+1=", "answer": [2]})), 'train.jsonl:2: "answer" is a list'),
-    _case("nan_difficulty", _lines(GOOD[:2]) + '{"prompt": "x", "answer": "1", "difficulty": NaN}\n',
-          'train.jsonl:3: "difficulty" is NaN, expected a finite number'),
-    _case("string_difficulty", _lines(_with(0, {"prompt": "x", "answer": "1", "difficulty": "hard"})),
-          'train.jsonl:1: "difficulty" is a string ("hard"), expected a finite number'),
-    _case("curriculum_missing_difficulty", _lines([*[{**r, "difficulty": 0.5} for r in GOOD[:3]], *GOOD[3:]]),
-          'train.jsonl:4: no "difficulty" field, which sampler=curriculum reads from every row', "sampler=curriculum"),
-    _case("malformed_tests", _lines([*[{"prompt": f"p{i}", "tests": TESTS} for i in range(3)],
-                                     {"prompt": "p", "tests": [{"input": "1"}]}]),
-          'train.jsonl:4: "tests" item 1 has no "output"', "reward=code"),
-    _case("too_few_rows", _lines(GOOD[:10]),
-          "data.path={tmp}/train.jsonl: 8 training prompts (10 rows, 2 held out: data.heldout_size=200, at most a "
-          "fifth of the rows), but one generation batch needs",
-          "trainer.per_device_train_batch_size=128", "trainer.num_generations=8"),
+    _case(
+        "nan_difficulty",
+        _lines(GOOD[:2]) + '{"prompt": "x", "answer": "1", "difficulty": NaN}\n',
+        'train.jsonl:3: "difficulty" is NaN, expected a finite number',
+    ),
+    _case(
+        "string_difficulty",
+        _lines(_with(0, {"prompt": "x", "answer": "1", "difficulty": "hard"})),
+        'train.jsonl:1: "difficulty" is a string ("hard"), expected a finite number',
+    ),
+    _case(
+        "curriculum_missing_difficulty",
+        _lines([*[{**r, "difficulty": 0.5} for r in GOOD[:3]], *GOOD[3:]]),
+        'train.jsonl:4: no "difficulty" field, which sampler=curriculum reads from every row',
+        "sampler=curriculum",
+    ),
+    _case(
+        "malformed_tests",
+        _lines([*[{"prompt": f"p{i}", "tests": TESTS} for i in range(3)], {"prompt": "p", "tests": [{"input": "1"}]}]),
+        'train.jsonl:4: "tests" item 1 has no "output"',
+        "reward=code",
+    ),
+    _case(
+        "too_few_rows",
+        _lines(GOOD[:10]),
+        "data.path={tmp}/train.jsonl: 8 training prompts (10 rows, 2 held out: data.heldout_size=200, at most a "
+        "fifth of the rows), but one generation batch needs",
+        "trainer.per_device_train_batch_size=128",
+        "trainer.num_generations=8",
+    ),
     _case("num_train_too_small", _lines(GOOD), "data.num_train=5: 5 training prompts", "data.num_train=5"),
-    _case("heldout_file_bad_line", _lines(GOOD), "data.heldout_split={tmp}/held.jsonl:2: not valid JSON",
-          "data.heldout_split={tmp}/held.jsonl", files={"held.jsonl": _lines(GOOD[:1]) + "{oops\n"}.items()),
+    _case(
+        "heldout_file_bad_line",
+        _lines(GOOD),
+        "data.heldout_split={tmp}/held.jsonl:2: not valid JSON",
+        "data.heldout_split={tmp}/held.jsonl",
+        files={"held.jsonl": _lines(GOOD[:1]) + "{oops\n"}.items(),
+    ),
     _case("heldout_not_a_file", _lines(GOOD), "data.heldout_split='test' is not a file", "data.heldout_split=test"),
-    _case("bad_prompt_template", _lines(GOOD), "data.prompt_template='Q: {{x}}': unknown field {{x}}",
-          "data.prompt_template='Q: {{x}}'"),
+    _case(
+        "bad_prompt_template",
+        _lines(GOOD),
+        "data.prompt_template='Q: {{x}}': unknown field {{x}}",
+        "data.prompt_template='Q: {{x}}'",
+    ),
     _case("multirun_bad_line", _lines(_with(6, "{")), "train.jsonl:7: not valid JSON", "-m", "algorithm=kimi_md,grpo"),
-    pytest.param({"model/weights.bin": ""}, ["model.path={tmp}/model"], "model.path='{tmp}/model' has no config.json",
-                 id="model_path_without_config"),
-]  # fmt: skip
+    pytest.param(
+        {"model/weights.bin": ""},
+        ["model.path={tmp}/model"],
+        "model.path='{tmp}/model' has no config.json",
+        id="model_path_without_config",
+    ),
+]
 
 
 @pytest.mark.parametrize("files, args, expected", CASES)
@@ -123,8 +176,13 @@ def headline_runs(tmp_path_factory):
         files, args, expected = case.values
         directory = tmp_path_factory.mktemp(case.id)
         _write(directory, files)
-        command = [sys.executable, "-m", "k15_plugin.cli.train", *[a.format(tmp=directory) for a in args],
-                   *hydra_dirs(directory)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "k15_plugin.cli.train",
+            *[a.format(tmp=directory) for a in args],
+            *hydra_dirs(directory),
+        ]
         started[case.id] = (
             directory,
             expected.format(tmp=directory),
@@ -226,8 +284,12 @@ def test_loader_loads_what_the_check_accepts(tmp_path, composer, capsys):
     rows = [{"prompt": f"q{i}", "answer": i, "difficulty": i / 10} for i in range(30)]
     train = tmp_path / "train.jsonl"
     # blank lines, a byte-order mark, CRLF endings, number answers, duplicates (lines 33, 34 repeat q0, q1)
-    train.write_bytes(b"\xef\xbb\xbf" + _lines(rows[:10]).replace("\n", "\r\n").encode() + b"\n\n"
-                      + _lines([*rows[10:], rows[0], {"prompt": "q1", "answer": "other"}]).encode())  # fmt: skip
+    train.write_bytes(
+        b"\xef\xbb\xbf"
+        + _lines(rows[:10]).replace("\n", "\r\n").encode()
+        + b"\n\n"
+        + _lines([*rows[10:], rows[0], {"prompt": "q1", "answer": "other"}]).encode()
+    )
     cfg = composer("data=jsonl", f"data.path={train}", "data.heldout_size=4", "data.chat=false")
     check_inputs(cfg)
     assert "dropped 2 row(s) repeating an earlier prompt (first at lines 33, 34)" in capsys.readouterr().err

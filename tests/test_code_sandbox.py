@@ -213,8 +213,13 @@ def test_files_outside_the_working_directory_are_untouched(reward, tmp_path):
         for canary in canaries:
             canary.write_text("alive")
             canary.chmod(0o666)
-        targets = [f"/tmp/k15_pwned_{token}", f"/var/tmp/k15_pwned_{token}", f"/dev/shm/k15_pwned_{token}",
-                   f"{os.getcwd()}/k15_pwned_{token}", f"{open_dir}/k15_pwned_{token}"]  # fmt: skip
+        targets = [
+            f"/tmp/k15_pwned_{token}",
+            f"/var/tmp/k15_pwned_{token}",
+            f"/dev/shm/k15_pwned_{token}",
+            f"{os.getcwd()}/k15_pwned_{token}",
+            f"{open_dir}/k15_pwned_{token}",
+        ]
         attack = textwrap.dedent(f"""
             import os
             won = False
@@ -416,8 +421,12 @@ def test_an_allowed_site_packages_is_importable():
     """site-packages stays out of the root unless listed in allow_paths; listed, its packages import."""
     box = Sandbox(timeout_seconds=5.0)
     python = box.mode().python
-    site_dir = subprocess.run([python, "-I", "-S", "-c", "import site; print(site.getsitepackages()[0])"],
-                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    site_dir = subprocess.run(
+        [python, "-I", "-S", "-c", "import site; print(site.getsitepackages()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if not os.path.isfile(os.path.join(site_dir, "pip", "__init__.py")):
         pytest.skip(f"no pip in {site_dir} to import")
     probe = "try:\n    import pip\n    print(pip.__file__)\nexcept ImportError:\n    print('no pip')\n"
@@ -458,10 +467,21 @@ def test_reads_of_host_secrets_are_contained(reward):
     package = Path(k15_plugin.__file__).resolve().parent
     host_users = [line.split(":")[0] for line in Path("/etc/passwd").read_text().splitlines() if ":" in line]
     host_only = [u for u in host_users if u not in ("root", "sandbox")][:5]
-    targets = ["/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/root/.ssh/id_rsa", "/root/.bash_history",
-               "/etc/machine-id", "/proc/1/environ", f"/proc/{os.getpid()}/environ", f"/proc/{os.getpid()}/cmdline",
-               str(package / "rewards" / "code.py"), str(package / "__init__.py"), sys.prefix + "/pyvenv.cfg",
-               str(Path(json.__file__))]  # fmt: skip
+    targets = [
+        "/etc/shadow",
+        "/etc/gshadow",
+        "/etc/sudoers",
+        "/root/.ssh/id_rsa",
+        "/root/.bash_history",
+        "/etc/machine-id",
+        "/proc/1/environ",
+        f"/proc/{os.getpid()}/environ",
+        f"/proc/{os.getpid()}/cmdline",
+        str(package / "rewards" / "code.py"),
+        str(package / "__init__.py"),
+        sys.prefix + "/pyvenv.cfg",
+        str(Path(json.__file__)),
+    ]
     snoop = textwrap.dedent(f"""
         import os
         leaked = []
@@ -599,8 +619,11 @@ def test_required_isolation_refuses_rather_than_running_unisolated(monkeypatch):
         Sandbox(timeout_seconds=1.0, memory_mb=100).mode()  # a config no other test probed
     monkeypatch.undo()
     _without_cap_sys_admin(monkeypatch)
-    with pytest.raises(SandboxUnavailableError, match=r"^no working code sandbox \(isolation=allowlist\): .*unshare.*"
-                                                      r"set isolation=denylist") as refused:  # fmt: skip
+    with pytest.raises(
+        SandboxUnavailableError,
+        match=r"^no working code sandbox \(isolation=allowlist\): .*unshare.*"
+        r"set isolation=denylist",
+    ) as refused:
         Sandbox(timeout_seconds=1.0, memory_mb=101).mode()
     assert "\n" not in str(refused.value)
     with pytest.raises(SandboxUnavailableError, match="set isolation=none"):
@@ -621,13 +644,15 @@ def test_a_failed_probe_says_what_the_program_did():
 
     assert _why_probe_failed([]) == "no result"
     assert _why_probe_failed([RunResult(exit_code=None, stdout="", error="sandbox failed (EOFError): x")]) == (
-        "sandbox failed (EOFError): x")  # fmt: skip
+        "sandbox failed (EOFError): x"
+    )
     timed_out = RunResult(exit_code=None, stdout="", signal=9, timed_out=True, seconds=30.02)
     assert _why_probe_failed([timed_out]) == "timed out after 30.0 s"
     killed = RunResult(exit_code=None, stdout="", signal=9, stderr_tail="Traceback\nMemoryError\n")
     assert _why_probe_failed([killed]) == "killed by signal 9: MemoryError"
     assert _why_probe_failed([RunResult(exit_code=1, stdout="", stderr_tail="ImportError: x")]) == (
-        "exited with 1: ImportError: x")  # fmt: skip
+        "exited with 1: ImportError: x"
+    )
     assert _why_probe_failed([RunResult(exit_code=0, stdout="4\n")]) == "printed '4' instead of 5"
 
 
@@ -647,8 +672,9 @@ def test_k15_train_stops_before_the_model_loads_when_the_sandbox_cannot_be_built
 
     _without_cap_sys_admin(monkeypatch)
     rows = tmp_path / "code.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": f"Add two numbers ({i}).", "tests": ADD_TESTS}) + "\n"
-                            for i in range(300)))  # fmt: skip
+    rows.write_text(
+        "".join(json.dumps({"prompt": f"Add two numbers ({i}).", "tests": ADD_TESTS}) + "\n" for i in range(300))
+    )
     args = ["data=jsonl", f"data.path={rows}", "reward=code", "reward.code.memory_mb=130"]
     code, stderr = main_before_the_job(args, tmp_path, monkeypatch, capsys)
     assert_one_line(code, stderr, "reward.code.isolation=allowlist: no working code sandbox", tmp_path)
@@ -687,8 +713,10 @@ def test_denylist_mode_hides_the_trainers_directories_but_not_the_rest(monkeypat
         box = Sandbox(timeout_seconds=2.0, hide_paths=[str(hidden)], isolation="denylist")  # what it takes instead
         with pytest.warns(RuntimeWarning, match="isolation=denylist"):
             assert box.mode().isolation == "denylist"
-        probe = f"import os\nprint(os.path.exists({str(hidden / 'answers.txt')!r}), os.path.isdir('/var'), " \
-                f"os.path.exists({os.getcwd()!r} + '/pyproject.toml'))\n"  # fmt: skip
+        probe = (
+            f"import os\nprint(os.path.exists({str(hidden / 'answers.txt')!r}), os.path.isdir('/var'), "
+            f"os.path.exists({os.getcwd()!r} + '/pyproject.toml'))\n"
+        )
         (result,) = box.run(probe, [""])
         box.close()
         assert result.ok, result.stderr_tail
@@ -722,8 +750,13 @@ def test_unprivileged_trainer_builds_the_root_in_a_user_namespace(tmp_path):
         print(json.dumps({{"isolation": mode.isolation, "userns": mode.userns, "stdout": result.stdout,
                           "error": result.error, "warnings": [str(w.message) for w in caught]}}))
     """)
-    run = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", script],
-                         capture_output=True, text=True, timeout=120, cwd="/")  # fmt: skip
+    run = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
     if "unshare" in run.stdout + run.stderr and "Operation not permitted" in run.stdout + run.stderr:
         pytest.skip("unprivileged user namespaces are disabled here")
     assert run.returncode == 0, run.stderr[-2000:]
@@ -810,13 +843,23 @@ def test_reward_code_config_builds_the_code_reward(tmp_path):
     from k15_plugin.data.tasks import load_task
 
     rows = tmp_path / "train.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": f"Add two numbers ({i}).", "tests": ADD_TESTS}) + "\n"
-                            for i in range(10)))  # fmt: skip
+    rows.write_text(
+        "".join(json.dumps({"prompt": f"Add two numbers ({i}).", "tests": ADD_TESTS}) + "\n" for i in range(10))
+    )
     _register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", ["reward=code", "data=jsonl", f"data.path={rows}", "reward.code.partial_credit=false",
-                                 "reward.code.timeout_seconds=2", "reward.code.concurrency=2"])  # fmt: skip
+        cfg = compose(
+            "config",
+            [
+                "reward=code",
+                "data=jsonl",
+                f"data.path={rows}",
+                "reward.code.partial_credit=false",
+                "reward.code.timeout_seconds=2",
+                "reward.code.concurrency=2",
+            ],
+        )
         demo = compose("config", ["reward=code"])
     GlobalHydra.instance().clear()
     check_config(cfg)

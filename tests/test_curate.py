@@ -29,8 +29,21 @@ def arithmetic_jsonl(tmp_path):
 
 
 def _difficulty(inp, out, *extra):
-    return ["difficulty", "--input", str(inp), "--output", str(out), "--model", "tiny_demo", "--n", "2", "--quiet",
-            "--batch-size", "2", *extra]  # fmt: skip
+    return [
+        "difficulty",
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--model",
+        "tiny_demo",
+        "--n",
+        "2",
+        "--quiet",
+        "--batch-size",
+        "2",
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -128,14 +141,29 @@ def test_difficulty_feeds_the_curriculum_sampler(arithmetic_jsonl, tmp_path):
 
     out = tmp_path / "rated.jsonl"
     curate(_difficulty(arithmetic_jsonl, out))
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "difficulty": r["difficulty"]}
-                                 for r in _read(out)])  # fmt: skip
+    dataset = Dataset.from_list(
+        [{"prompt": r["prompt"], "answer": r["answer"], "difficulty": r["difficulty"]} for r in _read(out)]
+    )
     tokenizer = build_tokenizer()
-    args = K15GRPOConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], per_device_train_batch_size=4,
-                         num_generations=2, max_completion_length=4, max_steps=1, sampler_type="curriculum",
-                         curriculum_switch_step=0, curriculum_hard_fraction=0.5)  # fmt: skip
-    trainer = K15GRPOTrainer(model=tiny_test_model(tokenizer), reward_funcs=[lambda completions, **kw: [0.0] * len(
-        completions)], args=args, train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    args = K15GRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=4,
+        max_steps=1,
+        sampler_type="curriculum",
+        curriculum_switch_step=0,
+        curriculum_hard_fraction=0.5,
+    )
+    trainer = K15GRPOTrainer(
+        model=tiny_test_model(tokenizer),
+        reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, CurriculumSampler)
     assert sampler.difficulty.tolist() == pytest.approx(dataset["difficulty"])
@@ -150,8 +178,18 @@ def test_difficulty_feeds_the_curriculum_sampler(arithmetic_jsonl, tmp_path):
 
 def test_easy_to_hack_end_to_end(arithmetic_jsonl, tmp_path):
     out = tmp_path / "kept.jsonl"
-    argv = ["easy-to-hack", "--input", str(arithmetic_jsonl), "--output", str(out), "--model", "tiny_demo",
-            "--tries", "2", "--quiet"]  # fmt: skip
+    argv = [
+        "easy-to-hack",
+        "--input",
+        str(arithmetic_jsonl),
+        "--output",
+        str(out),
+        "--model",
+        "tiny_demo",
+        "--tries",
+        "2",
+        "--quiet",
+    ]
     summary = curate(argv)
     kept = _read(out)
     assert summary["kept"] == len(kept) and summary["kept"] + summary["dropped_easy_to_hack"] == 6
@@ -168,8 +206,9 @@ def test_easy_to_hack_drops_exactly_the_guessed_prompts(arithmetic_jsonl, tmp_pa
 
     monkeypatch.setattr(curate_module, "make_scorer", fake_scorer)
     out = tmp_path / "kept.jsonl"
-    summary = curate(["easy-to-hack", "--input", str(arithmetic_jsonl), "--output", str(out), "--model", "tiny_demo",
-                      "--quiet"])  # fmt: skip
+    summary = curate(
+        ["easy-to-hack", "--input", str(arithmetic_jsonl), "--output", str(out), "--model", "tiny_demo", "--quiet"]
+    )
     assert summary["dropped_easy_to_hack"] == 2
     assert _read(out) == [r for i, r in enumerate(rows) if i not in (1, 4)]
 
@@ -212,8 +251,9 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
         main(["filter", "--input", str(inp), "--output", str(tmp_path / "o.jsonl")])
     assert exit_info.value.code == 2
     assert "--prompt-column" in capsys.readouterr().err
-    summary = curate(["filter", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--prompt-column",
-                      "question", "--quiet"])  # fmt: skip
+    summary = curate(
+        ["filter", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--prompt-column", "question", "--quiet"]
+    )
     assert summary["kept"] == 1
 
 

@@ -37,9 +37,16 @@ def test_greedy_evaluation_ignores_the_checkpoints_generation_config(demo):
 def test_heldout_metrics_through_the_trainer_equal_direct_decoding(demo, tmp_path):
     model, tokenizer, task = demo
     args = KimiMirrorDescentConfig(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=16,
-        num_generations=8, max_completion_length=4, max_steps=1, save_strategy="no",
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        per_device_train_batch_size=16,
+        num_generations=8,
+        max_completion_length=4,
+        max_steps=1,
+        save_strategy="no",
+    )
     trainer = KimiMirrorDescentTrainer(
         model=model, reward_funcs=task.reward_funcs, args=args, train_dataset=task.train, processing_class=tokenizer
     )

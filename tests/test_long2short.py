@@ -293,8 +293,9 @@ def test_sample_refusals(tiny_models, tmp_path, capsys):
         ],
         capsys,
     )
-    assert "--max-new-tokens must be >= 1" in _error(_sample_args(tiny_models["a"], tmp_path / "o.jsonl",
-                                                                   "--max-new-tokens", "0"), capsys)  # fmt: skip
+    assert "--max-new-tokens must be >= 1" in _error(
+        _sample_args(tiny_models["a"], tmp_path / "o.jsonl", "--max-new-tokens", "0"), capsys
+    )
     assert "--task nope" in _error(
         ["sample", "--model", str(tiny_models["a"]), "--task", "nope", "--output", str(tmp_path / "o.jsonl")], capsys
     )

@@ -5,10 +5,19 @@ import pytest
 from k15_plugin.core.long2short import Sample, dpo_negatives, shortest_correct
 
 # one prompt's 8 samples: (tokens, correct, truncated)
-SAMPLES = [Sample(t, c, tr) for t, c, tr in [
-    (12, True, False), (7, False, False), (6, True, False), (9, True, False),
-    (6, True, False), (20, False, True), (4, True, True), (15, True, False),
-]]  # fmt: skip
+SAMPLES = [
+    Sample(t, c, tr)
+    for t, c, tr in [
+        (12, True, False),
+        (7, False, False),
+        (6, True, False),
+        (9, True, False),
+        (6, True, False),
+        (20, False, True),
+        (4, True, True),
+        (15, True, False),
+    ]
+]
 
 
 def test_shortest_correct_skips_wrong_and_truncated_and_breaks_ties_by_index():

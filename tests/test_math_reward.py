@@ -57,8 +57,23 @@ def test_worked_solutions_as_references(reward):
     assert reward(["she pays \\boxed{18}"], answer=["16 - 3 - 4 = 9 eggs, 9 * 2 = 18 dollars.\n#### 18"]) == [1.0]
 
 
-@pytest.mark.parametrize("bad", [None, "", "   ", [], {}, 42, [{"role": "user", "content": "\\boxed{5}"}],
-                                 "\\boxed{", "\\frac{1}{", "$$$", "\\boxed{\\frac}", "{" * 500 + "5"])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        "",
+        "   ",
+        [],
+        {},
+        42,
+        [{"role": "user", "content": "\\boxed{5}"}],
+        "\\boxed{",
+        "\\frac{1}{",
+        "$$$",
+        "\\boxed{\\frac}",
+        "{" * 500 + "5",
+    ],
+)
 def test_garbage_completions_score_zero(reward, bad):
     assert reward([bad], answer=["5"]) == [0.0]
 
@@ -96,9 +111,16 @@ def test_extraction_modes():
 def test_trl_call_signature_and_name(reward):
     # TRL passes prompts, completion_ids, every dataset column and a few trainer hooks as keyword arguments.
     metrics = {}
-    got = reward(prompts=["p", "q"], completions=["\\boxed{1}", "\\boxed{2}"], completion_ids=[[1], [2]],
-                 answer=["1", "3"], difficulty=[0.1, 0.2], trainer_state=None,
-                 log_metric=lambda name, value: metrics.update({name: value}), log_extra=lambda *a: None)  # fmt: skip
+    got = reward(
+        prompts=["p", "q"],
+        completions=["\\boxed{1}", "\\boxed{2}"],
+        completion_ids=[[1], [2]],
+        answer=["1", "3"],
+        difficulty=[0.1, 0.2],
+        trainer_state=None,
+        log_metric=lambda name, value: metrics.update({name: value}),
+        log_extra=lambda *a: None,
+    )
     assert got == [1.0, 0.0] and metrics == {"math/timeouts": 0.0}
     assert reward.__name__ == "math_verify"
     with pytest.raises(TypeError, match="answer"):
@@ -200,8 +222,15 @@ def test_reward_math_config_builds_the_math_reward(tmp_path):
 
     rows = tmp_path / "train.jsonl"
     rows.write_text("".join(f'{{"prompt": "What is {i} / 2?", "answer": "\\\\frac{{{i}}}{{2}}"}}\n' for i in range(10)))
-    cfg = _compose(["reward=math", "data=jsonl", f"data.path={rows}", "data.answer_extraction=boxed",
-                    "reward.math.timeout_seconds=2"])  # fmt: skip
+    cfg = _compose(
+        [
+            "reward=math",
+            "data=jsonl",
+            f"data.path={rows}",
+            "data.answer_extraction=boxed",
+            "reward.math.timeout_seconds=2",
+        ]
+    )
     check_config(cfg)
     task = load_task(cfg.data, build_tokenizer(), 0, 8, cfg.reward)
     (reward,) = task.reward_funcs
@@ -226,11 +255,25 @@ def test_math_reward_inside_a_trl_run(tmp_path):
     tokenizer = build_tokenizer()
     train, _ = make_datasets(num_train=16, seed=0)
     reward = get_math_reward(extraction="last_number", timeout_seconds=2.0)
-    args = K15GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=8,
-                         num_generations=4, max_completion_length=4, max_steps=2, logging_steps=1,
-                         disable_tqdm=True, save_strategy="no")  # fmt: skip
-    trainer = K15GRPOTrainer(model=tiny_test_model(tokenizer), reward_funcs=[reward], args=args, train_dataset=train,
-                             processing_class=tokenizer)  # fmt: skip
+    args = K15GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=2,
+        logging_steps=1,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = K15GRPOTrainer(
+        model=tiny_test_model(tokenizer),
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
     trainer.train()
     logged = [h for h in trainer.state.log_history if "rewards/math_verify/mean" in h]
     assert len(logged) == 2 and all("math/timeouts" in h for h in logged)

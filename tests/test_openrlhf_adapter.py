@@ -49,15 +49,22 @@ SCORES = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
 def _args(algorithm="kimi_md", estimator="dr_grpo", weight=0.1, log_z="mean"):
     return NS(
         rollout=NS(n_samples_per_prompt=K, micro_batch_size=2, max_new_tokens=A, batch_size=G),
-        algo=NS(advantage=NS(estimator=estimator, gamma=1.0, lambd=1.0, no_std_norm=False),
-                kl=NS(use_loss=False, init_coef=0.0, estimator="k1")),
+        algo=NS(
+            advantage=NS(estimator=estimator, gamma=1.0, lambd=1.0, no_std_norm=False),
+            kl=NS(use_loss=False, init_coef=0.0, estimator="k1"),
+        ),
         reward=NS(clip_range=(-10, 10), overlong_buffer_len=None, stop_properly_penalty_coef=None),
-        data=NS(max_len=P + A), train=NS(dynamic_batch_enable=False, max_epochs=1, seed=7),
+        data=NS(max_len=P + A),
+        train=NS(dynamic_batch_enable=False, max_epochs=1, seed=7),
         actor=NS(entropy_coef=None, aux_loss_coef=0.0),
         ds=NS(packing_samples=False, ring_attn_size=1, tensor_parallel_size=1),
-        k15=OpenRLHFSettings(algorithm=algorithm, tau=0.5, log_z_estimator=log_z,
-                             length_penalty=LengthPenaltyOptions(weight=weight, warmup_steps=2)),
-    )  # fmt: skip
+        k15=OpenRLHFSettings(
+            algorithm=algorithm,
+            tau=0.5,
+            log_z_estimator=log_z,
+            length_penalty=LengthPenaltyOptions(weight=weight, warmup_steps=2),
+        ),
+    )
 
 
 def _samples():
@@ -69,12 +76,21 @@ def _samples():
         action_mask[0, : LENS[i]] = True
         attention = torch.ones(1, P + A, dtype=torch.long)
         attention[0, P + LENS[i] :] = 0
-        out.append(Experience(
-            sequences=seq, attention_mask=attention, action_mask=action_mask, rewards=SCORES[i : i + 1].clone(),
-            scores=SCORES[i : i + 1].clone(), response_length=LENS[i : i + 1].float(),
-            truncated=torch.tensor([False]), total_length=attention.sum(-1).float(), prompts=[f"p{i // K}"],
-            labels=["l"], info={},
-        ))  # fmt: skip
+        out.append(
+            Experience(
+                sequences=seq,
+                attention_mask=attention,
+                action_mask=action_mask,
+                rewards=SCORES[i : i + 1].clone(),
+                scores=SCORES[i : i + 1].clone(),
+                response_length=LENS[i : i + 1].float(),
+                truncated=torch.tensor([False]),
+                total_length=attention.sum(-1).float(),
+                prompts=[f"p{i // K}"],
+                labels=["l"],
+                info={},
+            )
+        )
     return out
 
 
@@ -184,8 +200,15 @@ class _FakeStrategy:
 
 def test_the_loss_in_openrlhfs_training_step_equals_the_core_with_its_gradients(monkeypatch):
     args = _args(weight=0.0)
-    config = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(config)
     actor = Actor(model)
     actor.packing_samples = False
@@ -212,10 +235,17 @@ def test_the_loss_in_openrlhfs_training_step_equals_the_core_with_its_gradients(
     strategy = _FakeStrategy(args, model)
     optimizer = torch.optim.SGD(actor.parameters(), lr=0.0)
     trainer.__dict__.update(
-        strategy=strategy, args=args, actor=actor, ema_model=None, actor_optim=optimizer, aux_loss=False,
-        actor_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), max_epochs=1,
-        actor_loss_fn=K15MirrorDescentLoss(tau=0.5), dataloader_pin_memory=False,
-    )  # fmt: skip
+        strategy=strategy,
+        args=args,
+        actor=actor,
+        ema_model=None,
+        actor_optim=optimizer,
+        aux_loss=False,
+        actor_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+        max_epochs=1,
+        actor_loss_fn=K15MirrorDescentLoss(tau=0.5),
+        dataloader_pin_memory=False,
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the buffer names a CUDA device; CPU here
     trainer.replay_buffer = NaiveReplayBuffer(G * K, 0, True, False, False)  # one micro-batch: the whole batch
     trainer.replay_buffer.target_device = torch.device("cpu")
@@ -290,8 +320,9 @@ def _steps(ctrl, it, steps, rng):
         seen.append(prompts)
         samples = [
             Experience(prompts=[p], scores=torch.tensor([float(rng.random() < 0.5)]), rewards=torch.zeros(1))
-            for p in prompts for _ in range(K)
-        ]  # fmt: skip
+            for p in prompts
+            for _ in range(K)
+        ]
         rng.shuffle(samples)  # vLLM returns them in any order
         assert ctrl.k15_record(samples) == G
     return seen
@@ -327,8 +358,13 @@ def test_the_prioritized_controller_sampler_favours_failing_prompts():
             prompts, _, _, _ = _collect_prompt_batch(it["iter"], G)
         rows = [int(p.split()[1]) for p in prompts]
         counts[rows] += 1
-        ctrl.k15_record([Experience(prompts=[p], scores=torch.tensor([float(r >= 6)]), rewards=torch.zeros(1))
-                         for p, r in zip(prompts, rows, strict=True) for _ in range(K)])  # fmt: skip
+        ctrl.k15_record(
+            [
+                Experience(prompts=[p], scores=torch.tensor([float(r >= 6)]), rewards=torch.zeros(1))
+                for p, r in zip(prompts, rows, strict=True)
+                for _ in range(K)
+            ]
+        )
     assert counts[:6].sum() > 3 * counts[6:].sum()
 
 
@@ -385,8 +421,13 @@ def test_the_policy_actor_swaps_the_loss_and_resets_before_each_update(monkeypat
     _, opt = _trained(torch.optim.AdamW, lr=0.1)
     monkeypatch.setattr(base, "init_model_from_pretrained", lambda self, strategy, *a, **k: None)
     moments = []
-    monkeypatch.setattr(base, "fit", lambda self, kl_ctl=0: moments.append(
-        float(sum(t.abs().sum() for s in self.actor_optim.state.values() for t in s.values()))) or {})  # fmt: skip
+    monkeypatch.setattr(
+        base,
+        "fit",
+        lambda self, kl_ctl=0: (
+            moments.append(float(sum(t.abs().sum() for s in self.actor_optim.state.values() for t in s.values()))) or {}
+        ),
+    )
     actor = object.__new__(actors._K15PolicyModelActor)
     args = _args()
     actor.strategy, actor.actor_optim, actor.trainer = NS(args=args), opt, NS(actor_loss_fn=None)
@@ -402,8 +443,11 @@ def test_the_policy_actor_swaps_the_loss_and_resets_before_each_update(monkeypat
 
 
 def test_to_flags_maps_a_nested_node():
-    node = {"actor": {"adam": {"lr": 1e-6, "betas": [0.9, 0.95]}}, "train": {"colocate_all": True, "x": False},
-            "ckpt": {"path": None}}  # fmt: skip
+    node = {
+        "actor": {"adam": {"lr": 1e-6, "betas": [0.9, 0.95]}},
+        "train": {"colocate_all": True, "x": False},
+        "ckpt": {"path": None},
+    }
     assert to_flags(node) == ["--actor.adam.lr", "1e-06", "--actor.adam.betas", "0.9", "0.95", "--train.colocate_all"]
 
 
@@ -415,10 +459,14 @@ def _parsed(argvs):
 
 
 def test_check_flags_uses_openrlhfs_parser():
-    ok, choice, unknown, kind = _parsed([
-        ["--actor.adam.lr", "1e-6", "--algo.advantage.estimator", "dr_grpo"], ["--algo.advantage.estimator", "bogus"],
-        ["--nope", "1"], ["--actor.adam.lr", "fast"],
-    ])  # fmt: skip
+    ok, choice, unknown, kind = _parsed(
+        [
+            ["--actor.adam.lr", "1e-6", "--algo.advantage.estimator", "dr_grpo"],
+            ["--algo.advantage.estimator", "bogus"],
+            ["--nope", "1"],
+            ["--actor.adam.lr", "fast"],
+        ]
+    )
     assert ok is None
     assert "invalid choice: 'bogus'" in choice
     assert "unrecognized arguments: --nope" in unknown
@@ -466,8 +514,9 @@ def test_every_algorithm_composes_to_flags_openrlhf_accepts(tmp_path):
     plans = {}
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         for algorithm in ("kimi_md", "grpo", "dr_grpo", "rloo", "ppo"):
-            cfg = compose("config", [f"algorithm={algorithm}", "host=openrlhf", "sampler=prioritized",
-                                     "reward=length_penalty"])  # fmt: skip
+            cfg = compose(
+                "config", [f"algorithm={algorithm}", "host=openrlhf", "sampler=prioritized", "reward=length_penalty"]
+            )
             plans[algorithm] = build_plan(cfg, tmp_path)
         for experiment in ("demo", "gsm8k_qwen0.5b"):  # the shipped recipes, on OpenRLHF
             plans[experiment] = build_plan(compose("config", [f"experiment={experiment}", "host=openrlhf"]), tmp_path)
@@ -483,12 +532,14 @@ def test_every_algorithm_composes_to_flags_openrlhf_accepts(tmp_path):
 
 
 def test_a_bad_openrlhf_flag_stops_k15_train_with_one_line(tmp_path, monkeypatch, capsys):
-    code, err = main_before_the_job(["host=openrlhf", "+host.flags.algo.advantage.estimator=bogus"], tmp_path,
-                                    monkeypatch, capsys)  # fmt: skip
+    code, err = main_before_the_job(
+        ["host=openrlhf", "+host.flags.algo.advantage.estimator=bogus"], tmp_path, monkeypatch, capsys
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "host.flags.algo.advantage.estimator: OpenRLHF argument --algo.advantage.estimator: invalid choice" in err
-    code, err = main_before_the_job(["host=openrlhf", "+host.flags.train.async_enable=true"], tmp_path, monkeypatch,
-                                    capsys)  # fmt: skip
+    code, err = main_before_the_job(
+        ["host=openrlhf", "+host.flags.train.async_enable=true"], tmp_path, monkeypatch, capsys
+    )
     assert code == 2 and "host.flags.train.async_enable" in err
     multirun = ["-m", "host=openrlhf", "algorithm=kimi_md,rloo", "host.flags.train.num_episodes=x"]
     code, err = main_before_the_job(multirun, tmp_path, monkeypatch, capsys)
@@ -496,8 +547,15 @@ def test_a_bad_openrlhf_flag_stops_k15_train_with_one_line(tmp_path, monkeypatch
 
 
 def test_dry_run_prints_the_command_and_writes_no_run_files(tmp_path):
-    cmd = [sys.executable, "-m", "k15_plugin.cli.train", "host=openrlhf", "algorithm=kimi_md", "host.dry_run=true",
-           f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "k15_plugin.cli.train",
+        "host=openrlhf",
+        "algorithm=kimi_md",
+        "host.dry_run=true",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     line = next(x for x in out.stdout.splitlines() if " -m openrlhf.cli.train_ppo_ray " in x)

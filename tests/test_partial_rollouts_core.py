@@ -14,8 +14,11 @@ EOS = 0
 def _script(seed, groups, k, max_len):
     """What the "policy" would write for every member: random lengths, EOS-terminated or running past the cap."""
     rng = random.Random(seed)
-    return {(g, i): [rng.randrange(1, 50) for _ in range(rng.randrange(1, max_len + 6))] + [EOS]
-            for g in range(groups) for i in range(k)}  # fmt: skip
+    return {
+        (g, i): [rng.randrange(1, 50) for _ in range(rng.randrange(1, max_len + 6))] + [EOS]
+        for g in range(groups)
+        for i in range(k)
+    }
 
 
 def _round(buffer, script, version):
@@ -60,8 +63,9 @@ def test_trajectories_are_the_uninterrupted_ones_and_groups_leave_whole_and_in_o
             want = script[group.uid, i][:length]
             assert member.completion_ids == want  # continued exactly where it stopped, capped at the length
             assert member.status == ("eos" if want[-1] == EOS else "length")
-            assert [s.start for s in member.segments] == [sum(s.length for s in member.segments[:j])
-                                                          for j in range(len(member.segments))]  # fmt: skip
+            assert [s.start for s in member.segments] == [
+                sum(s.length for s in member.segments[:j]) for j in range(len(member.segments))
+            ]
             assert sum(s.length for s in member.segments) == len(member.completion_ids)
             assert all(s.length <= budget for s in member.segments)
 
@@ -118,8 +122,7 @@ def test_a_loop_across_segments_is_cut_where_the_whole_sequence_first_repeats():
         prefix = [rng.randrange(10, 60) for _ in range(rng.randrange(0, 9))]
         loop = [rng.randrange(1, 9) for _ in range(rng.randrange(2, 5))] * rng.randrange(1, 5)
         completion = (prefix + loop + [rng.randrange(10, 60) for _ in range(30)])[:30]  # runs to the cap
-        buffer = PartialRolloutBuffer(1, segment_tokens=rng.randrange(1, 7), max_completion_length=30,
-                                      repeat_rule=rule)  # fmt: skip
+        buffer = PartialRolloutBuffer(1, segment_tokens=rng.randrange(1, 7), max_completion_length=30, repeat_rule=rule)
         (uid,) = buffer.admit([([1], None)])
         while buffer.ready_groups == 0:
             (work,) = buffer.work()

@@ -45,10 +45,20 @@ def dataset():
 
 def _args(config_cls, tmp_path, **overrides):
     base = dict(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=16,
-        num_generations=4, max_completion_length=12, max_steps=4, logging_steps=1, save_strategy="no",
-        learning_rate=1e-3, seed=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        seed=0,
+        disable_tqdm=True,
+    )
     base.update(overrides)
     return config_cls(**base)
 
@@ -133,8 +143,9 @@ def _outputs(trainer):
 @pytest.mark.parametrize("mask", ["all", "latest"])
 def test_trajectories_continue_over_segments_and_groups_train_whole(tmp_path, tokenizer, dataset, scripted, mask):
     reward = Recorder()
-    trainer = _trainer("kimi_md", tmp_path, tokenizer, dataset, reward, rollout_segment_tokens=4, max_steps=6,
-                       rollout_loss_mask=mask)  # fmt: skip
+    trainer = _trainer(
+        "kimi_md", tmp_path, tokenizer, dataset, reward, rollout_segment_tokens=4, max_steps=6, rollout_loss_mask=mask
+    )
     outputs = _outputs(trainer)
     trainer.train()
 
@@ -150,8 +161,10 @@ def test_trajectories_continue_over_segments_and_groups_train_whole(tmp_path, to
         for ids, completion in zip(prompt_ids, completions, strict=True):
             assert completion == target(ids)
         # the loss mask: every token, or the last segment only (a trajectory's last segment starts at a multiple of 4)
-        expected = [[1] * len(c) if mask == "all" else [int(i >= (len(c) - 1) // 4 * 4) for i in range(len(c))]
-                    for c in completions]  # fmt: skip
+        expected = [
+            [1] * len(c) if mask == "all" else [int(i >= (len(c) - 1) // 4 * 4) for i in range(len(c))]
+            for c in completions
+        ]
         got = out.get("tool_mask")
         if mask == "all":
             assert got is None
@@ -168,9 +181,22 @@ def test_trajectories_continue_over_segments_and_groups_train_whole(tmp_path, to
 
 def test_repeats_are_stopped_counted_incorrect_and_penalized(tmp_path, tokenizer, dataset, scripted):
     reward = Recorder(score=lambda ids: 1.0)  # every completion "correct" for the task reward
-    trainer = _trainer("grpo", tmp_path, tokenizer, dataset, reward, rollout_segment_tokens=4, repeat_detection=True,
-                       repeat_min_period=1, repeat_max_period=2, repeat_min_count=3, repeat_min_span=6,
-                       repeat_penalty=0.25, length_penalty_weight=0.5, max_steps=3)  # fmt: skip
+    trainer = _trainer(
+        "grpo",
+        tmp_path,
+        tokenizer,
+        dataset,
+        reward,
+        rollout_segment_tokens=4,
+        repeat_detection=True,
+        repeat_min_period=1,
+        repeat_max_period=2,
+        repeat_min_count=3,
+        repeat_min_span=6,
+        repeat_penalty=0.25,
+        length_penalty_weight=0.5,
+        max_steps=3,
+    )
     rewards = []
     calculate = trainer._calculate_rewards
 
@@ -203,8 +229,9 @@ def test_one_segment_per_trajectory_is_exactly_trls_generation(tmp_path, tokeniz
     runs = {}
     for label, extra in {"plain": {}, "machinery": {"rollout_segment_tokens": 6}}.items():
         reward = Recorder()
-        trainer = _trainer(name, tmp_path / label, tokenizer, dataset, reward, max_completion_length=6, max_steps=3,
-                           **extra)  # fmt: skip
+        trainer = _trainer(
+            name, tmp_path / label, tokenizer, dataset, reward, max_completion_length=6, max_steps=3, **extra
+        )
         trainer.train()
         runs[label] = (reward.batches, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
     assert runs["plain"][0] == runs["machinery"][0]
@@ -216,9 +243,18 @@ def test_greedy_segments_reproduce_one_shot_greedy_generation(tmp_path, tokenize
     """The real model, greedy, weights frozen (lr 0): 2-token segments continued from prompt + prefix give the
     completions one generate call of 6 tokens gives."""
     reward = Recorder()
-    trainer = _trainer("kimi_md", tmp_path, tokenizer, dataset, reward, rollout_segment_tokens=2,
-                       max_completion_length=6, learning_rate=0.0, max_steps=2,
-                       generation_kwargs={"do_sample": False})  # fmt: skip
+    trainer = _trainer(
+        "kimi_md",
+        tmp_path,
+        tokenizer,
+        dataset,
+        reward,
+        rollout_segment_tokens=2,
+        max_completion_length=6,
+        learning_rate=0.0,
+        max_steps=2,
+        generation_kwargs={"do_sample": False},
+    )
     trainer.train()
     model = trainer.model.eval()
     for _, prompts, completions in reward.batches:
@@ -269,8 +305,17 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, tokenizer, 
     full = _trainer("kimi_md", tmp_path / "full", tokenizer, dataset, full_reward, **common)
     full.train()
 
-    first = _trainer("kimi_md", tmp_path / "cut", tokenizer, dataset, Recorder(), [StopAt(3)], save_strategy="steps",
-                     save_steps=3, **common)  # fmt: skip
+    first = _trainer(
+        "kimi_md",
+        tmp_path / "cut",
+        tokenizer,
+        dataset,
+        Recorder(),
+        [StopAt(3)],
+        save_strategy="steps",
+        save_steps=3,
+        **common,
+    )
     first.train()
     checkpoint = tmp_path / "cut" / "checkpoint-3"
     saved = json.loads((checkpoint / PARTIAL_STATE_NAME).read_text())
@@ -292,8 +337,17 @@ def test_resume_inside_a_rollout_batch_trains_that_batch_again(tmp_path, tokeniz
     full_reward = Recorder()
     full = _trainer("kimi_md", tmp_path / "full", tokenizer, dataset, full_reward, **common)
     full.train()
-    first = _trainer("kimi_md", tmp_path / "cut", tokenizer, dataset, Recorder(), [StopAt(3)], save_strategy="steps",
-                     save_steps=3, **common)  # fmt: skip
+    first = _trainer(
+        "kimi_md",
+        tmp_path / "cut",
+        tokenizer,
+        dataset,
+        Recorder(),
+        [StopAt(3)],
+        save_strategy="steps",
+        save_steps=3,
+        **common,
+    )
     first.train()
     resumed_reward = Recorder()
     resumed = _trainer("kimi_md", tmp_path / "cut", tokenizer, dataset, resumed_reward, **common)
@@ -341,13 +395,27 @@ def test_two_processes_take_identical_decisions(tmp_path):
     with socket.socket() as s:  # a port of its own: another test may run torchrun on the default one at the same time
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", GROUP_RANK="0", ROLE_RANK="0")  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        GROUP_RANK="0",
+        ROLE_RANK="0",
+    )
     processes = [
-        subprocess.Popen([sys.executable, str(script), str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r),
-                         "ROLE_WORLD_SIZE": "2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "ROLE_WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in (0, 1)
-    ]  # fmt: skip
+    ]
     try:
         results = [p.communicate(timeout=1800) for p in processes]
     finally:

@@ -104,8 +104,9 @@ def test_prioritized_follows_the_failure_rates():
 
 def test_curriculum_draws_only_from_the_pool_of_the_chunks_step():
     difficulty = torch.tensor([3.0, 0.0, 2.0, 1.0, 0.0, 3.0, 1.0, 2.0])
-    sampler = CurriculumPromptSampler(8, 2, seed=0, difficulty=difficulty, schedule="staged", switch_step=2,
-                                      hard_fraction=0.25)  # fmt: skip
+    sampler = CurriculumPromptSampler(
+        8, 2, seed=0, difficulty=difficulty, schedule="staged", switch_step=2, hard_fraction=0.25
+    )
     batches = [b.tolist() for b in _loader(sampler, 2)]
     assert len(batches) == 4
     # steps 0 and 1: all problems; from step 2: the hardest 2 (rows 0 and 5, label 3)
@@ -115,8 +116,7 @@ def test_curriculum_draws_only_from_the_pool_of_the_chunks_step():
 
 
 def test_a_small_pool_draws_with_replacement_and_warns_once():
-    sampler = CurriculumPromptSampler(8, 4, seed=0, difficulty=torch.arange(8.0), schedule="staged",
-                                      hard_fraction=0.25)  # fmt: skip
+    sampler = CurriculumPromptSampler(8, 4, seed=0, difficulty=torch.arange(8.0), schedule="staged", hard_fraction=0.25)
     with pytest.warns(UserWarning, match="drawing with replacement"):
         batches = [b.tolist() for b in _loader(sampler, 4)]
     assert all(set(b) <= {6, 7} for b in batches)

@@ -34,8 +34,9 @@ def test_grouping_contract(kind):
     if kind == "prioritized":
         sampler = PrioritizedSampler(range(p), k, b, r, seed=0)
     else:
-        sampler = CurriculumSampler(range(p), k, b, r, seed=0, difficulty=torch.arange(p), schedule="gradual",
-                                    start_fraction=0.5, ramp_steps=2)  # fmt: skip
+        sampler = CurriculumSampler(
+            range(p), k, b, r, seed=0, difficulty=torch.arange(p), schedule="gradual", start_fraction=0.5, ramp_steps=2
+        )
     stream = list(sampler)
     assert len(stream) == len(sampler) == 3 * b * k * r  # RepeatSampler's __len__
     chunks = _chunks(stream, b, k, r)  # (C, R, B, k)
@@ -87,8 +88,18 @@ def test_prioritized_batches_prefer_unsolved_problems():
 def test_curriculum_staged_switch():
     p, k, b, r, ga = 12, 2, 2, 2, 1  # one chunk = r / ga = 2 optimizer steps
     difficulty = torch.tensor([3, 0, 1, 2] * 3)
-    sampler = CurriculumSampler(range(p), k, b, r, gradient_accumulation_steps=ga, seed=0, difficulty=difficulty,
-                                schedule="staged", switch_step=4, hard_fraction=0.25)  # fmt: skip
+    sampler = CurriculumSampler(
+        range(p),
+        k,
+        b,
+        r,
+        gradient_accumulation_steps=ga,
+        seed=0,
+        difficulty=difficulty,
+        schedule="staged",
+        switch_step=4,
+        hard_fraction=0.25,
+    )
     hard = {0, 4, 8}  # the hardest ceil(0.25 * 12) = 3: the difficulty-3 rows
     chunks = _chunks(list(sampler), b, k, r)  # (6, R, B, k)
     seen_before = set()
@@ -104,8 +115,9 @@ def test_curriculum_staged_switch():
 
 
 def test_small_pool_falls_back_to_replacement_once():
-    sampler = CurriculumSampler(range(10), 1, 3, 1, seed=0, difficulty=torch.arange(10), schedule="staged",
-                                hard_fraction=0.1)  # fmt: skip
+    sampler = CurriculumSampler(
+        range(10), 1, 3, 1, seed=0, difficulty=torch.arange(10), schedule="staged", hard_fraction=0.1
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stream = list(sampler)
@@ -256,8 +268,9 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _trainer(tmp, tokenizer, dataset, reward, callbacks=(), trainer_cls=K15GRPOTrainer, config_cls=K15GRPOConfig,
-             **overrides):  # fmt: skip
+def _trainer(
+    tmp, tokenizer, dataset, reward, callbacks=(), trainer_cls=K15GRPOTrainer, config_cls=K15GRPOConfig, **overrides
+):
     args = dict(
         output_dir=str(tmp),
         use_cpu=True,
@@ -295,8 +308,12 @@ def _prompts_per_step(batches, num_steps):
 
 
 PRIORITIZED = {"sampler_type": "prioritized", "prioritized_floor": 0.05}
-GRADUAL = {"sampler_type": "curriculum", "curriculum_schedule": "gradual", "curriculum_start_fraction": 0.2,
-           "curriculum_ramp_steps": 4}  # fmt: skip
+GRADUAL = {
+    "sampler_type": "curriculum",
+    "curriculum_schedule": "gradual",
+    "curriculum_start_fraction": 0.2,
+    "curriculum_ramp_steps": 4,
+}
 
 
 # With num_iterations=2 each rollout batch spans 2 optimizer steps, so a checkpoint at an odd step falls inside one and
@@ -336,8 +353,17 @@ def test_resume_draws_exactly_the_uninterrupted_prompts(
 
     # Interrupted at step `cut` of the same schedule (a shorter max_steps would change the learning-rate decay).
     first_reward = RecordingReward(by_completion)
-    first = _trainer(tmp_path / "cut", tokenizer, dataset, first_reward, [StopAt(cut)], max_steps=num_steps,
-                     save_strategy="steps", save_steps=cut, **overrides)  # fmt: skip
+    first = _trainer(
+        tmp_path / "cut",
+        tokenizer,
+        dataset,
+        first_reward,
+        [StopAt(cut)],
+        max_steps=num_steps,
+        save_strategy="steps",
+        save_steps=cut,
+        **overrides,
+    )
     first.train()
     checkpoint = tmp_path / "cut" / f"checkpoint-{cut}"
     assert (checkpoint / SAMPLER_STATE_NAME).is_file()
@@ -380,9 +406,21 @@ def test_resume_draws_exactly_the_uninterrupted_prompts(
 
 def test_rloo_trainer_uses_and_checkpoints_the_sampler(tmp_path, tokenizer, dataset):
     reward = RecordingReward(by_completion=False)
-    trainer = _trainer(tmp_path, tokenizer, dataset, reward, trainer_cls=K15RLOOTrainer, config_cls=K15RLOOConfig,
-                       sampler_type="curriculum", curriculum_switch_step=1, curriculum_hard_fraction=0.25,
-                       max_steps=2, save_strategy="steps", save_steps=2, beta=0.0)  # fmt: skip
+    trainer = _trainer(
+        tmp_path,
+        tokenizer,
+        dataset,
+        reward,
+        trainer_cls=K15RLOOTrainer,
+        config_cls=K15RLOOConfig,
+        sampler_type="curriculum",
+        curriculum_switch_step=1,
+        curriculum_hard_fraction=0.25,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        beta=0.0,
+    )
     # (beta=0: RLOO's default KL term would build a reference model from the model's Hub path)
     trainer.train()
     assert isinstance(trainer._k15_sampler, CurriculumSampler)

@@ -25,10 +25,20 @@ def train_dataset():
 
 def _args(config_cls, tmp_path, **overrides):
     base = dict(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=16,
-        num_generations=4, max_completion_length=6, max_steps=2, logging_steps=1, save_strategy="no",
-        learning_rate=1e-3, seed=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        seed=0,
+        disable_tqdm=True,
+    )
     base.update(overrides)
     return config_cls(**base)
 
@@ -40,9 +50,12 @@ def _short_or_none(completion_ids, **kwargs):
 
 def _trainer(cls, config_cls, tmp_path, tokenizer, train_dataset, reward=_short_or_none, **overrides):
     return cls(
-        model=tiny_test_model(tokenizer), reward_funcs=[reward], args=_args(config_cls, tmp_path, **overrides),
-        train_dataset=train_dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=tiny_test_model(tokenizer),
+        reward_funcs=[reward],
+        args=_args(config_cls, tmp_path, **overrides),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
 
 
 def _rollout(trainer):
@@ -55,9 +68,14 @@ def _rollout(trainer):
 # ------------------------------------------------------------------------------------------- unscorable completions
 def test_unscorable_completion_gets_no_length_reward_and_is_not_counted(tmp_path, tokenizer, train_dataset):
     trainer = _trainer(
-        K15GRPOTrainer, K15GRPOConfig, tmp_path, tokenizer, train_dataset, length_penalty_weight=0.5,
+        K15GRPOTrainer,
+        K15GRPOConfig,
+        tmp_path,
+        tokenizer,
+        train_dataset,
+        length_penalty_weight=0.5,
         sampler_type="prioritized",
-    )  # fmt: skip
+    )
     trainer.model.train()
     sampler = trainer._k15_sampler = trainer._get_train_sampler()
     # one group of k=4, lengths (2, 9, 1, 4): rewards 1, None, 1, 0 -> the 9-token completion is unscorable
@@ -75,9 +93,14 @@ def test_unscorable_completion_gets_no_length_reward_and_is_not_counted(tmp_path
 
 def test_trl_still_warns_when_every_reward_is_none(tmp_path, tokenizer, train_dataset, caplog):
     trainer = _trainer(
-        K15GRPOTrainer, K15GRPOConfig, tmp_path, tokenizer, train_dataset, reward=lambda completions, **kw: [None] * 4,
+        K15GRPOTrainer,
+        K15GRPOConfig,
+        tmp_path,
+        tokenizer,
+        train_dataset,
+        reward=lambda completions, **kw: [None] * 4,
         length_penalty_weight=0.5,
-    )  # fmt: skip
+    )
     trainer.model.train()
     with caplog.at_level(logging.WARNING):
         rewards = trainer._calculate_rewards([{"prompt": "p"}] * 4, ["p"] * 4, ["x"] * 4, [[2], [5, 2], [2], [2]])
@@ -105,11 +128,17 @@ def test_length_penalty_weight_survives_trl_aggregation(tmp_path, tokenizer, tra
     advantages = {}
     for weight in (0.01, 1.0):
         trainer = _trainer(
-            K15GRPOTrainer, K15GRPOConfig, tmp_path / str(weight), tokenizer, train_dataset,
+            K15GRPOTrainer,
+            K15GRPOConfig,
+            tmp_path / str(weight),
+            tokenizer,
+            train_dataset,
             reward=lambda completion_ids, **kw: [1.0 if len(i) <= 3 else 0.0 for i in completion_ids],
-            length_penalty_weight=weight, multi_objective_aggregation=aggregation, max_completion_length=8,
+            length_penalty_weight=weight,
+            multi_objective_aggregation=aggregation,
+            max_completion_length=8,
             scale_rewards="none",
-        )  # fmt: skip
+        )
         torch.manual_seed(0)
         advantages[weight] = _rollout(trainer)["advantages"]
         assert trainer.reward_weights.tolist() == pytest.approx([1.0, weight])
@@ -120,10 +149,15 @@ def test_length_penalty_weight_survives_trl_aggregation(tmp_path, tokenizer, tra
 # ------------------------------------------------------------------------------------------- vLLM importance ratio
 def test_importance_ratio_weights_the_whole_sample_loss(tmp_path, tokenizer, train_dataset):
     trainer = _trainer(
-        KimiMirrorDescentTrainer, KimiMirrorDescentConfig, tmp_path, tokenizer, train_dataset,
+        KimiMirrorDescentTrainer,
+        KimiMirrorDescentConfig,
+        tmp_path,
+        tokenizer,
+        train_dataset,
         reward=lambda completion_ids, **kw: [float(len(i) <= 3) for i in completion_ids],
-        steps_per_generation=2, tau=0.5,
-    )  # fmt: skip
+        steps_per_generation=2,
+        tau=0.5,
+    )
     inputs = dict(_rollout(trainer))
     trainer.state.global_step = 1  # as if an optimizer step had happened: pi_i comes from the generation pass
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop
@@ -181,19 +215,30 @@ def test_warns_once_when_a_rollout_feeds_one_optimizer_step(
 ):
     with caplog.at_level(logging.WARNING, logger="k15_plugin.trl.trainer"):
         _trainer(
-            KimiMirrorDescentTrainer, KimiMirrorDescentConfig, tmp_path, tokenizer, train_dataset,
-            per_device_train_batch_size=4, steps_per_generation=steps_per_generation,
-        )  # fmt: skip
+            KimiMirrorDescentTrainer,
+            KimiMirrorDescentConfig,
+            tmp_path,
+            tokenizer,
+            train_dataset,
+            per_device_train_batch_size=4,
+            steps_per_generation=steps_per_generation,
+        )
     messages = [r.message for r in caplog.records if "one optimizer step per rollout batch" in r.message]
     assert len(messages) == (1 if warns else 0)
 
 
 def test_several_steps_per_rollout_log_the_squared_term_and_resets(tmp_path, tokenizer, train_dataset):
     trainer = _trainer(
-        KimiMirrorDescentTrainer, KimiMirrorDescentConfig, tmp_path, tokenizer, train_dataset,
+        KimiMirrorDescentTrainer,
+        KimiMirrorDescentConfig,
+        tmp_path,
+        tokenizer,
+        train_dataset,
         reward=lambda completion_ids, **kw: [float(len(i) <= 3) for i in completion_ids],
-        per_device_train_batch_size=8, steps_per_generation=2, max_steps=4,
-    )  # fmt: skip
+        per_device_train_batch_size=8,
+        steps_per_generation=2,
+        max_steps=4,
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "k15/l2_loss" in h]
     # steps 1, 3 open a rollout batch (pi_theta == pi_i, squared term 0); steps 2, 4 are the second step on it
@@ -211,11 +256,19 @@ def test_lr_1e6_changes_weights_only_with_fp32_master_weights(
     model = tiny_test_model(tokenizer).to(dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = KimiMirrorDescentTrainer(
-        model=model, reward_funcs=[lambda completion_ids, **kw: [float(len(i) <= 3) for i in completion_ids]],
-        args=_args(KimiMirrorDescentConfig, tmp_path, learning_rate=1e-6, max_steps=1, bf16=True,
-                   reset_optimizer_each_iteration=False),
-        train_dataset=train_dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=model,
+        reward_funcs=[lambda completion_ids, **kw: [float(len(i) <= 3) for i in completion_ids]],
+        args=_args(
+            KimiMirrorDescentConfig,
+            tmp_path,
+            learning_rate=1e-6,
+            max_steps=1,
+            bf16=True,
+            reset_optimizer_each_iteration=False,
+        ),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
     trainer.train()
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
     total = sum(p.numel() for p in before.values())
@@ -226,7 +279,13 @@ def test_warns_when_no_completion_can_count_as_correct(tmp_path, tokenizer, trai
     # reward weight 0.5 on a 0/1 reward: the weighted task reward never reaches the default threshold 1.0
     with caplog.at_level(logging.WARNING, logger="k15_plugin.trl.trainer"):
         _trainer(
-            K15GRPOTrainer, K15GRPOConfig, tmp_path, tokenizer, train_dataset, reward_weights=[0.5],
-            length_penalty_weight=0.1, scale_rewards="none",
-        )  # fmt: skip
+            K15GRPOTrainer,
+            K15GRPOConfig,
+            tmp_path,
+            tokenizer,
+            train_dataset,
+            reward_weights=[0.5],
+            length_penalty_weight=0.1,
+            scale_rewards="none",
+        )
     assert any("length_penalty_correct_threshold=1.0 is above" in r.message for r in caplog.records)

@@ -76,9 +76,12 @@ def test_three_step_run_changes_parameters_and_logs(tmp_path, tokenizer, train_d
     before = copy.deepcopy(model.state_dict())
     args = _args(KimiMirrorDescentConfig, tmp_path, num_iterations=2, tau=0.5)
     trainer = KimiMirrorDescentTrainer(
-        model=model, reward_funcs=[_length_reward_func], args=args, train_dataset=train_dataset,
+        model=model,
+        reward_funcs=[_length_reward_func],
+        args=args,
+        train_dataset=train_dataset,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     trainer.train()
     changed = [name for name, p in model.state_dict().items() if not torch.equal(p, before[name])]
     assert len(changed) == len(before)  # every tensor moved
@@ -110,9 +113,12 @@ def _count_logp_passes(trainer):
 def test_old_logps_exist_exactly_when_needed(tmp_path, tokenizer, train_dataset, num_iterations, expect_old):
     args = _args(KimiMirrorDescentConfig, tmp_path, num_iterations=num_iterations, max_steps=1)
     trainer = KimiMirrorDescentTrainer(
-        model=tiny_test_model(tokenizer), reward_funcs=[ArithmeticReward(tokenizer)], args=args,
-        train_dataset=train_dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=tiny_test_model(tokenizer),
+        reward_funcs=[ArithmeticReward(tokenizer)],
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
     calls = _count_logp_passes(trainer)
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
@@ -135,13 +141,23 @@ def _one_sgd_step_delta(tmp_path, tokenizer, train_dataset, **overrides):
     model = tiny_test_model(tokenizer, seed=1)
     before = copy.deepcopy(model.state_dict())
     args = _args(
-        KimiMirrorDescentConfig, tmp_path, max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
-        lr_scheduler_type="constant", max_completion_length=8, **overrides,
-    )  # fmt: skip
+        KimiMirrorDescentConfig,
+        tmp_path,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        max_completion_length=8,
+        **overrides,
+    )
     trainer = KimiMirrorDescentTrainer(
-        model=model, reward_funcs=[_length_reward_func], args=args, train_dataset=train_dataset,
+        model=model,
+        reward_funcs=[_length_reward_func],
+        args=args,
+        train_dataset=train_dataset,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     trainer.train()
     return {name: before[name] - p for name, p in model.state_dict().items()}  # = lr * grad = grad
 
@@ -163,13 +179,21 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, tokenizer, train_data
 def test_optimizer_reset_each_rollout_batch_keeps_lr_schedule(tmp_path, tokenizer, train_dataset, reset):
     recorder = _Recorder()
     args = _args(
-        KimiMirrorDescentConfig, tmp_path, num_iterations=2, max_steps=5, reset_optimizer_each_iteration=reset,
+        KimiMirrorDescentConfig,
+        tmp_path,
+        num_iterations=2,
+        max_steps=5,
+        reset_optimizer_each_iteration=reset,
         lr_scheduler_type="linear",
-    )  # fmt: skip
+    )
     trainer = KimiMirrorDescentTrainer(
-        model=tiny_test_model(tokenizer), reward_funcs=[_length_reward_func], args=args,
-        train_dataset=train_dataset, processing_class=tokenizer, callbacks=[recorder],
-    )  # fmt: skip
+        model=tiny_test_model(tokenizer),
+        reward_funcs=[_length_reward_func],
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[recorder],
+    )
     trainer.train()
     # AdamW's per-parameter step count after each optimizer step; rollout batches span steps (1, 2), (3, 4), (5,)
     expected = [{1}, {2}, {1}, {2}, {1}] if reset else [{1}, {2}, {3}, {4}, {5}]
@@ -182,9 +206,12 @@ def test_length_penalty_uses_the_gathered_group(monkeypatch, tmp_path, tokenizer
     """One group of k=4 split over two simulated processes: the length reward must see all four lengths."""
     args = _args(K15GRPOConfig, tmp_path, length_penalty_weight=0.5, length_penalty_correct_threshold=1.0)
     trainer = K15GRPOTrainer(
-        model=tiny_test_model(tokenizer), reward_funcs=[_length_reward_func], args=args, train_dataset=train_dataset,
+        model=tiny_test_model(tokenizer),
+        reward_funcs=[_length_reward_func],
+        args=args,
+        train_dataset=train_dataset,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     # this process holds samples 0, 1 of the group (lengths 2 and 5); the other process holds 2, 3 (lengths 8, 4)
     local_ids = [[3, 2], [3, 4, 5, 6, 2]]
     remote_rewards = torch.tensor([[0.0, 0.0], [0.0, 0.0]])  # task reward, length slot (filled after gathering)
@@ -218,9 +245,12 @@ def test_length_penalty_with_host_baselines_and_warmup(tmp_path, tokenizer, trai
     # beta=0: RLOO's default KL term would build a reference model from the model's Hub path
     args = _args(config_cls, tmp_path, length_penalty_weight=0.5, length_penalty_warmup_steps=2, max_steps=3, beta=0.0)
     trainer = trainer_cls(
-        model=tiny_test_model(tokenizer), reward_funcs=[_length_reward_func], args=args, train_dataset=train_dataset,
+        model=tiny_test_model(tokenizer),
+        reward_funcs=[_length_reward_func],
+        args=args,
+        train_dataset=train_dataset,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "length_penalty/weight" in h]
     assert [h["length_penalty/weight"] for h in logs] == [0.0, 0.0, 0.5]  # off during the 2 warm-up steps
@@ -253,6 +283,9 @@ def test_trainer_needs_plugin_config(tmp_path, tokenizer, train_dataset):
 
     with pytest.raises(ValueError, match="KimiMirrorDescentConfig"):
         KimiMirrorDescentTrainer(
-            model=tiny_test_model(tokenizer), reward_funcs=[_length_reward_func],
-            args=_args(GRPOConfig, tmp_path), train_dataset=train_dataset, processing_class=tokenizer,
-        )  # fmt: skip
+            model=tiny_test_model(tokenizer),
+            reward_funcs=[_length_reward_func],
+            args=_args(GRPOConfig, tmp_path),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+        )

@@ -174,9 +174,16 @@ def test_shipped_configs_comment_every_key():
 def test_verl_launcher_composes_the_plugin_config(tmp_path):
     """verl's own entry point, `--cfg job`: composes and prints without starting Ray."""
     cmd = [
-        sys.executable, "-m", "verl.trainer.main_ppo", f"--config-dir={k15_verl.CONFIG_DIR}", "--config-name=k15_md",
-        "algorithm.k15.tau=0.3", "algorithm.k15.sampler.type=prioritized", "--cfg", "job",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "verl.trainer.main_ppo",
+        f"--config-dir={k15_verl.CONFIG_DIR}",
+        "--config-name=k15_md",
+        "algorithm.k15.tau=0.3",
+        "algorithm.k15.sampler.type=prioritized",
+        "--cfg",
+        "job",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     job = OmegaConf.create(out.stdout)
@@ -209,9 +216,12 @@ def _advantages(estimator, overrides=(), step=None):
     cfg = compose_plugin("k15_md", overrides)
     k15_adv.set_trainer_step(step)
     out = compute_advantage(
-        _data(), adv_estimator=estimator, num_repeat=K, config=cfg.algorithm,
+        _data(),
+        adv_estimator=estimator,
+        num_repeat=K,
+        config=cfg.algorithm,
         norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo,
-    )  # fmt: skip
+    )
     adv = out.batch["advantages"]  # (N, T)
     mask = out.batch["response_mask"]
     assert torch.equal(adv, adv[:, :1].expand_as(adv) * mask), "one advantage per row, on its response tokens"
@@ -307,11 +317,15 @@ def _ppo_loss_on(rows, actor_cfg, token_logp, old, adv, mask, global_batch_size)
         flat.append(segment)
     data = TensorDict(
         {
-            "prompts": prompts, "responses": responses, "attention_mask": attention,
-            "response_mask": mask[rows], "old_log_probs": old[rows], "advantages": adv[rows],
+            "prompts": prompts,
+            "responses": responses,
+            "attention_mask": attention,
+            "response_mask": mask[rows],
+            "old_log_probs": old[rows],
+            "advantages": adv[rows],
         },
         batch_size=[len(rows)],
-    )  # fmt: skip
+    )
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=global_batch_size)
     loss, _ = ppo_loss(actor_cfg, {"log_probs": torch.cat(flat)}, data)
     return loss
@@ -345,8 +359,7 @@ def test_k15_md_loss_asks_for_tau_when_the_stock_config_is_used():
     fn = core_algos.get_policy_loss_fn("k15_md")
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"K15PolicyLossConfig"):
-        fn(old_log_prob=x, log_prob=x, advantages=x, response_mask=torch.ones(2, 3, dtype=torch.bool),
-           config=actor_cfg)  # fmt: skip
+        fn(old_log_prob=x, log_prob=x, advantages=x, response_mask=torch.ones(2, 3, dtype=torch.bool), config=actor_cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -379,11 +392,15 @@ def _trainer(train_files, overrides=()):
     cfg = compose_plugin(
         "k15_md",
         [
-            f"data.train_files={train_files}", f"data.val_files={train_files}",
-            f"actor_rollout_ref.model.path={DEMO_MODEL}", "data.filter_overlong_prompts=false",
-            "data.train_batch_size=4", "data.seed=3", *overrides,
+            f"data.train_files={train_files}",
+            f"data.val_files={train_files}",
+            f"actor_rollout_ref.model.path={DEMO_MODEL}",
+            "data.filter_overlong_prompts=false",
+            "data.train_batch_size=4",
+            "data.seed=3",
+            *overrides,
         ],
-    )  # fmt: skip
+    )
     trainer = get_trainer_cls(cfg.trainer.v1.trainer_mode)(cfg)
     trainer._init_tokenizer()
     trainer._init_dataloader()
@@ -404,8 +421,11 @@ def _play(trainer, steps, rng):
 
 @pytest.mark.parametrize("sampler", ["prioritized", "curriculum"])
 def test_sampler_state_round_trips_through_verl_data_checkpoint(train_files, tmp_path, sampler):
-    extra = [f"algorithm.k15.sampler.type={sampler}", "algorithm.k15.sampler.schedule=gradual",
-             "algorithm.k15.sampler.ramp_steps=4"]  # fmt: skip
+    extra = [
+        f"algorithm.k15.sampler.type={sampler}",
+        "algorithm.k15.sampler.schedule=gradual",
+        "algorithm.k15.sampler.ramp_steps=4",
+    ]
     trainer = _trainer(train_files, extra)
     assert trainer.config.trainer.v1.trainer_mode == "sync"  # behaves as verl's sync trainer
     assert trainer.train_dataloader.sampler is trainer.k15_sampler
@@ -532,8 +552,11 @@ def test_compute_advantage_feeds_the_sampler_and_sets_the_step(train_files, monk
     """verl's own _compute_advantage with the plugin's override, TransferQueue replaced by a dict."""
     from verl.trainer.ppo.v1 import trainer_base
 
-    extra = ["algorithm.k15.sampler.type=prioritized", "algorithm.k15.length_penalty.weight=0.1",
-             "algorithm.k15.length_penalty.warmup_steps=5"]  # fmt: skip
+    extra = [
+        "algorithm.k15.sampler.type=prioritized",
+        "algorithm.k15.length_penalty.weight=0.1",
+        "algorithm.k15.length_penalty.warmup_steps=5",
+    ]
     trainer = _trainer(train_files, extra)
     batch = trainer._fetch_one_gen_batch()
     uids = list(batch["uid"])
@@ -542,11 +565,14 @@ def test_compute_advantage_feeds_the_sampler_and_sets_the_step(train_files, monk
     n = len(traj_uids)
     lens = torch.tensor([1 + i % 5 for i in range(n)])
     scores = torch.tensor([float(i % 3 == 0) for i in range(n)])
-    rm = [torch.zeros(int(length)).index_fill(0, torch.tensor([int(length) - 1]), float(s))
-          for length, s in zip(lens, scores, strict=True)]  # fmt: skip
+    rm = [
+        torch.zeros(int(length)).index_fill(0, torch.tensor([int(length) - 1]), float(s))
+        for length, s in zip(lens, scores, strict=True)
+    ]
     nested = lambda ts: torch.nested.as_nested_tensor(ts, layout=torch.jagged)  # noqa: E731
-    store = TensorDict({"rm_scores": nested(rm), "response_mask": nested([torch.ones(int(x)) for x in lens])},
-                       batch_size=[n])  # fmt: skip
+    store = TensorDict(
+        {"rm_scores": nested(rm), "response_mask": nested([torch.ones(int(x)) for x in lens])}, batch_size=[n]
+    )
     tu.assign_non_tensor(store, uid=traj_uids)
     written = {}
 
@@ -563,8 +589,9 @@ def test_compute_advantage_feeds_the_sampler_and_sets_the_step(train_files, monk
     monkeypatch.setattr(trainer_base, "tq", FakeTQ)
     from transfer_queue import KVBatchMeta
 
-    meta = KVBatchMeta(partition_id="train", keys=[f"k{i}" for i in range(n)],
-                       tags=[{}] * (n - 1) + [{"is_padding": True}])  # fmt: skip
+    meta = KVBatchMeta(
+        partition_id="train", keys=[f"k{i}" for i in range(n)], tags=[{}] * (n - 1) + [{"is_padding": True}]
+    )
     trainer.global_steps = 7  # the 7th step: 6 rollout batches before it, past the 5-step warm-up
     metrics = {}
     trainer._compute_advantage(meta, metrics)
@@ -596,11 +623,14 @@ def test_gpu_check_script_overrides_compose_and_validate(tmp_path):
 def test_compute_score_loads_through_verls_custom_reward_function():
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
-    cfg = compose_plugin("k15_md", [
-        "reward.custom_reward_function.path=pkg://k15_plugin.verl.rewards",
-        "+reward.custom_reward_function.reward_kwargs.verifier=math",
-        "+reward.custom_reward_function.reward_kwargs.extraction=boxed",
-    ])  # fmt: skip
+    cfg = compose_plugin(
+        "k15_md",
+        [
+            "reward.custom_reward_function.path=pkg://k15_plugin.verl.rewards",
+            "+reward.custom_reward_function.reward_kwargs.verifier=math",
+            "+reward.custom_reward_function.reward_kwargs.extraction=boxed",
+        ],
+    )
     score = get_custom_reward_fn(cfg)  # verl's own loader, with the reward_kwargs bound
     assert score(data_source="k15", solution_str="so the answer is \\boxed{\\frac{1}{2}}", ground_truth="0.5") == 1.0
     assert score(data_source="k15", solution_str="\\boxed{3}", ground_truth="0.5") == 0.0

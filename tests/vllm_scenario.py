@@ -29,11 +29,26 @@ def main(algorithm: str, output_dir: str) -> dict:
     model, tokenizer = load_demo_checkpoint()
     train, _ = make_datasets(num_train=256, seed=0)
     common = dict(
-        output_dir=output_dir, use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
-        use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3, vllm_max_model_length=64,
-        per_device_train_batch_size=32, steps_per_generation=2, num_generations=8, max_completion_length=4,
-        learning_rate=1e-3, logging_steps=1, length_penalty_weight=0.1, sampler_type="prioritized",
-    )  # fmt: skip
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.3,
+        vllm_max_model_length=64,
+        per_device_train_batch_size=32,
+        steps_per_generation=2,
+        num_generations=8,
+        max_completion_length=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        length_penalty_weight=0.1,
+        sampler_type="prioritized",
+    )
     if algorithm == "kimi_md_partial":
         return partial(common, model, tokenizer, train, seconds)
     if algorithm == "kimi_md":  # 2 passes x 2 micro-batches: 4 optimizer steps per rollout batch
@@ -43,9 +58,12 @@ def main(algorithm: str, output_dir: str) -> dict:
         config, trainer_cls, steps = K15GRPOConfig(**common, loss_type="grpo"), K15GRPOTrainer, 4
     config.max_steps = steps
     trainer = trainer_cls(
-        model=model, reward_funcs=[ArithmeticReward(tokenizer)], args=config, train_dataset=train,
+        model=model,
+        reward_funcs=[ArithmeticReward(tokenizer)],
+        args=config,
+        train_dataset=train,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
 
     seen = {"calls": 0, "is_ratio": 0, "old_logps": 0, "generations": 0}
     compute_loss, generate = trainer._compute_loss, trainer.vllm_generation.generate
@@ -106,13 +124,25 @@ def partial(common, model, tokenizer, train, seconds) -> dict:
     from k15_plugin.trl import KimiMirrorDescentConfig, KimiMirrorDescentTrainer
 
     common = {**common, "max_completion_length": 8}
-    config = KimiMirrorDescentConfig(**common, num_iterations=2, tau=0.5, max_steps=8, rollout_segment_tokens=4,
-                                     repeat_detection=True, repeat_min_period=1, repeat_max_period=2,
-                                     repeat_min_count=2, repeat_min_span=2)  # fmt: skip
+    config = KimiMirrorDescentConfig(
+        **common,
+        num_iterations=2,
+        tau=0.5,
+        max_steps=8,
+        rollout_segment_tokens=4,
+        repeat_detection=True,
+        repeat_min_period=1,
+        repeat_max_period=2,
+        repeat_min_count=2,
+        repeat_min_span=2,
+    )
     trainer = KimiMirrorDescentTrainer(
-        model=model, reward_funcs=[ArithmeticReward(tokenizer)], args=config, train_dataset=train,
+        model=model,
+        reward_funcs=[ArithmeticReward(tokenizer)],
+        args=config,
+        train_dataset=train,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     engine = trainer.vllm_generation
     calls = []
     generate = engine.llm.generate
@@ -121,12 +151,16 @@ def partial(common, model, tokenizer, train, seconds) -> dict:
         outputs = generate(prompts, sampling_params=sampling_params, **kwargs)
         reasons = [o.outputs[0].finish_reason for o in outputs]
         lengths = [len(o.outputs[0].token_ids) for o in outputs]
-        calls.append({"max_tokens": sampling_params.max_tokens,
-                      "repetition_detection": sampling_params.repetition_detection is not None,
-                      "prompt_lengths": sorted({len(p["prompt_token_ids"]) for p in prompts}),
-                      "finish_reasons": sorted(set(map(str, reasons))), "lengths": sorted(set(lengths)),
-                      "stopped_early": sum(1 for n, r in zip(lengths, reasons, strict=True)
-                                           if r not in ("stop", "length"))})  # fmt: skip
+        calls.append(
+            {
+                "max_tokens": sampling_params.max_tokens,
+                "repetition_detection": sampling_params.repetition_detection is not None,
+                "prompt_lengths": sorted({len(p["prompt_token_ids"]) for p in prompts}),
+                "finish_reasons": sorted(set(map(str, reasons))),
+                "lengths": sorted(set(lengths)),
+                "stopped_early": sum(1 for n, r in zip(lengths, reasons, strict=True) if r not in ("stop", "length")),
+            }
+        )
         return outputs
 
     engine.llm.generate = recording_generate

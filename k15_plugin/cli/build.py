@@ -170,13 +170,17 @@ def check_ranges(cfg: DictConfig) -> None:
     t = cfg.trainer
     r = cfg.rollout
     if r.name == "partial" and r.segment_tokens is None and t.max_completion_length % 4:
-        raise ConfigError(f"rollout.segment_tokens=null takes a quarter of trainer.max_completion_length="
-                          f"{t.max_completion_length}, which is not a multiple of 4: "
-                          "set rollout.segment_tokens")  # fmt: skip
+        raise ConfigError(
+            f"rollout.segment_tokens=null takes a quarter of trainer.max_completion_length="
+            f"{t.max_completion_length}, which is not a multiple of 4: "
+            "set rollout.segment_tokens"
+        )
     if r.name == "partial" and r.segment_tokens == 0:
-        raise ConfigError("rollout.segment_tokens=0 with rollout=partial: set a budget that divides "
-                          f"trainer.max_completion_length={t.max_completion_length} "
-                          "(or null for a quarter of it)")  # fmt: skip
+        raise ConfigError(
+            "rollout.segment_tokens=0 with rollout=partial: set a budget that divides "
+            f"trainer.max_completion_length={t.max_completion_length} "
+            "(or null for a quarter of it)"
+        )
     rollout = t.per_device_train_batch_size * max(1, cfg.launcher.num_processes) * t.steps_per_generation
     if rollout % t.num_generations != 0:
         raise ConfigError(
@@ -210,8 +214,9 @@ def check_ranges(cfg: DictConfig) -> None:
             raise ConfigError(f"reward.code.{err}") from None
     d = cfg.data
     if d.source == "demo_arithmetic" and d.terms == 3 and d.filler_max:
-        raise ConfigError(f"data.filler_max={d.filler_max} applies to the two-term task only: set data.filler_max=0 "
-                          "with data.terms=3")  # fmt: skip
+        raise ConfigError(
+            f"data.filler_max={d.filler_max} applies to the two-term task only: set data.filler_max=0 with data.terms=3"
+        )
     if d.source in ("hub", "jsonl") and (OmegaConf.is_missing(d, "path") or not d.path):
         raise ConfigError(f"data.path is required for data.source={d.source} (a Hub dataset id or a JSONL file)")
     if d.source == "jsonl" and not Path(d.path).is_file():

@@ -62,8 +62,12 @@ class RowFormat:
     @classmethod
     def of(cls, data, reward=None, sampler=None) -> RowFormat:
         verifier = None if reward is None else getattr(reward.verifier, "value", reward.verifier)
-        return cls(data.prompt_column, data.answer_column, verifier == "code",
-                   sampler is not None and sampler.name == "curriculum")  # fmt: skip
+        return cls(
+            data.prompt_column,
+            data.answer_column,
+            verifier == "code",
+            sampler is not None and sampler.name == "curriculum",
+        )
 
 
 def _kind(value: Any) -> str:
@@ -138,8 +142,10 @@ def parse_row(obj: Any, where: str, fmt: RowFormat) -> dict[str, Any]:
         raise ConfigError(f'{where}: no "{p}" field (data.prompt_column={p}); {_fields(obj)}')
     prompt = obj[p]
     if isinstance(prompt, list):
-        raise ConfigError(f'{where}: "{p}" is a list; expected a string (chat message lists are not supported: '
-                          "data.chat=true sends the string as the user message)")  # fmt: skip
+        raise ConfigError(
+            f'{where}: "{p}" is a list; expected a string (chat message lists are not supported: '
+            "data.chat=true sends the string as the user message)"
+        )
     if not isinstance(prompt, str):
         raise ConfigError(f'{where}: "{p}" is {_kind(prompt)}, expected a non-empty string')
     if not prompt.strip():
@@ -190,8 +196,14 @@ def prompt_key(prompt: str) -> int:
     return int.from_bytes(hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def read_rows(path: str, key: str, fmt: RowFormat, stats: FileStats | None = None, exclude: set[int] | None = None,
-              seen: set[int] | None = None) -> Iterator[dict[str, Any]]:  # fmt: skip
+def read_rows(
+    path: str,
+    key: str,
+    fmt: RowFormat,
+    stats: FileStats | None = None,
+    exclude: set[int] | None = None,
+    seen: set[int] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Stream the rows of the JSONL file ``path`` (named ``key=path`` in errors) as :func:`parse_row` returns them.
 
     Blank lines are skipped; a row whose prompt was seen before, or is in ``exclude`` (the held-out file's prompt keys),
@@ -211,8 +223,10 @@ def read_rows(path: str, key: str, fmt: RowFormat, stats: FileStats | None = Non
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ConfigError(f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} "
-                                  "of the line); save the file as UTF-8") from None  # fmt: skip
+                raise ConfigError(
+                    f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} "
+                    "of the line); save the file as UTF-8"
+                ) from None
             if number == 1:
                 text = text.removeprefix("\ufeff")  # a byte-order mark, as some Windows editors write
             if not text.strip():
@@ -357,24 +371,30 @@ def _check_template(d) -> None:
             "in (write {{ and }} for literal braces)"
         ) from None
     except (IndexError, ValueError) as err:
-        raise ConfigError(f"data.prompt_template={d.prompt_template!r}: {err} (write {{{{ and }}}} for literal braces)"
-                          ) from None  # fmt: skip
+        raise ConfigError(
+            f"data.prompt_template={d.prompt_template!r}: {err} (write {{{{ and }}}} for literal braces)"
+        ) from None
 
 
 def check_data(cfg: DictConfig) -> None:
     d, s = cfg.data, cfg.sampler
     if s.name == "curriculum" and s.difficulty_column != DIFFICULTY:
-        raise ConfigError(f"sampler.difficulty_column={s.difficulty_column!r} is not supported by k15-train: its "
-                          f"loaders pass the difficulty as the `{DIFFICULTY}` column; name the field "
-                          f"{DIFFICULTY!r} in the data")  # fmt: skip
+        raise ConfigError(
+            f"sampler.difficulty_column={s.difficulty_column!r} is not supported by k15-train: its "
+            f"loaders pass the difficulty as the `{DIFFICULTY}` column; name the field "
+            f"{DIFFICULTY!r} in the data"
+        )
     if d.source == "demo_arithmetic":
         if d.terms == 3 and s.name == "curriculum":
-            raise ConfigError("sampler=curriculum reads difficulty labels, which the three-term task "
-                              "(data.terms=3) does not have: use sampler=uniform or sampler=prioritized")  # fmt: skip
+            raise ConfigError(
+                "sampler=curriculum reads difficulty labels, which the three-term task "
+                "(data.terms=3) does not have: use sampler=uniform or sampler=prioritized"
+            )
         need, how = prompts_per_batch(cfg)
         if d.num_train is not None and d.num_train < need:
-            raise ConfigError(f"data.num_train={d.num_train}: one generation batch needs {need} distinct prompts "
-                              f"({how})")  # fmt: skip
+            raise ConfigError(
+                f"data.num_train={d.num_train}: one generation batch needs {need} distinct prompts ({how})"
+            )
         return
     _check_template(d)
     if d.source == "jsonl":
@@ -398,8 +418,10 @@ def _saved_model_config(path: str, key: str) -> dict:
     if not directory.is_dir():
         raise ConfigError(f"{key}={path!r} is not a directory: expected a saved model (save_pretrained) or null")
     if not (directory / "config.json").is_file():
-        raise ConfigError(f"{key}={path!r} has no config.json: expected a directory written by save_pretrained "
-                          "(config.json, weights, tokenizer)")  # fmt: skip
+        raise ConfigError(
+            f"{key}={path!r} has no config.json: expected a directory written by save_pretrained "
+            "(config.json, weights, tokenizer)"
+        )
     return _read_config(directory / "config.json", key, path)
 
 
@@ -447,8 +469,11 @@ def check_checkpoint(cfg: DictConfig) -> None:
     ours, name = _model_config(cfg)
     if ours is None:
         return  # a Hub model not on disk: cannot compare without a download
-    differ = [f for f in COMPARED_FIELDS if _field(theirs, f) is not None and _field(ours, f) is not None
-              and _field(theirs, f) != _field(ours, f)]  # fmt: skip
+    differ = [
+        f
+        for f in COMPARED_FIELDS
+        if _field(theirs, f) is not None and _field(ours, f) is not None and _field(theirs, f) != _field(ours, f)
+    ]
     if differ:
         there = ", ".join(f"{f}={_field(theirs, f)}" for f in differ)
         here = ", ".join(f"{f}={_field(ours, f)}" for f in differ)

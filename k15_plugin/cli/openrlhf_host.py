@@ -235,9 +235,13 @@ def reward_spec(cfg: DictConfig) -> dict:
     if verifier == "code":
         code = reward.code
         sandbox = {
-            "timeout_seconds": code.timeout_seconds, "memory_mb": code.memory_mb, "concurrency": code.concurrency,
-            "isolation": _plain(code.isolation), "allow_paths": list(code.allow_paths), "cgroup": _plain(code.cgroup),
-        }  # fmt: skip
+            "timeout_seconds": code.timeout_seconds,
+            "memory_mb": code.memory_mb,
+            "concurrency": code.concurrency,
+            "isolation": _plain(code.isolation),
+            "allow_paths": list(code.allow_paths),
+            "cgroup": _plain(code.cgroup),
+        }
         return {"verifier": "code", "partial_credit": code.partial_credit, "sandbox": sandbox}
     return {"verifier": "task", "extraction": cfg.data.answer_extraction}
 

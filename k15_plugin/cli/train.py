@@ -112,8 +112,10 @@ def check_overrides(overrides: list[str]) -> None:
                 openrlhf_plans.append(openrlhf_plan(cfg))
             else:
                 if cfg.host.dry_run:
-                    raise ConfigError("host.dry_run: only host=openrlhf has a dry run (k15-train --cfg job prints the "
-                                      "composed config)")  # fmt: skip
+                    raise ConfigError(
+                        "host.dry_run: only host=openrlhf has a dry run (k15-train --cfg job prints the "
+                        "composed config)"
+                    )
                 check_config(cfg)
             check_inputs(cfg)  # the data file, model directory and checkpoint it names
     GlobalHydra.instance().clear()
@@ -155,8 +157,13 @@ def _peft_config(model_cfg):
     from peft import LoraConfig
 
     lora = model_cfg.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                      task_type="CAUSAL_LM")  # fmt: skip
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _save_final_model(trainer, run_dir: Path, is_main: bool) -> str:

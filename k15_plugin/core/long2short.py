@@ -50,7 +50,6 @@ def dpo_negatives(samples: Sequence[Sample], ratio: float = 1.5) -> tuple[int | 
         return None, []
     bound = ratio * samples[positive].tokens
     negatives = [
-        i for i, s in enumerate(samples)
-        if i != positive and (not s.correct or s.truncated or s.tokens >= bound)
-    ]  # fmt: skip
+        i for i, s in enumerate(samples) if i != positive and (not s.correct or s.truncated or s.tokens >= bound)
+    ]
     return positive, negatives

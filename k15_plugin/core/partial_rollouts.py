@@ -93,13 +93,20 @@ class PartialRolloutBuffer:
             instead of being continued in the next phase; None: only the length cap applies.
     """
 
-    def __init__(self, group_size: int, segment_tokens: int, max_completion_length: int,
-                 repeat_rule: RepeatRule | None = None, max_iterations: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        group_size: int,
+        segment_tokens: int,
+        max_completion_length: int,
+        repeat_rule: RepeatRule | None = None,
+        max_iterations: int | None = None,
+    ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if not 1 <= segment_tokens <= max_completion_length:
-            raise ValueError(f"segment_tokens must be in [1, max_completion_length={max_completion_length}], got "
-                             f"{segment_tokens}")  # fmt: skip
+            raise ValueError(
+                f"segment_tokens must be in [1, max_completion_length={max_completion_length}], got {segment_tokens}"
+            )
         if max_iterations is not None and max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1 or None, got {max_iterations}")
         self.group_size = group_size
@@ -131,10 +138,17 @@ class PartialRolloutBuffer:
                     if not m.finished and m.segments and self.phase - m.segments[0].phase >= self.max_iterations:
                         m.status = "length"
         return [
-            Work(g.uid, i, g.prompt_ids + m.completion_ids,
-                 min(self.segment_tokens, self.max_completion_length - len(m.completion_ids)), len(m.completion_ids))
-            for g in self.groups for i, m in enumerate(g.members) if not m.finished
-        ]  # fmt: skip
+            Work(
+                g.uid,
+                i,
+                g.prompt_ids + m.completion_ids,
+                min(self.segment_tokens, self.max_completion_length - len(m.completion_ids)),
+                len(m.completion_ids),
+            )
+            for g in self.groups
+            for i, m in enumerate(g.members)
+            if not m.finished
+        ]
 
     def apply(self, results: Sequence[tuple], version: int) -> None:
         """Append each ``(uid, member, new_ids, ended_with_eos)`` or ``(uid, member, new_ids, ended_with_eos,
@@ -155,8 +169,9 @@ class PartialRolloutBuffer:
                     member.logprobs = [None] * start
                 new_logprobs = [None] * len(new_ids) if logprobs is None else list(logprobs)[: len(new_ids)]
                 if len(new_logprobs) != len(new_ids):
-                    raise ValueError(f"group {uid} member {index}: {len(new_logprobs)} log-probs for "
-                                     f"{len(new_ids)} tokens")  # fmt: skip
+                    raise ValueError(
+                        f"group {uid} member {index}: {len(new_logprobs)} log-probs for {len(new_ids)} tokens"
+                    )
                 member.logprobs += new_logprobs
             member.completion_ids += new_ids
             member.segments.append(Segment(start, len(new_ids), version, self.phase))
@@ -179,8 +194,10 @@ class PartialRolloutBuffer:
         new = [m.completion_ids[start:] for m, start in candidates]
         width_old, width_new = max(map(len, old)), max(map(len, new))
         pad = iter(range(-2, -(2 + len(candidates) * (width_old + width_new)) - 1, -1))  # never equal to anything
-        rows = [[next(pad) for _ in range(width_old - len(o))] + o + n + [next(pad) for _ in range(width_new - len(n))]
-                for o, n in zip(old, new, strict=True)]  # fmt: skip
+        rows = [
+            [next(pad) for _ in range(width_old - len(o))] + o + n + [next(pad) for _ in range(width_new - len(n))]
+            for o, n in zip(old, new, strict=True)
+        ]
         detector = RepeatDetector(len(rows), rule)
         first = torch.full((len(rows),), -1, dtype=torch.long)
         for column_index, column in enumerate(torch.tensor(rows).T):
@@ -271,9 +288,20 @@ def groups_to_state(groups: Sequence[Group]) -> list[dict[str, Any]]:
 def groups_from_state(data: Sequence[dict[str, Any]]) -> list[Group]:
     """The inverse of :func:`groups_to_state`."""
     return [
-        Group(g["uid"], g["admitted_phase"], list(g["prompt_ids"]), copy.deepcopy(g["row"]),
-              [Member(list(m["completion_ids"]), [Segment(**s) for s in m["segments"]], m["status"],
-                      None if m.get("logprobs") is None else list(m["logprobs"]))
-               for m in g["members"]])
+        Group(
+            g["uid"],
+            g["admitted_phase"],
+            list(g["prompt_ids"]),
+            copy.deepcopy(g["row"]),
+            [
+                Member(
+                    list(m["completion_ids"]),
+                    [Segment(**s) for s in m["segments"]],
+                    m["status"],
+                    None if m.get("logprobs") is None else list(m["logprobs"]),
+                )
+                for m in g["members"]
+            ],
+        )
         for g in data
-    ]  # fmt: skip
+    ]

@@ -58,8 +58,9 @@ class PromptSampler(Sampler[int]):
             curriculum's schedule is in trainer steps).
     """
 
-    def __init__(self, num_problems: int, chunk_size: int, *, seed: int = 0, prior: float = 0.5,
-                 steps_per_chunk: int = 1):  # fmt: skip
+    def __init__(
+        self, num_problems: int, chunk_size: int, *, seed: int = 0, prior: float = 0.5, steps_per_chunk: int = 1
+    ):
         _check_int("num_problems", num_problems, 1)
         _check_int("chunk_size", chunk_size, 1)
         _check_int("seed", seed, 0)
@@ -97,9 +98,14 @@ class PromptSampler(Sampler[int]):
 
     def _draw_chunk(self) -> torch.Tensor:
         chunk, self._warned_replacement = draw_chunk(
-            self.chunk_weights(self.num_chunks_drawn), self.chunk_size, self.generator, who=type(self).__name__,
-            batch="rollout batch", warned=self._warned_replacement, stacklevel=3,
-        )  # fmt: skip
+            self.chunk_weights(self.num_chunks_drawn),
+            self.chunk_size,
+            self.generator,
+            who=type(self).__name__,
+            batch="rollout batch",
+            warned=self._warned_replacement,
+            stacklevel=3,
+        )
         self.num_chunks_drawn += 1
         return chunk  # (chunk_size,)
 
@@ -200,14 +206,29 @@ class CurriculumPromptSampler(PromptSampler):
             trainer steps, :meth:`PromptSampler.step_of_chunk`).
     """
 
-    def __init__(self, num_problems: int, chunk_size: int, *, difficulty: torch.Tensor, schedule: str = "staged",
-                 switch_step: int = 0, hard_fraction: float = 0.5, start_fraction: float = 0.3, ramp_steps: int = 100,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        num_problems: int,
+        chunk_size: int,
+        *,
+        difficulty: torch.Tensor,
+        schedule: str = "staged",
+        switch_step: int = 0,
+        hard_fraction: float = 0.5,
+        start_fraction: float = 0.3,
+        ramp_steps: int = 100,
+        **kwargs,
+    ):
         super().__init__(num_problems, chunk_size, **kwargs)
         self.pool = CurriculumPool(
-            difficulty, num_problems, schedule, switch_step=switch_step, hard_fraction=hard_fraction,
-            start_fraction=start_fraction, ramp_steps=ramp_steps,
-        )  # fmt: skip
+            difficulty,
+            num_problems,
+            schedule,
+            switch_step=switch_step,
+            hard_fraction=hard_fraction,
+            start_fraction=start_fraction,
+            ramp_steps=ramp_steps,
+        )
         self.difficulty = self.pool.difficulty
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:

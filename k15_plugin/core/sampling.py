@@ -145,8 +145,16 @@ def prioritized_weights(rates: torch.Tensor, floor: float) -> torch.Tensor:
     return (1.0 - s).clamp(min=floor)  # (P,)
 
 
-def draw_chunk(weights: torch.Tensor, size: int, generator: torch.Generator | None, *, who: str, batch: str,
-               warned: bool, stacklevel: int = 2) -> tuple[torch.Tensor, bool]:  # fmt: skip
+def draw_chunk(
+    weights: torch.Tensor,
+    size: int,
+    generator: torch.Generator | None,
+    *,
+    who: str,
+    batch: str,
+    warned: bool,
+    stacklevel: int = 2,
+) -> tuple[torch.Tensor, bool]:
     """``size`` distinct prompt indices drawn with probability proportional to ``weights`` (P,), and whether the
     replacement warning has now been given.
 
@@ -239,8 +247,17 @@ class CurriculumPool:
         schedule, switch_step, hard_fraction, start_fraction, ramp_steps: see :func:`curriculum_pool`.
     """
 
-    def __init__(self, difficulty: torch.Tensor, num_problems: int, schedule: str = "staged", *, switch_step: int = 0,
-                 hard_fraction: float = 0.5, start_fraction: float = 0.3, ramp_steps: int = 100):  # fmt: skip
+    def __init__(
+        self,
+        difficulty: torch.Tensor,
+        num_problems: int,
+        schedule: str = "staged",
+        *,
+        switch_step: int = 0,
+        hard_fraction: float = 0.5,
+        start_fraction: float = 0.3,
+        ramp_steps: int = 100,
+    ):
         if not isinstance(difficulty, torch.Tensor) or difficulty.shape != (num_problems,):
             raise ValueError(
                 f"difficulty must be a tensor of shape ({num_problems},) (one label per dataset row), "

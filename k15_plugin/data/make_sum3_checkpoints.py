@@ -174,21 +174,41 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = build_tokenizer()
     train_ds, heldout = make_sum3_datasets(seed=args.seed)
     prompts = list(train_ds["prompt"])
-    common = {"task": "three-term addition a+b+c=, a,b,c in 0..99 (k15_plugin.data.sum3)", "seed": args.seed,
-              "batch_size": BATCH, "threads": args.threads}  # fmt: skip
+    common = {
+        "task": "three-term addition a+b+c=, a,b,c in 0..99 (k15_plugin.data.sum3)",
+        "seed": args.seed,
+        "batch_size": BATCH,
+        "threads": args.threads,
+    }
 
     print("long model: formats", LONG_MIX, flush=True)
     model = build_model(tokenizer, seed=args.seed)
     seconds = train(model, tokenizer, prompts, LONG_MIX, args.long_steps, LONG_LR, args.seed)
-    info = save(model, tokenizer, args.out_long, {**common, "formats": LONG_MIX, "steps": args.long_steps,
-                                                   "lr": LONG_LR, "seconds": round(seconds, 1)}, heldout)  # fmt: skip
+    info = save(
+        model,
+        tokenizer,
+        args.out_long,
+        {**common, "formats": LONG_MIX, "steps": args.long_steps, "lr": LONG_LR, "seconds": round(seconds, 1)},
+        heldout,
+    )
     print(json.dumps({"long": info}), flush=True)
 
     print("short model: the long model fine-tuned on direct answers", flush=True)
     seconds = train(model, tokenizer, prompts, {"direct": 1.0}, args.short_steps, SHORT_LR, args.seed + 1)
-    info = save(model, tokenizer, args.out_short, {**common, "formats": {"direct": 1.0}, "init_from":
-                args.out_long.name, "steps": args.short_steps, "lr": SHORT_LR, "seconds": round(seconds, 1)},
-                heldout)  # fmt: skip
+    info = save(
+        model,
+        tokenizer,
+        args.out_short,
+        {
+            **common,
+            "formats": {"direct": 1.0},
+            "init_from": args.out_long.name,
+            "steps": args.short_steps,
+            "lr": SHORT_LR,
+            "seconds": round(seconds, 1),
+        },
+        heldout,
+    )
     print(json.dumps({"short": info}), flush=True)
 
 

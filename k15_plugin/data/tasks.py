@@ -81,9 +81,14 @@ def sandbox_config(code):
     """The :class:`~k15_plugin.rewards.SandboxConfig` of a ``reward.code`` config node."""
     from k15_plugin.rewards import SandboxConfig
 
-    return SandboxConfig(timeout_seconds=code.timeout_seconds, memory_mb=code.memory_mb, concurrency=code.concurrency,
-                         isolation=_plain(code.isolation), allow_paths=tuple(code.allow_paths),
-                         cgroup=_plain(code.cgroup))  # fmt: skip
+    return SandboxConfig(
+        timeout_seconds=code.timeout_seconds,
+        memory_mb=code.memory_mb,
+        concurrency=code.concurrency,
+        isolation=_plain(code.isolation),
+        allow_paths=tuple(code.allow_paths),
+        cgroup=_plain(code.cgroup),
+    )
 
 
 def _demo_rows(data, seed: int) -> tuple[Dataset, Dataset]:
@@ -91,8 +96,9 @@ def _demo_rows(data, seed: int) -> tuple[Dataset, Dataset]:
         from k15_plugin.data.sum3 import make_sum3_datasets
 
         return make_sum3_datasets(num_train=data.num_train, seed=seed, heldout_size=data.heldout_size)
-    train, heldout = make_datasets(num_train=data.num_train, seed=seed, heldout_size=data.heldout_size,
-                                   filler_max=data.filler_max)  # fmt: skip
+    train, heldout = make_datasets(
+        num_train=data.num_train, seed=seed, heldout_size=data.heldout_size, filler_max=data.filler_max
+    )
     return train.add_column("difficulty", [arithmetic_difficulty(p) for p in train["prompt"]]), heldout
 
 
@@ -104,8 +110,9 @@ def _demo_task(data, tokenizer, seed: int, reward=None) -> Task:
         from k15_plugin.data.sum3 import MAX_NEW_TOKENS as max_new_tokens
 
     def evaluate(model, tokenizer, rows):
-        return evaluate_greedy(model, tokenizer, rows, max_new_tokens=max_new_tokens, allow_filler=allow_filler,
-                               allow_steps=steps)  # fmt: skip
+        return evaluate_greedy(
+            model, tokenizer, rows, max_new_tokens=max_new_tokens, allow_filler=allow_filler, allow_steps=steps
+        )
 
     exact = ArithmeticReward(tokenizer, allow_filler=allow_filler, allow_steps=steps)
     return Task(train, heldout, reward_funcs(reward, data, train.column_names, exact), evaluate)
@@ -144,10 +151,11 @@ def _jsonl_rows(path: str, key: str, fmt, exclude: set[int], exclude_id) -> Data
     identity = repr(("k15-jsonl-1", file_identity(path), fmt, exclude_id))
     try:
         ds = Dataset.from_generator(
-            read_rows, features=Features(features), gen_kwargs={"path": path, "key": key, "fmt": fmt,
-                                                                "exclude": exclude},
+            read_rows,
+            features=Features(features),
+            gen_kwargs={"path": path, "key": key, "fmt": fmt, "exclude": exclude},
             fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:32],
-        )  # fmt: skip
+        )
     except DatasetGenerationError as err:  # datasets wraps what the generator raised
         if isinstance(err.__cause__, ConfigError):
             raise err.__cause__ from None
@@ -175,12 +183,17 @@ def _loaded_task(data, seed: int, max_new_tokens: int, reward_cfg=None) -> Task:
         full = load_dataset(data.path, data.config_name, split=data.split)
         heldout = load_dataset(data.path, data.config_name, split=data.heldout_split) if data.heldout_split else None
         prompt_column, answer_column = data.prompt_column, data.answer_column
-        keys = {"data.prompt_column": prompt_column} if code else {"data.prompt_column": prompt_column,
-                                                                    "data.answer_column": answer_column}  # fmt: skip
+        keys = (
+            {"data.prompt_column": prompt_column}
+            if code
+            else {"data.prompt_column": prompt_column, "data.answer_column": answer_column}
+        )
         for key, column in keys.items():  # code: the `tests` column is checked by reward_funcs
             if column not in full.column_names:
-                raise ValueError(f"{key}={column!r} is not a column of data.path={data.path} (split {data.split}); "
-                                 f"its columns: {full.column_names}")  # fmt: skip
+                raise ValueError(
+                    f"{key}={column!r} is not a column of data.path={data.path} (split {data.split}); "
+                    f"its columns: {full.column_names}"
+                )
     if heldout is None:
         parts = full.train_test_split(test_size=heldout_count(len(full), data.heldout_size), seed=seed)
         full, heldout = parts["train"], parts["test"]

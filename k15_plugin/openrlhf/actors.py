@@ -73,9 +73,13 @@ class _K15PPOTrainer(plain_class(upstream_trainer.PPOTrainer)):
         """The curriculum's labels, read from the prompt data exactly as ``prepare_datasets`` reads the prompts."""
         args = self.strategy.args
         data = upstream_trainer.blending_datasets(
-            args.data.prompt_dataset, args.data.prompt_probs, self.strategy, args.train.seed,
-            max_count=args.data.max_samples, dataset_split=args.data.prompt_split,
-        )  # fmt: skip
+            args.data.prompt_dataset,
+            args.data.prompt_probs,
+            self.strategy,
+            args.train.seed,
+            max_count=args.data.max_samples,
+            dataset_split=args.data.prompt_split,
+        )
         data = data.select(range(min(args.data.max_samples, len(data))))
         column = self.k15.difficulty_column
         if column not in data.column_names or len(data) != num_rows:
@@ -93,9 +97,13 @@ class _K15PPOTrainer(plain_class(upstream_trainer.PPOTrainer)):
         if self.k15_sampler is None:
             return
         self.prompts_dataloader = StatefulDataLoader(
-            dataset, batch_size=1, sampler=self.k15_sampler, drop_last=True, collate_fn=dataset.collate_fn,
+            dataset,
+            batch_size=1,
+            sampler=self.k15_sampler,
+            drop_last=True,
+            collate_fn=dataset.collate_fn,
             num_workers=0,
-        )  # fmt: skip
+        )
         self.samples_generator.prompts_dataloader = self.prompts_dataloader
 
     def k15_record(self, rollout_samples) -> int:

@@ -21,8 +21,17 @@ class K15MirrorDescentLoss(PolicyLoss):
         super().__init__(token_level_loss=False)
         self.tau, self.length_normalize = float(tau), bool(length_normalize)
 
-    def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
-                batch_num_tokens=None, global_batch_size=None):  # fmt: skip
+    def forward(
+        self,
+        log_probs,
+        old_log_probs,
+        advantages,
+        action_mask=None,
+        rollout_log_probs=None,
+        dp_size=1,
+        batch_num_tokens=None,
+        global_batch_size=None,
+    ):
         mask = action_mask.to(log_probs.dtype)  # (B, A)
         n_tokens = mask.sum(dim=-1)  # (B,)
         valid = (n_tokens > 0).to(log_probs.dtype)  # (B,)

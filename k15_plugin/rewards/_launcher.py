@@ -29,7 +29,16 @@ _DEVICES = ("null", "zero", "urandom")
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = (
-    1, 2, 4, 8, 32, 4096, 8192, 16384, 1 << 18)  # fmt: skip
+    1,
+    2,
+    4,
+    8,
+    32,
+    4096,
+    8192,
+    16384,
+    1 << 18,
+)
 MNT_DETACH = 2
 AT_FDCWD, AT_RECURSIVE, SYS_MOUNT_SETATTR = -100, 0x8000, 442
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
@@ -124,8 +133,13 @@ def _mount_setattr(libc, path: str, attributes: int, recursive: bool) -> int:
     """``mount_setattr(2)`` (Linux >= 5.12): add ``attributes`` to the mount at ``path``; 0 or an errno."""
     attr = (ctypes.c_uint64 * 4)(attributes, 0, 0, 0)  # struct mount_attr: attr_set, attr_clr, propagation, userns
     # syscall() is variadic: every argument gets its exact C type, or the kernel may read garbage in the upper bits.
-    args = (ctypes.c_int(AT_FDCWD), path.encode(), ctypes.c_uint(AT_RECURSIVE if recursive else 0),
-            ctypes.byref(attr), ctypes.c_size_t(32))  # fmt: skip
+    args = (
+        ctypes.c_int(AT_FDCWD),
+        path.encode(),
+        ctypes.c_uint(AT_RECURSIVE if recursive else 0),
+        ctypes.byref(attr),
+        ctypes.c_size_t(32),
+    )
     return 0 if libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), *args) == 0 else ctypes.get_errno()
 
 
@@ -137,8 +151,11 @@ def _read_only(libc, path: str, recursive: bool = True) -> None:
     # Older kernels: a bind remount (fails with EPERM where the mount has flags locked by a user namespace).
     flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
     if libc.mount(b"none", path.encode(), None, ctypes.c_ulong(flags), None) != 0:
-        raise OSError(errno, f"cannot make {path} read-only: mount_setattr: {os.strerror(errno)}, "
-                             f"remount: {os.strerror(ctypes.get_errno())}")  # fmt: skip
+        raise OSError(
+            errno,
+            f"cannot make {path} read-only: mount_setattr: {os.strerror(errno)}, "
+            f"remount: {os.strerror(ctypes.get_errno())}",
+        )
 
 
 def _pivot_root(libc, new_root: str) -> None:
@@ -182,8 +199,12 @@ def _build_root(spec: dict, libc) -> dict:
     for name in _DEVICES:
         _mount_point(new + "/dev/" + name, False)
         _mount(libc, "/dev/" + name, new + "/dev/" + name, None, MS_BIND, None)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):  # fmt: skip
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{new}/dev/{name}")
     for path in ("/tmp", "/dev/shm"):
         os.makedirs(new + path, 0o755, exist_ok=True)

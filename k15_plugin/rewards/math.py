@@ -232,9 +232,14 @@ class _CheckerProcess:
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
         code = "from k15_plugin.rewards.math import _checker_main; _checker_main()"
         proc = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1,
-        )  # fmt: skip
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
+            bufsize=1,
+        )
         self.proc = proc
         if self._read_line(_HELPER_START_SECONDS) != "ready":
             self.close()
@@ -329,8 +334,13 @@ class MathReward:
     Picklable (holds only its options; the helper process is started lazily in the process that uses it).
     """
 
-    def __init__(self, extraction: str = "auto", timeout_seconds: float = 5.0, timeout_backend: str = "auto",
-                 answer_column: str = "answer"):  # fmt: skip
+    def __init__(
+        self,
+        extraction: str = "auto",
+        timeout_seconds: float = 5.0,
+        timeout_backend: str = "auto",
+        answer_column: str = "answer",
+    ):
         if extraction not in EXTRACTIONS:
             raise ValueError(f"extraction must be one of {list(EXTRACTIONS)}, got {extraction!r}")
         if timeout_backend not in TIMEOUT_BACKENDS:
@@ -351,8 +361,10 @@ class MathReward:
         return state
 
     def __repr__(self) -> str:
-        return (f"MathReward(extraction={self.extraction!r}, timeout_seconds={self.timeout_seconds}, "
-                f"timeout_backend={self.timeout_backend!r})")  # fmt: skip
+        return (
+            f"MathReward(extraction={self.extraction!r}, timeout_seconds={self.timeout_seconds}, "
+            f"timeout_backend={self.timeout_backend!r})"
+        )
 
     def score(self, completion: Any, reference: Any) -> float:
         """Reward of one completion against one reference answer; 0.0 on any failure or timeout."""

@@ -143,8 +143,16 @@ class SandboxConfig:
     python_args: tuple[str, ...] = ("-I",)
 
     def __post_init__(self) -> None:
-        positive = ("timeout_seconds", "memory_mb", "max_processes", "max_open_files", "max_file_mb", "tmpfs_mb",
-                    "max_output_bytes", "cpus")  # fmt: skip
+        positive = (
+            "timeout_seconds",
+            "memory_mb",
+            "max_processes",
+            "max_open_files",
+            "max_file_mb",
+            "tmpfs_mb",
+            "max_output_bytes",
+            "cpus",
+        )
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -169,8 +177,10 @@ class SandboxConfig:
                 raise ValueError(f"allow_paths: {path} does not exist")
             real = os.path.realpath(path)
             if real == "/" or any(_under(real, tree) for tree in _OWN_TREES):
-                raise ValueError(f"allow_paths: {path} is the root or lies under /tmp, /dev or /proc, which the "
-                                 "sandbox replaces with its own")  # fmt: skip
+                raise ValueError(
+                    f"allow_paths: {path} is the root or lies under /tmp, /dev or /proc, which the "
+                    "sandbox replaces with its own"
+                )
 
     @property
     def workers(self) -> int:
@@ -269,8 +279,10 @@ def _paths_to_hide(config: SandboxConfig, python: str) -> list[str]:
 # -- the allow-list root ------------------------------------------------------------------------------------------
 
 _ENV = {"PATH": MINIMAL_PATH, "LANG": "C.UTF-8"}  # for the helper processes: no trainer secrets, no LD_* variables
-_INTERPRETER_PROBE = ("import json, site, sys; print(json.dumps({'path': sys.path, 'sites': site.getsitepackages() "
-                      "+ [site.getusersitepackages()]}))")  # fmt: skip
+_INTERPRETER_PROBE = (
+    "import json, site, sys; print(json.dumps({'path': sys.path, 'sites': site.getsitepackages() "
+    "+ [site.getusersitepackages()]}))"
+)
 _LOCALES = ("/usr/lib/locale/C.utf8", "/usr/lib/locale/C.UTF-8")
 
 
@@ -278,8 +290,15 @@ def _interpreter_files(python: str) -> tuple[list[str], list[str]]:
     """``(paths to bind, site directories to mask)`` for ``python``: itself, its standard library (``sys.path`` of
     ``-I -S``), and every shared library the interpreter and its extension modules load (``ldd``)."""
     try:
-        out = subprocess.run([python, "-I", "-S", "-c", _INTERPRETER_PROBE], capture_output=True, text=True,
-                             timeout=120, env=_ENV, cwd="/", check=True)  # fmt: skip
+        out = subprocess.run(
+            [python, "-I", "-S", "-c", _INTERPRETER_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_ENV,
+            cwd="/",
+            check=True,
+        )
         info = json.loads(out.stdout)
     except (OSError, subprocess.SubprocessError, ValueError) as err:
         raise SandboxUnavailableError(f"{python}: cannot list its standard library ({err})") from None
@@ -290,8 +309,10 @@ def _interpreter_files(python: str) -> tuple[list[str], list[str]]:
             elves += sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".so"))
     ldd = shutil.which("ldd", path=MINIMAL_PATH)
     if ldd is None:
-        raise SandboxUnavailableError("ldd not found: the allow-list root needs it to list the interpreter's shared "
-                                      "libraries (install libc-bin), or set isolation=denylist")  # fmt: skip
+        raise SandboxUnavailableError(
+            "ldd not found: the allow-list root needs it to list the interpreter's shared "
+            "libraries (install libc-bin), or set isolation=denylist"
+        )
     try:  # exits 1 when a file is not dynamic (a static interpreter): what it printed is still right
         listing = subprocess.run([ldd, *elves], capture_output=True, text=True, timeout=120, env=_ENV, cwd="/").stdout
     except (OSError, subprocess.SubprocessError) as err:
@@ -365,7 +386,7 @@ def _etc_files(uid: int, gid: int) -> list:
         ("file", "/etc/group", f"root:x:0:\nsandbox:x:{gid}:\n"),
         ("file", "/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n"),
         ("file", "/etc/hostname", "sandbox\n"),
-    ]  # fmt: skip
+    ]
 
 
 # -- cgroup v2 ------------------------------------------------------------------------------------------------------
@@ -420,9 +441,12 @@ def _cgroup_parent(config: SandboxConfig) -> tuple[str | None, str | None]:
 def _slot_cgroup(parent: str, slot: int, config: SandboxConfig) -> str:
     leaf = os.path.join(parent, f"slot{slot}")
     os.makedirs(leaf, exist_ok=True)
-    limits = {"memory.max": str(config.memory_mb << 20), "memory.swap.max": "0",
-              "pids.max": str(config.max_processes + 2),  # + the slot's launcher and init
-              "cpu.max": f"{max(1000, round(config.cpus * 100_000))} 100000"}  # fmt: skip
+    limits = {
+        "memory.max": str(config.memory_mb << 20),
+        "memory.swap.max": "0",
+        "pids.max": str(config.max_processes + 2),  # + the slot's launcher and init
+        "cpu.max": f"{max(1000, round(config.cpus * 100_000))} 100000",
+    }
     for name, value in limits.items():
         path = os.path.join(leaf, name)
         if name == "memory.swap.max" and not os.path.exists(path):
@@ -483,9 +507,15 @@ class _Slot:
             inside = (1000, 1000) if mode.userns else (uid, uid) if uid is not None else (os.getuid(), os.getgid())
             spec["root"] = {"ops": [*mode.root["ops"], *_etc_files(*inside)]}
         self.proc = subprocess.Popen(
-            _launcher_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, env=_ENV, close_fds=True, cwd="/",
-        )  # fmt: skip
+            _launcher_command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env=_ENV,
+            close_fds=True,
+            cwd="/",
+        )
         self.stderr = b""
         self.buffer = b""
         self.sel = selectors.DefaultSelector()
@@ -540,8 +570,9 @@ class _Slot:
                 self.buffer += chunk
         return bool(ready)
 
-    def run(self, program: str, inputs: list[str], keep_going: Callable[[int, RunResult], bool] | None
-            ) -> list[RunResult]:  # fmt: skip
+    def run(
+        self, program: str, inputs: list[str], keep_going: Callable[[int, RunResult], bool] | None
+    ) -> list[RunResult]:
         results: list[RunResult] = []
         try:
             self._send({"program": program, "inputs": inputs})
@@ -704,21 +735,31 @@ class Sandbox:
             first_uid, uid_note = None, "uid range not mapped; every slot runs as 65534"
         cgroup, cgroup_note = _cgroup_parent(cfg)
         if cgroup is None and cgroup_note and cfg.cgroup == "require":
-            raise SandboxUnavailableError(f"no per-sandbox cgroup: {cgroup_note}; set cgroup=auto to run with the "
-                                          "per-process limits only")  # fmt: skip
+            raise SandboxUnavailableError(
+                f"no per-sandbox cgroup: {cgroup_note}; set cgroup=auto to run with the per-process limits only"
+            )
         isolation = cfg.isolation
         errors = []
         setup_failed = False
         # The probe checks that the sandbox works, not the user's per-input time limit: a loaded machine may take
         # more than a short timeout to start Python (the memory and other limits stay, so a too-small one shows).
-        probe_cfg = replace(cfg, timeout_seconds=max(cfg.timeout_seconds, 30.0),
-                            cpu_seconds=None if cfg.cpu_seconds is None else max(cfg.cpu_seconds, 31))  # fmt: skip
+        probe_cfg = replace(
+            cfg,
+            timeout_seconds=max(cfg.timeout_seconds, 30.0),
+            cpu_seconds=None if cfg.cpu_seconds is None else max(cfg.cpu_seconds, 31),
+        )
         for python in _python_candidates(cfg):
             try:
-                mode = _Mode(isolation=isolation, userns=not is_root and isolation != "none", drop_uid=is_root,
-                             uid_base=first_uid, python=python, cgroup=cgroup,
-                             hide=_paths_to_hide(cfg, python) if isolation == "denylist" else [],
-                             root=_root_plan(cfg, python) if isolation == "allowlist" else None)  # fmt: skip
+                mode = _Mode(
+                    isolation=isolation,
+                    userns=not is_root and isolation != "none",
+                    drop_uid=is_root,
+                    uid_base=first_uid,
+                    python=python,
+                    cgroup=cgroup,
+                    hide=_paths_to_hide(cfg, python) if isolation == "denylist" else [],
+                    root=_root_plan(cfg, python) if isolation == "allowlist" else None,
+                )
             except SandboxUnavailableError as err:  # this interpreter's files: another one may do
                 errors.append(str(err))
                 continue
@@ -778,12 +819,16 @@ class Sandbox:
                 warnings.warn(f"code sandbox: {key}: {value}", RuntimeWarning, stacklevel=4)
         if cgroup_note and cgroup_note not in _CGROUP_LOGGED:
             _CGROUP_LOGGED.add(cgroup_note)
-            logger.warning("code sandbox: %s; each program keeps its per-process limits (RLIMIT_AS, RLIMIT_NPROC, "
-                           "RLIMIT_CPU) but its slot has no memory.max, pids.max or cpu.max", cgroup_note)  # fmt: skip
+            logger.warning(
+                "code sandbox: %s; each program keeps its per-process limits (RLIMIT_AS, RLIMIT_NPROC, "
+                "RLIMIT_CPU) but its slot has no memory.max, pids.max or cpu.max",
+                cgroup_note,
+            )
 
     # -- running ------------------------------------------------------------------------------------------------
-    def run(self, program: str, inputs: Sequence[str],
-            keep_going: Callable[[int, RunResult], bool] | None = None) -> list[RunResult]:  # fmt: skip
+    def run(
+        self, program: str, inputs: Sequence[str], keep_going: Callable[[int, RunResult], bool] | None = None
+    ) -> list[RunResult]:
         """Run ``program`` once per input (each in a fresh working directory); one result per input run.
 
         ``keep_going(i, result)`` is called as each result arrives; returning False stops the call (the remaining
@@ -794,8 +839,9 @@ class Sandbox:
             return []
         return pool.run(program, list(inputs), keep_going)
 
-    def run_many(self, jobs: Sequence[tuple[str, Sequence[str]]],
-                 keep_going: Callable[[int, int, RunResult], bool] | None = None) -> list[list[RunResult]]:  # fmt: skip
+    def run_many(
+        self, jobs: Sequence[tuple[str, Sequence[str]]], keep_going: Callable[[int, int, RunResult], bool] | None = None
+    ) -> list[list[RunResult]]:
         """:meth:`run` for each ``(program, inputs)`` job, ``concurrency`` at a time; ``keep_going(job, i, result)``."""
         self._pool()  # probe once, before the threads
 

@@ -25,8 +25,9 @@ def scorer(spec: dict) -> Callable[[list[str], list[Any]], list[float]]:
     if verifier == "math":
         from k15_plugin.rewards import get_math_reward
 
-        reward = get_math_reward(extraction=spec.get("extraction") or "auto",
-                                 timeout_seconds=float(spec.get("timeout_seconds", 5.0)))  # fmt: skip
+        reward = get_math_reward(
+            extraction=spec.get("extraction") or "auto", timeout_seconds=float(spec.get("timeout_seconds", 5.0))
+        )
         return lambda completions, labels: reward(completions, answer=labels)
     if verifier == "code":
         from k15_plugin.rewards import SandboxConfig, get_code_reward

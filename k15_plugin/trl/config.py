@@ -164,8 +164,9 @@ class K15Options:
     def __post_init__(self):
         for name in ("rollout_segment_tokens", "rollout_max_iterations"):
             v = getattr(self, name)
-            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                     f"{name} must be an integer >= 0, got {v!r}")  # fmt: skip
+            _require(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an integer >= 0, got {v!r}"
+            )
         _require(
             isinstance(self.rollout_prefill_batches, int) and self.rollout_prefill_batches >= -1,
             f"rollout_prefill_batches must be an integer >= -1 (-1: automatic), got {self.rollout_prefill_batches!r}",
@@ -188,18 +189,30 @@ class K15Options:
             f"{self.repeat_max_period!r}",
         )
         p = self.repeat_penalty
-        _require(isinstance(p, (int, float)) and math.isfinite(p) and p >= 0,
-                 f"repeat_penalty must be a number >= 0, got {p!r}")  # fmt: skip
+        _require(
+            isinstance(p, (int, float)) and math.isfinite(p) and p >= 0,
+            f"repeat_penalty must be a number >= 0, got {p!r}",
+        )
         if b or self.repeat_detection:
             what = "rollout_segment_tokens" if b else "repeat_detection"
-            _require(not (self.use_vllm and self.vllm_mode != "colocate"),
-                     f"{what} does not support vllm_mode={self.vllm_mode!r} yet (use colocate)")  # fmt: skip
-            _require(not getattr(self, "use_transformers_continuous_batching", False),
-                     f"{what} does not support use_transformers_continuous_batching")  # fmt: skip
+            _require(
+                not (self.use_vllm and self.vllm_mode != "colocate"),
+                f"{what} does not support vllm_mode={self.vllm_mode!r} yet (use colocate)",
+            )
+            _require(
+                not getattr(self, "use_transformers_continuous_batching", False),
+                f"{what} does not support use_transformers_continuous_batching",
+            )
             # Per-call sampling rules would sample a trajectory continued over several calls differently; vLLM's
             # frequency/presence penalties count output tokens only, so a continued prefix would reset them.
-            per_call = {"min_new_tokens", "min_length", "max_length", "exponential_decay_length_penalty",
-                        "frequency_penalty", "presence_penalty"} & set(self.generation_kwargs or {})  # fmt: skip
+            per_call = {
+                "min_new_tokens",
+                "min_length",
+                "max_length",
+                "exponential_decay_length_penalty",
+                "frequency_penalty",
+                "presence_penalty",
+            } & set(self.generation_kwargs or {})
             _require(
                 not per_call,
                 f"{what}: generation_kwargs {sorted(per_call)} act per generate call, so a "

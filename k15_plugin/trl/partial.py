@@ -105,8 +105,10 @@ class K15PartialRolloutMixin:
                 prefill = min(prefill, a.rollout_max_iterations - 1)
         self._k15_prefill_batches = prefill
         if prefill and not hasattr(self.train_dataset, "__len__"):
-            raise ValueError("rollout_segment_tokens: partial rollouts draw their first in-flight prompts from the "
-                             "training set, which must be a map-style dataset (not iterable)")  # fmt: skip
+            raise ValueError(
+                "rollout_segment_tokens: partial rollouts draw their first in-flight prompts from the "
+                "training set, which must be a map-style dataset (not iterable)"
+            )
         self._k15_buffer = PartialRolloutBuffer(
             self.num_generations,
             segment,
@@ -170,8 +172,10 @@ class K15PartialRolloutMixin:
             emitted, self._k15_reemit = self._k15_reemit, None
             rounds = 0
             if len(emitted) != len(groups):
-                raise RuntimeError(f"the checkpoint's last rollout batch had {len(emitted)} groups, this one "
-                                   f"{len(groups)}: resume with the same batch layout")  # fmt: skip
+                raise RuntimeError(
+                    f"the checkpoint's last rollout batch had {len(emitted)} groups, this one "
+                    f"{len(groups)}: resume with the same batch layout"
+                )
             sampler = getattr(self, "_k15_sampler", None)
             self._k15_skip_sampler_update = True  # its statistics are in the restored sampler already
             if sampler is not None:
@@ -357,8 +361,10 @@ class K15PartialRolloutMixin:
         try:
             text = json.dumps(self._k15_partial_state())
         except TypeError as err:
-            raise TypeError(f"partial rollouts: a dataset row cannot be saved as JSON ({err}); keep dataset columns "
-                            "to strings, numbers, lists and dicts") from err  # fmt: skip
+            raise TypeError(
+                f"partial rollouts: a dataset row cannot be saved as JSON ({err}); keep dataset columns "
+                "to strings, numbers, lists and dicts"
+            ) from err
         with open(path + ".tmp", "w") as f:
             f.write(text)
         os.replace(path + ".tmp", path)

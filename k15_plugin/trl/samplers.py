@@ -172,9 +172,13 @@ class K15RepeatSampler(Sampler[int]):
 
     def _draw_chunk(self, chunk_number: int) -> torch.Tensor:
         chunk, self._warned_replacement = draw_chunk(
-            self.chunk_weights(chunk_number), self.batch_size, self.generator, who=type(self).__name__,
-            batch="generation batch", warned=self._warned_replacement,
-        )  # fmt: skip
+            self.chunk_weights(chunk_number),
+            self.batch_size,
+            self.generator,
+            who=type(self).__name__,
+            batch="generation batch",
+            warned=self._warned_replacement,
+        )
         self.num_chunks_drawn += 1
         return chunk  # (batch_size,)
 
@@ -363,8 +367,16 @@ class PrioritizedSampler(K15RepeatSampler):
         Others: see :class:`K15RepeatSampler`.
     """
 
-    def __init__(self, data_source: Sized, mini_repeat_count: int, batch_size: int = 1, repeat_count: int = 1, *,
-                 floor: float = 0.05, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        data_source: Sized,
+        mini_repeat_count: int,
+        batch_size: int = 1,
+        repeat_count: int = 1,
+        *,
+        floor: float = 0.05,
+        **kwargs,
+    ):
         super().__init__(data_source, mini_repeat_count, batch_size, repeat_count, **kwargs)
         prioritized_weights(torch.zeros(1), floor)  # validates floor now rather than at the first draw
         self.floor = floor
@@ -386,15 +398,32 @@ class CurriculumSampler(K15RepeatSampler):
         Others: see :class:`K15RepeatSampler`.
     """
 
-    def __init__(self, data_source: Sized, mini_repeat_count: int, batch_size: int = 1, repeat_count: int = 1, *,
-                 difficulty: torch.Tensor, schedule: str = "staged", switch_step: int = 0, hard_fraction: float = 0.5,
-                 start_fraction: float = 0.3, ramp_steps: int = 100, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        data_source: Sized,
+        mini_repeat_count: int,
+        batch_size: int = 1,
+        repeat_count: int = 1,
+        *,
+        difficulty: torch.Tensor,
+        schedule: str = "staged",
+        switch_step: int = 0,
+        hard_fraction: float = 0.5,
+        start_fraction: float = 0.3,
+        ramp_steps: int = 100,
+        **kwargs,
+    ):
         super().__init__(data_source, mini_repeat_count, batch_size, repeat_count, **kwargs)
         # pool(step): the (P,) bool mask of the problems eligible at optimizer step ``step``
         self.pool = CurriculumPool(
-            difficulty, self.num_samples, schedule, switch_step=switch_step, hard_fraction=hard_fraction,
-            start_fraction=start_fraction, ramp_steps=ramp_steps,
-        )  # fmt: skip
+            difficulty,
+            self.num_samples,
+            schedule,
+            switch_step=switch_step,
+            hard_fraction=hard_fraction,
+            start_fraction=start_fraction,
+            ramp_steps=ramp_steps,
+        )
         self.difficulty = self.pool.difficulty
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:

@@ -99,8 +99,9 @@ class K15TrainerMixin(K15PartialRolloutMixin, K15SamplerMixin):
         super().__init__(model, reward_funcs, args, train_dataset, *rest, **kwargs)
         n = self._k15_num_task_funcs = len(self.reward_funcs)  # TRL's environment columns included
         best = float(self.reward_weights[:n].clamp(min=0).sum())
-        if args.length_penalty_correct_threshold > best and (args.length_penalty_weight > 0 or args.sampler_type
-                                                             == "prioritized"):  # fmt: skip
+        if args.length_penalty_correct_threshold > best and (
+            args.length_penalty_weight > 0 or args.sampler_type == "prioritized"
+        ):
             logger.warning(
                 "length_penalty_correct_threshold=%s is above the sum of the positive task reward weights (%s): with "
                 "rewards in [0, 1] no completion ever counts as correct (length penalty, sampler success rates)",
@@ -320,10 +321,18 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
         multimodal = {
             key: inputs.get(key)
             for key in (
-                "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+                "pixel_values",
+                "image_grid_thw",
+                "num_images",
+                "pixel_attention_mask",
+                "spatial_shapes",
+                "num_tiles",
+                "image_sizes",
+                "token_type_ids",
+                "mm_token_type_ids",
+                "image_position_ids",
             )
-        }  # fmt: skip
+        }
         per_token_logps, _, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             input_ids,

@@ -96,8 +96,9 @@ def _with_length_penalty(token_level_rewards, response_mask, index, config) -> t
 
 
 @register_adv_est("k15_md")
-def compute_k15_md_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config=None,
-                             **kwargs):  # fmt: skip
+def compute_k15_md_advantage(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config=None, **kwargs
+):
     """r_j - tau log Z of the group, broadcast over the row's response tokens: (advantages, returns), each (N, T)."""
     options = k15_options(config)
     groups = groups_by_size(index)
@@ -110,8 +111,9 @@ def compute_k15_md_advantage(token_level_rewards: torch.Tensor, response_mask: t
 
 
 @register_adv_est("k15_grpo")
-def compute_k15_grpo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config=None,
-                               **kwargs):  # fmt: skip
+def compute_k15_grpo_advantage(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config=None, **kwargs
+):
     """verl's GRPO advantage on the length-penalized rewards."""
     rewards = _with_length_penalty(token_level_rewards, response_mask, index, config)
     norm = True if config is None else bool(config.get("norm_adv_by_std_in_grpo", True))
@@ -119,8 +121,9 @@ def compute_k15_grpo_advantage(token_level_rewards: torch.Tensor, response_mask:
 
 
 @register_adv_est("k15_rloo")
-def compute_k15_rloo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config=None,
-                               **kwargs):  # fmt: skip
+def compute_k15_rloo_advantage(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config=None, **kwargs
+):
     """verl's RLOO advantage on the length-penalized rewards."""
     rewards = _with_length_penalty(token_level_rewards, response_mask, index, config)
     return compute_rloo_outcome_advantage(rewards, response_mask, index, config=config)

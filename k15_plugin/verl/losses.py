@@ -27,9 +27,15 @@ def _policy_loss_settings(config) -> tuple[float, bool]:
 
 
 @register_policy_loss("k15_md")
-def compute_policy_loss_k15_md(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
-                               response_mask: torch.Tensor, loss_agg_mode: str = "seq-mean-token-sum", config=None,
-                               rollout_is_weights: torch.Tensor | None = None):  # fmt: skip
+def compute_policy_loss_k15_md(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-sum",
+    config=None,
+    rollout_is_weights: torch.Tensor | None = None,
+):
     """Per sequence ``-(r - b) logp + tau/2 (logp - logp_old)^2``; tensors (B, T), advantages constant per row."""
     if rollout_is_weights is not None:
         raise ValueError(

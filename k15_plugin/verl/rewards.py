@@ -19,8 +19,9 @@ from k15_plugin.rewards.scorer import scorer
 _scorers: dict[str, Any] = {}  # one per spec: math-verify's and the sandbox's set-up is paid once per process
 
 
-def compute_score(data_source, solution_str: str, ground_truth, extra_info=None, *, verifier: str = "math",
-                  **spec) -> float:  # fmt: skip
+def compute_score(
+    data_source, solution_str: str, ground_truth, extra_info=None, *, verifier: str = "math", **spec
+) -> float:
     """verl's reward signature; ``verifier`` and the other keyword arguments come from ``reward_kwargs``."""
     key = json.dumps({"verifier": verifier, **spec}, sort_keys=True, default=str)
     if key not in _scorers:

@@ -90,9 +90,12 @@ class K15SyncTrainer(PPOTrainerSync):
         sampler = self.k15.sampler
         difficulty = difficulty_of(self.train_dataset, sampler.difficulty_key) if sampler.type == "curriculum" else None
         self.k15_sampler = build_prompt_sampler(
-            sampler, len(self.train_dataset), int(self.config.data.train_batch_size), 0 if seed is None else int(seed),
+            sampler,
+            len(self.train_dataset),
+            int(self.config.data.train_batch_size),
+            0 if seed is None else int(seed),
             difficulty,
-        )  # fmt: skip
+        )
         if self.k15_sampler is None:
             return
         loader = self.train_dataloader
