@@ -36,13 +36,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from k15_plugin.errors import K15Error
+
 COMMANDS = ("difficulty", "easy-to-hack", "filter")
 DEMO_MODEL = "tiny_demo"
 NO_REASONING_TEMPLATE = "{prompt}\n\nGive only the final answer, with no reasoning or explanation."
 EXIT_INCOMPLETE = 3  # stopped early (--stop-after); the sidecar holds the progress
 
 
-class CurationError(ValueError):
+class CurationError(K15Error):
     """A user-facing error: bad arguments, a missing column, or a sidecar from a different job."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from k15_plugin.errors import K15Error
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
 
 ALGORITHMS = ("kimi_md", "grpo", "dr_grpo", "dapo", "rloo")
@@ -22,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 VLLM_MODES = ("colocate", "server")
 
 
-class ConfigError(ValueError):
+class ConfigError(K15Error):
     """A user-facing configuration error; its message is one line that names the key."""
 
 

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from k15_plugin.errors import K15Error
 
-class Long2ShortError(ValueError):
+
+class Long2ShortError(K15Error):
     """A user-facing error: one line, naming the option, file or key at fault."""
 
 
