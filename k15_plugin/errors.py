@@ -19,3 +19,7 @@ class K15Error(ValueError):
 
     ```
     """
+
+
+class ConfigError(K15Error):
+    """A configuration error of ``k15-train``: a Hydra key, or a file or row it names. The message is one line."""

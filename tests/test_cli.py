@@ -15,8 +15,9 @@ from cli_helpers import assert_one_line, main_before_the_job
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from k15_plugin.cli.build import ConfigError, check_config
+from k15_plugin.cli.build import check_config
 from k15_plugin.cli.train import config_dir
+from k15_plugin.errors import ConfigError
 
 CONF = config_dir()
 GROUPS = ["algorithm", "reward", "sampler", "rollout", "model", "data", "launcher", "experiment", "host"]

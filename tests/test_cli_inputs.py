@@ -15,9 +15,9 @@ from cli_helpers import assert_one_line, hydra_dirs, main_before_the_job
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from k15_plugin.cli.build import ConfigError
 from k15_plugin.cli.inputs import check_inputs
 from k15_plugin.cli.train import _register, config_dir
+from k15_plugin.errors import ConfigError
 
 GOOD = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(40)]
 TESTS = [{"input": "1 2\n", "output": "3\n"}]

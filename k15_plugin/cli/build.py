@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from k15_plugin.errors import K15Error
+from k15_plugin.errors import ConfigError
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
 
 ALGORITHMS = ("kimi_md", "grpo", "dr_grpo", "dapo", "rloo")
@@ -21,10 +21,6 @@ DATA_SOURCES = ("demo_arithmetic", "hub", "jsonl")
 ANSWER_EXTRACTIONS = ("last_number", "gsm8k", "boxed")
 DTYPES = ("float32", "bfloat16", "float16")
 VLLM_MODES = ("colocate", "server")
-
-
-class ConfigError(K15Error):
-    """A user-facing configuration error; its message is one line that names the key."""
 
 
 @dataclass

@@ -47,7 +47,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from k15_plugin.cli.build import ConfigError
+from k15_plugin.errors import ConfigError
 from k15_plugin.host_options import LengthPenaltyOptions, SamplerOptions
 from k15_plugin.openrlhf.flags import OPENRLHF_MODULE, check_flag_sets, flag_of_error, to_flags
 from k15_plugin.openrlhf.settings import OpenRLHFSettings

@@ -20,9 +20,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from k15_plugin.cli.build import ConfigError, check_config
+from k15_plugin.cli.build import check_config
 from k15_plugin.cli.inputs import check_inputs
 from k15_plugin.cli.schema import register_schemas
+from k15_plugin.errors import ConfigError
 
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # as the user started the process
 _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc", "--version")

@@ -21,6 +21,8 @@ import torch
 from datasets import Dataset, load_dataset
 
 from k15_plugin.data.arithmetic import ArithmeticReward, evaluate_greedy, greedy_kwargs, make_datasets
+from k15_plugin.data.jsonl import RowFormat, file_identity, heldout_count, prompt_key, read_rows
+from k15_plugin.errors import ConfigError
 from k15_plugin.rewards.answer import AnswerMatchReward, extract_answer
 
 
@@ -134,15 +136,13 @@ def _format_rows(ds: Dataset, data, prompt_column: str, answer_column: str) -> D
 
 
 def _jsonl_rows(path: str, key: str, fmt, exclude: set[int], exclude_id) -> Dataset:
-    """The rows of a JSONL file as ``k15_plugin.cli.inputs.read_rows`` reads (and checks) them: the same reader as
+    """The rows of a JSONL file as ``k15_plugin.data.jsonl.read_rows`` reads (and checks) them: the same reader as
     the CLI's pre-run check, so the loader accepts exactly what the check accepts. Duplicate prompts, and prompts in
     ``exclude`` (the held-out file's), are dropped. ``difficulty`` is kept only when every row has one."""
     import hashlib
 
     from datasets import Features, Value
     from datasets.exceptions import DatasetGenerationError
-
-    from k15_plugin.cli.inputs import ConfigError, file_identity, read_rows
 
     features = {"prompt": Value("string"), "answer": Value("string"), "difficulty": Value("float64")}
     if fmt.code:
@@ -166,12 +166,8 @@ def _jsonl_rows(path: str, key: str, fmt, exclude: set[int], exclude_id) -> Data
 
 
 def _loaded_task(data, seed: int, max_new_tokens: int, reward_cfg=None) -> Task:
-    from k15_plugin.cli.inputs import heldout_count  # the CLI's pre-run check counts the same split
-
     code = reward_cfg is not None and _plain(reward_cfg.verifier) == "code"
     if data.source == "jsonl":
-        from k15_plugin.cli.inputs import RowFormat, file_identity, prompt_key
-
         fmt = RowFormat.of(data, reward_cfg)
         heldout, held_keys, held_id = None, set(), None
         if data.heldout_split is not None:  # a second JSONL file
