@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from k15_plugin.rewards.scorer import scorer
+from k15_plugin.rewards.registry import scorer
 
 
 def test_task_and_math_verifiers():

@@ -251,12 +251,12 @@ def check_inputs(cfg: DictConfig) -> None:
 def check_sandbox(code: DictConfig) -> None:
     """Build the code sandbox once now (about a second), so a machine that cannot give ``reward.code.isolation``
     stops the run here, in one line, not at the first reward after the model loaded. The job reuses it."""
-    from k15_plugin.data.tasks import sandbox_config
     from k15_plugin.rewards import Sandbox, SandboxUnavailableError
+    from k15_plugin.rewards.registry import plain, sandbox_config
 
     try:
         Sandbox(sandbox_config(code)).mode()
     except SandboxUnavailableError as err:
-        raise ConfigError(f"reward.code.isolation={getattr(code.isolation, 'value', code.isolation)}: {err}") from None
+        raise ConfigError(f"reward.code.isolation={plain(code.isolation)}: {err}") from None
     except ValueError as err:
         raise ConfigError(f"reward.code.{err}") from None

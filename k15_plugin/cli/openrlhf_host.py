@@ -51,6 +51,7 @@ from k15_plugin.errors import ConfigError
 from k15_plugin.host_options import LengthPenaltyOptions, SamplerOptions
 from k15_plugin.openrlhf.flags import OPENRLHF_MODULE, check_flag_sets, flag_of_error, to_flags
 from k15_plugin.openrlhf.settings import OpenRLHFSettings
+from k15_plugin.rewards.registry import VERIFIERS, plain, spec_of
 
 ESTIMATORS = {"kimi_md": "dr_grpo", "grpo": "group_norm", "dr_grpo": "dr_grpo", "rloo": "rloo", "ppo": "gae"}
 
@@ -64,10 +65,6 @@ class OpenRLHFPlan:
 
     def command(self) -> str:
         return shlex.join([sys.executable, "-m", OPENRLHF_MODULE, *self.argv])
-
-
-def _plain(value: Any) -> Any:
-    return value.value if hasattr(value, "value") else value
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
@@ -151,7 +148,7 @@ def _derived(cfg: DictConfig, files: Path) -> tuple[dict, dict[str, str]]:
     put("data.prompt_dataset", str(files / "train.jsonl"), "data")
     put("eval.dataset", str(files / "heldout.jsonl"), "data")
     put("data.input_key", "prompt", "data.prompt_column")
-    put("data.label_key", "tests" if _plain(cfg.reward.verifier) == "code" else "answer", "data.answer_column")
+    put("data.label_key", VERIFIERS[plain(cfg.reward.verifier)].column, "data.answer_column")
     if cfg.data.chat:
         put("data.apply_chat_template", True, "data.chat")
     put("reward.remote_url", str(files / "reward_func.py"), "reward.verifier")
@@ -226,26 +223,6 @@ def check_plans(plans: list[OpenRLHFPlan]) -> None:
         raise ConfigError(f"{key}: OpenRLHF {error}" if key else f"OpenRLHF {error}")
 
 
-def reward_spec(cfg: DictConfig) -> dict:
-    reward = cfg.reward
-    verifier = _plain(reward.verifier)
-    if verifier == "math":
-        extraction = _plain(reward.math.extraction) or cfg.data.answer_extraction
-        return {"verifier": "math", "extraction": extraction, "timeout_seconds": reward.math.timeout_seconds}
-    if verifier == "code":
-        code = reward.code
-        sandbox = {
-            "timeout_seconds": code.timeout_seconds,
-            "memory_mb": code.memory_mb,
-            "concurrency": code.concurrency,
-            "isolation": _plain(code.isolation),
-            "allow_paths": list(code.allow_paths),
-            "cgroup": _plain(code.cgroup),
-        }
-        return {"verifier": "code", "partial_credit": code.partial_credit, "sandbox": sandbox}
-    return {"verifier": "task", "extraction": cfg.data.answer_extraction}
-
-
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -265,7 +242,7 @@ def write_files(cfg: DictConfig, plan: OpenRLHFPlan) -> None:
                 row = {**row, "tests": json.dumps(row["tests"])}
             lines.append(json.dumps(row))
         _write_atomic(plan.files_dir / name, "\n".join(lines) + "\n")
-    spec = json.dumps(reward_spec(cfg))
+    spec = json.dumps(spec_of(cfg.reward, cfg.data))
     _write_atomic(
         plan.files_dir / "reward_func.py",
         "# OpenRLHF reward file of this run (--reward.remote_url), written by k15-train\n"

@@ -14,6 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from k15_plugin.rewards.registry import VERIFIERS
+
 
 # ---------------------------------------------------------------------------------------------------- algorithm
 @dataclass
@@ -123,12 +125,11 @@ class LengthPenalty:
     correct_threshold: float = 1.0
 
 
-class Verifier(str, Enum):
-    """Which checker scores a completion (``reward.verifier``); a ``str`` enum so a typo fails at compose time."""
-
-    task = "task"  # the data config's own checker (demo: exact answer + EOS; Hub/JSONL: data.answer_extraction match)
-    math = "math"  # k15_plugin.rewards.MathReward (math-verify) on the `answer` column
-    code = "code"  # k15_plugin.rewards.CodeReward (sandboxed test cases) on the `tests` column
+# Which checker scores a completion (``reward.verifier``): exactly the names of k15_plugin.rewards.registry, as a
+# ``str`` enum so a typo fails at compose time. task: the data config's own checker (demo: exact answer + EOS;
+# Hub/JSONL: data.answer_extraction match); math: math-verify on the `answer` column; code: sandboxed test cases of
+# the `tests` column.
+Verifier = Enum("Verifier", {name: name for name in VERIFIERS}, type=str)
 
 
 class MathExtraction(str, Enum):

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from k15_plugin.errors import ConfigError
+from k15_plugin.rewards.registry import plain
 
 ROW_EXAMPLE = '{"prompt": "What is 17 * 3?", "answer": "51"}'
 TESTS_FORMAT = '[{"input": str, "output": str}, ...]'
@@ -54,7 +55,7 @@ class RowFormat:
 
     @classmethod
     def of(cls, data, reward=None, sampler=None) -> RowFormat:
-        verifier = None if reward is None else getattr(reward.verifier, "value", reward.verifier)
+        verifier = None if reward is None else plain(reward.verifier)
         return cls(
             data.prompt_column,
             data.answer_column,

@@ -4,17 +4,16 @@ Every task comes out in one schema: ``prompt`` (a string, or a one-message chat 
 bare reference answer), ``difficulty`` when the source has it (the curriculum sampler reads it; higher is harder) and
 ``tests`` when it has it (test cases for the code verifier).
 
-The reward is chosen by ``reward.verifier`` (:func:`reward_funcs`): ``task`` is the data's own checker (the demo's
-exact answer + EOS, or ``data.answer_extraction`` exact match), ``math`` is math-verify and ``code`` runs the
-``tests`` in a sandbox. Hub and JSONL tasks are evaluated with the same reward they train on; the demo task always
-with its own exact checker, so its accuracy stays comparable across reward configs.
+The reward is chosen by ``reward.verifier`` (:func:`k15_plugin.rewards.registry.reward_funcs`): ``task`` is the
+data's own checker (the demo's exact answer + EOS, or ``data.answer_extraction`` exact match), ``math`` is math-verify
+and ``code`` runs the ``tests`` in a sandbox. Hub and JSONL tasks are evaluated with the same reward they train on;
+the demo task always with its own exact checker, so its accuracy stays comparable across reward configs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from k15_plugin.data.arithmetic import ArithmeticReward, evaluate_greedy, greedy
 from k15_plugin.data.jsonl import RowFormat, file_identity, heldout_count, prompt_key, read_rows
 from k15_plugin.errors import ConfigError
 from k15_plugin.rewards.answer import AnswerMatchReward, extract_answer
+from k15_plugin.rewards.registry import VERIFIERS, plain, reward_funcs
 
 
 @dataclass
@@ -42,55 +42,6 @@ def arithmetic_difficulty(prompt: str) -> int:
     ones_carry = (a % 10 + b % 10) >= 10
     tens_carry = (a // 10 + b // 10 + int(ones_carry)) >= 10
     return int(ones_carry) + int(tens_carry)
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value  # the schema's str enums, as plain strings
-
-
-def reward_funcs(reward, data, columns: list[str], task_reward: Callable) -> list[Callable]:
-    """The reward functions for ``reward.verifier`` (see ``conf/reward``); ``task_reward`` is the data's own checker.
-
-    Raises ValueError naming the key when a value is out of range or the data lacks the column the verifier reads.
-    """
-    verifier = "task" if reward is None else _plain(reward.verifier)
-    if verifier == "task":
-        return [task_reward]
-    if verifier == "math":
-        from k15_plugin.rewards import get_math_reward
-
-        extraction = _plain(reward.math.extraction) or data.answer_extraction
-        try:
-            return [get_math_reward(extraction=extraction, timeout_seconds=reward.math.timeout_seconds)]
-        except ValueError as err:
-            raise ValueError(f"reward.math: {err}") from None
-    if verifier == "code":
-        from k15_plugin.rewards import get_code_reward
-
-        if "tests" not in columns:
-            raise ValueError(
-                f"reward.verifier=code reads a `tests` column ([{{'input': str, 'output': str}}, ...] per row), but "
-                f"data={data.name} has only {columns}"
-            )
-        try:
-            return [get_code_reward(partial_credit=reward.code.partial_credit, sandbox=sandbox_config(reward.code))]
-        except ValueError as err:
-            raise ValueError(f"reward.code: {err}") from None
-    raise ValueError(f"reward.verifier={verifier!r} is not one of ['task', 'math', 'code']")
-
-
-def sandbox_config(code):
-    """The :class:`~k15_plugin.rewards.SandboxConfig` of a ``reward.code`` config node."""
-    from k15_plugin.rewards import SandboxConfig
-
-    return SandboxConfig(
-        timeout_seconds=code.timeout_seconds,
-        memory_mb=code.memory_mb,
-        concurrency=code.concurrency,
-        isolation=_plain(code.isolation),
-        allow_paths=tuple(code.allow_paths),
-        cgroup=_plain(code.cgroup),
-    )
 
 
 def _demo_rows(data, seed: int) -> tuple[Dataset, Dataset]:
@@ -166,7 +117,7 @@ def _jsonl_rows(path: str, key: str, fmt, exclude: set[int], exclude_id) -> Data
 
 
 def _loaded_task(data, seed: int, max_new_tokens: int, reward_cfg=None) -> Task:
-    code = reward_cfg is not None and _plain(reward_cfg.verifier) == "code"
+    code = reward_cfg is not None and VERIFIERS[plain(reward_cfg.verifier)].column == "tests"
     if data.source == "jsonl":
         fmt = RowFormat.of(data, reward_cfg)
         heldout, held_keys, held_id = None, set(), None

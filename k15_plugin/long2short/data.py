@@ -131,7 +131,7 @@ def make_scorer(prompts: Prompts, tokenizer, reward: str, extraction: str | None
             allow_steps=prompts.builtin == "demo_sum3",
         )
         return lambda texts, ids, rows: [checker.score(i, r["answer"]) for i, r in zip(ids, rows, strict=True)]
-    from k15_plugin.rewards.scorer import scorer
+    from k15_plugin.rewards.registry import scorer
 
     spec: dict[str, Any] = {"verifier": reward}
     if extraction:

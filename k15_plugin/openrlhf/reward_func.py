@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from k15_plugin.rewards.scorer import scorer
+from k15_plugin.rewards.registry import scorer
 
 
 def completion_of(query: str, prompt: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from k15_plugin.rewards.scorer import scorer
+from k15_plugin.rewards.registry import scorer
 
 _scorers: dict[str, Any] = {}  # one per spec: math-verify's and the sandbox's set-up is paid once per process
 
