@@ -78,8 +78,8 @@ def reward_funcs(reward, data, columns: list[str], task_reward: Callable) -> lis
 
 
 def sandbox_config(code):
-    """The :class:`~k15_plugin.rewards.SandboxConfig` of a ``reward.code`` config node."""
-    from k15_plugin.rewards import SandboxConfig
+    """The :class:`~k15_plugin.sandbox.SandboxConfig` of a ``reward.code`` config node."""
+    from k15_plugin.sandbox import SandboxConfig
 
     return SandboxConfig(
         timeout_seconds=code.timeout_seconds,
