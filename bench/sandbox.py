@@ -72,7 +72,7 @@ def main() -> None:
     if cli.smoke:
         cli.modes, cli.concurrency, cli.programs, cli.rounds = ["allowlist"], [1, 2], 4, 1
 
-    from k15_plugin.rewards.sandbox import Sandbox
+    from k15_plugin.sandbox import Sandbox
 
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the weaker modes say they are weaker, once each

@@ -26,7 +26,7 @@ import pytest
 
 from k15_plugin.rewards import CodeReward, Sandbox, SandboxConfig, SandboxUnavailableError, get_code_reward
 from k15_plugin.rewards.code import extract_program, normalize_output, parse_tests
-from k15_plugin.rewards.sandbox import uid_base
+from k15_plugin.sandbox.runner import uid_base
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox uses Linux namespaces")
 
@@ -573,7 +573,7 @@ def test_nothing_carries_over_from_one_program_to_the_next():
 
 
 def test_a_dead_slot_is_rebuilt_on_its_next_use():
-    import k15_plugin.rewards.sandbox as sandbox_module
+    import k15_plugin.sandbox.runner as sandbox_module
 
     box = Sandbox(timeout_seconds=2.0, concurrency=1, memory_mb=120)
     assert box.run("print(1)", [""])[0].stdout.strip() == "1"
@@ -612,7 +612,7 @@ def test_concurrent_callers_share_the_slots():
 
 
 def test_required_isolation_refuses_rather_than_running_unisolated(monkeypatch):
-    import k15_plugin.rewards.sandbox as sandbox_module
+    import k15_plugin.sandbox.runner as sandbox_module
 
     monkeypatch.setattr(sandbox_module, "_python_candidates", lambda config: ["/nonexistent/python3"])
     with pytest.raises(SandboxUnavailableError, match="interpreter"):
@@ -640,7 +640,8 @@ def test_probe_does_not_use_the_per_input_time_limit():
 
 
 def test_a_failed_probe_says_what_the_program_did():
-    from k15_plugin.rewards.sandbox import RunResult, _why_probe_failed
+    from k15_plugin.sandbox import RunResult
+    from k15_plugin.sandbox.runner import _why_probe_failed
 
     assert _why_probe_failed([]) == "no result"
     assert _why_probe_failed([RunResult(exit_code=None, stdout="", error="sandbox failed (EOFError): x")]) == (
@@ -658,7 +659,7 @@ def test_a_failed_probe_says_what_the_program_did():
 
 def _without_cap_sys_admin(monkeypatch) -> None:
     """Start the launchers as root without CAP_SYS_ADMIN (a default Docker container): no namespaces."""
-    import k15_plugin.rewards.sandbox as sandbox_module
+    import k15_plugin.sandbox.runner as sandbox_module
 
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to take CAP_SYS_ADMIN away")
@@ -697,7 +698,7 @@ def test_no_namespaces_fallback_still_limits_and_warns(monkeypatch):
 
 def test_denylist_mode_hides_the_trainers_directories_but_not_the_rest(monkeypatch):
     """The weaker mode, as documented: the host's file system read-only, minus cwd, $HOME and hide_paths."""
-    import k15_plugin.rewards.sandbox as sandbox_module
+    import k15_plugin.sandbox.runner as sandbox_module
 
     def no_root(config, python):
         raise SandboxUnavailableError("simulated: no allow-list root")
@@ -736,12 +737,12 @@ def test_unprivileged_trainer_builds_the_root_in_a_user_namespace(tmp_path):
         pytest.skip(f"{module} is not readable by nobody")
     script = textwrap.dedent(f"""
         import json, sys, types, warnings
-        # the sandbox's two modules alone (the system Python has none of the package's dependencies)
-        packages = {{"k15_plugin": {str(module.parent.parent)!r}, "k15_plugin.rewards": {str(module.parent)!r}}}
+        # the sandbox's modules alone (the system Python has none of the package's dependencies)
+        packages = {{"k15_plugin": {str(module.parent.parent)!r}, "k15_plugin.sandbox": {str(module.parent)!r}}}
         for name, path in packages.items():
             sys.modules[name] = types.ModuleType(name)
             sys.modules[name].__path__ = [path]
-        import k15_plugin.rewards.sandbox as sandbox
+        import k15_plugin.sandbox.runner as sandbox
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             box = sandbox.Sandbox(timeout_seconds=5.0, concurrency=1)
@@ -768,7 +769,7 @@ def test_unprivileged_trainer_builds_the_root_in_a_user_namespace(tmp_path):
 
 
 def test_cgroup_is_required_only_when_asked(caplog):
-    import k15_plugin.rewards.sandbox as sandbox_module
+    import k15_plugin.sandbox.runner as sandbox_module
 
     parent, _ = sandbox_module._cgroup_parent(SandboxConfig())
     if parent is not None:
@@ -787,7 +788,7 @@ def test_cgroup_is_required_only_when_asked(caplog):
 def test_cgroup_files_of_each_slot(tmp_path, monkeypatch):
     """The cgroup v2 plumbing against a stand-in hierarchy: the limits each slot's leaf gets, and the launcher joins
     its leaf before it starts anything. (Enforcement needs a delegated hierarchy: next test.)"""
-    import k15_plugin.rewards.sandbox as sandbox_module
+    import k15_plugin.sandbox.root as sandbox_module
 
     (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
     (tmp_path / "cgroup.subtree_control").write_text("\n")
@@ -809,7 +810,7 @@ def test_cgroup_files_of_each_slot(tmp_path, monkeypatch):
 
 def test_cgroup_limits_the_whole_slot():
     """Where cgroup v2 is delegated: processes that each stay under RLIMIT_AS but together exceed memory.max die."""
-    import k15_plugin.rewards.sandbox as sandbox_module
+    import k15_plugin.sandbox.root as sandbox_module
 
     parent, why = sandbox_module._cgroup_parent(SandboxConfig())
     if parent is None:

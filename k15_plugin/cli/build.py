@@ -203,7 +203,7 @@ def check_ranges(cfg: DictConfig) -> None:
             "launcher=accelerate_ddp or a DeepSpeed launcher"
         )
     if cfg.reward.code.allow_paths:
-        from k15_plugin.rewards.sandbox import SandboxConfig
+        from k15_plugin.sandbox import SandboxConfig
 
         try:
             SandboxConfig(allow_paths=tuple(cfg.reward.code.allow_paths))

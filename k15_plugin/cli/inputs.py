@@ -251,8 +251,8 @@ def check_inputs(cfg: DictConfig) -> None:
 def check_sandbox(code: DictConfig) -> None:
     """Build the code sandbox once now (about a second), so a machine that cannot give ``reward.code.isolation``
     stops the run here, in one line, not at the first reward after the model loaded. The job reuses it."""
-    from k15_plugin.rewards import Sandbox, SandboxUnavailableError
     from k15_plugin.rewards.registry import plain, sandbox_config
+    from k15_plugin.sandbox import Sandbox, SandboxUnavailableError
 
     try:
         Sandbox(sandbox_config(code)).mode()

@@ -7,7 +7,7 @@ as ``f(prompts=, completions=, completion_ids=, **dataset_columns, trainer_state
     get_code_reward(partial_credit=True, timeout_seconds=5.0, ...)   # reads the `tests` column
 
 ``k15_plugin.rewards.answer.AnswerMatchReward`` is the dependency-free exact-match checker the CLI's ``task``
-verifier uses.
+verifier uses. The code sandbox itself is :mod:`k15_plugin.sandbox`; its public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from k15_plugin.rewards.code import CodeReward
 from k15_plugin.rewards.math import MathReward
-from k15_plugin.rewards.sandbox import RunResult, Sandbox, SandboxConfig, SandboxUnavailableError
+from k15_plugin.sandbox import RunResult, Sandbox, SandboxConfig, SandboxUnavailableError
 
 __all__ = [
     "CodeReward",

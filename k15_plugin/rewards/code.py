@@ -3,7 +3,7 @@
 k1.5 rewards coding problems by executing the generated program against test cases in a sandbox; problems without
 tests get tests generated and validated first (section 2.3, "test case generation"). This module is the execution
 half: the last fenced code block of the completion (```` ```python ```` or a bare fence; the whole completion when it
-has no fence) runs once per test case in :class:`~k15_plugin.rewards.sandbox.Sandbox` with the test's ``input`` on
+has no fence) runs once per test case in :class:`~k15_plugin.sandbox.Sandbox` with the test's ``input`` on
 stdin, and its stdout is compared with the test's ``output`` (line by line, trailing whitespace and trailing blank
 lines ignored, ``\\r\\n`` = ``\\n``). A run passes only if the program exits with status 0 within the limits.
 
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from k15_plugin.rewards.math import completion_text
-from k15_plugin.rewards.sandbox import RunResult, Sandbox, SandboxConfig
+from k15_plugin.sandbox import RunResult, Sandbox, SandboxConfig
 
 LANGUAGES = ("python",)
 # Fence info strings taken as Python; any other language's block is skipped.

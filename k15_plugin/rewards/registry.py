@@ -132,8 +132,8 @@ def _math_spec(reward, data) -> Spec:
 
 
 def sandbox_config(options: Any):
-    """The :class:`~k15_plugin.rewards.SandboxConfig` of a ``reward.code`` node or of a spec's ``sandbox`` dict."""
-    from k15_plugin.rewards import SandboxConfig
+    """The :class:`~k15_plugin.sandbox.SandboxConfig` of a ``reward.code`` node or of a spec's ``sandbox`` dict."""
+    from k15_plugin.sandbox import SandboxConfig
 
     return SandboxConfig(**_sandbox_options(options))
 

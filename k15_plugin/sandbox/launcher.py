@@ -1,9 +1,9 @@
-"""The sandbox's launcher: one slot's process, run as ``python -I -S _launcher.py`` (standard library only).
+"""The sandbox's launcher: one slot's process, run as ``python -I -S launcher.py`` (standard library only).
 
 It reads the slot's spec, joins the slot's cgroup, enters the namespaces, builds the file system, then runs the
-programs the trainer sends, one after another, each in a fresh working directory (see
-:mod:`k15_plugin.rewards.sandbox` for the whole design). Nothing here may import more than the standard library's
-few modules below: they are paid on every slot start, and after ``pivot_root`` nothing else is importable.
+programs the trainer sends, one after another, each in a fresh working directory (see :mod:`k15_plugin.sandbox` for
+the whole design). Nothing here may import more than the standard library's few modules below: they are paid on
+every slot start, and after ``pivot_root`` nothing else is importable.
 """
 
 from __future__ import annotations
