@@ -70,7 +70,7 @@ def verl_command(config_dir: str, model: str, train: Path, val: Path, workdir: P
         "actor_rollout_ref.rollout.gpu_memory_utilization=0.4",
         "actor_rollout_ref.rollout.n=4",
         "algorithm.k15.tau=0.5",
-        "algorithm.k15.sampler.type=prioritized",
+        "algorithm.k15.sampler.name=prioritized",
         "algorithm.k15.length_penalty.weight=0.1",
         "algorithm.k15.length_penalty.warmup_steps=1",
         "trainer.n_gpus_per_node=1",

@@ -33,13 +33,13 @@ from openrlhf.trainer.ppo_utils.samples_generator import _collect_prompt_batch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from k15_plugin.core import length_reward, mirror_descent_advantages, mirror_descent_terms
-from k15_plugin.host_options import LengthPenaltyOptions, SamplerOptions
+from k15_plugin.core.settings import LengthPenaltySettings, SamplerSettings
 from k15_plugin.openrlhf import actors, launch
 from k15_plugin.openrlhf.experience import K15ExperienceMaker
 from k15_plugin.openrlhf.flags import to_flags
 from k15_plugin.openrlhf.loss import K15MirrorDescentLoss
 from k15_plugin.openrlhf.reward_func import make_reward_func
-from k15_plugin.openrlhf.settings import OpenRLHFSettings
+from k15_plugin.openrlhf.config import OpenRLHFSettings
 
 K, G, P, A, V = 4, 2, 3, 5, 32
 LENS = torch.tensor([5, 2, 4, 3, 1, 5, 2, 4])
@@ -62,7 +62,7 @@ def _args(algorithm="kimi_md", estimator="dr_grpo", weight=0.1, log_z="mean"):
             algorithm=algorithm,
             tau=0.5,
             log_z_estimator=log_z,
-            length_penalty=LengthPenaltyOptions(weight=weight, warmup_steps=2),
+            length_penalty=LengthPenaltySettings(weight=weight, warmup_steps=2),
         ),
     )
 
@@ -300,7 +300,7 @@ class _Prompts(torch.utils.data.Dataset):
 def _controller(sampler_type="prioritized", n=12):
     ctrl = object.__new__(actors._K15PPOTrainer)
     args = _args()
-    args.k15 = OpenRLHFSettings(sampler=SamplerOptions(type=sampler_type, floor=0.02))
+    args.k15 = OpenRLHFSettings(sampler=SamplerSettings(name=sampler_type, floor=0.02))
     ctrl.strategy, ctrl.k15 = NS(args=args), args.k15
     dataset = _Prompts(n)
     ctrl.prompts_dataloader = NS(dataset=dataset)
@@ -526,7 +526,7 @@ def test_every_algorithm_composes_to_flags_openrlhf_accepts(tmp_path):
         estimator = {"kimi_md": "dr_grpo", "grpo": "group_norm", "ppo": "gae"}.get(algorithm, algorithm)
         assert plan.argv[plan.argv.index("--algo.advantage.estimator") + 1] == estimator
         assert plan.argv[plan.argv.index("--rollout.n_samples_per_prompt") + 1] == "8"
-        assert plan.settings.algorithm == algorithm and plan.settings.sampler.type == "prioritized"
+        assert plan.settings.algorithm == algorithm and plan.settings.sampler.name == "prioritized"
         assert plan.settings.length_penalty.weight > 0
     assert plans["kimi_md"].argv[plans["kimi_md"].argv.index("--train.max_epochs") + 1] == "2"
 
@@ -591,13 +591,13 @@ def test_the_curriculum_reads_difficulty_from_the_prompt_file_as_openrlhf_loads_
     ctrl = object.__new__(actors._K15PPOTrainer)
     args = _args()
     args.data = NS(prompt_dataset=str(path), prompt_probs=None, max_samples=100, prompt_split="train")
-    args.k15 = OpenRLHFSettings(sampler=SamplerOptions(type="curriculum", schedule="staged", hard_fraction=0.25))
+    args.k15 = OpenRLHFSettings(sampler=SamplerSettings(name="curriculum", schedule="staged", hard_fraction=0.25))
     ctrl.strategy, ctrl.k15 = NS(args=args, print=lambda *a, **k: None, is_rank_0=lambda: True), args.k15
     ctrl.prompts_dataloader, ctrl.samples_generator = NS(dataset=_Prompts(12)), NS(prompts_dataloader=None)
     ctrl._k15_install_sampler()  # reads the file through OpenRLHF's blending_datasets
     torch.testing.assert_close(ctrl.k15_sampler.difficulty, torch.arange(12, dtype=torch.float64) % 3)
     assert all(int(p.split()[1]) % 3 == 2 for p in _collect_prompt_batch(iter(ctrl.prompts_dataloader), G)[0])
-    args.k15 = OpenRLHFSettings(sampler=SamplerOptions(type="curriculum"), difficulty_column="level")
+    args.k15 = OpenRLHFSettings(sampler=SamplerSettings(name="curriculum", difficulty_column="level"))
     ctrl.k15 = args.k15
     with pytest.raises(ValueError, match="no column 'level'"):
         ctrl._k15_install_sampler()

@@ -29,7 +29,7 @@ from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
 import k15_plugin.verl as k15_verl  # noqa: E402
 from k15_plugin.core import length_reward, mirror_descent_advantages, mirror_descent_loss  # noqa: E402
-from k15_plugin.host_options import k15_options  # noqa: E402
+from k15_plugin.verl.config import k15_settings  # noqa: E402
 from k15_plugin.verl import advantages as k15_adv  # noqa: E402
 from k15_plugin.verl import register as k15_register  # noqa: E402
 from k15_plugin.verl.config import K15PolicyLossConfig  # noqa: E402
@@ -115,7 +115,7 @@ def test_each_shipped_config_composes_on_verl_and_validates(name):
     cfg = compose_plugin(name)
     validate_config(cfg, use_reference_policy=False, use_critic=False)
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)  # what verl's worker builds
-    options = k15_options(cfg.algorithm)
+    options = k15_settings(cfg.algorithm)
     assert cfg.trainer.v1.trainer_mode == "k15_sync"
     assert cfg.data.dataloader_num_workers == 0
     assert cfg.actor_rollout_ref.rollout.n == 4
@@ -136,16 +136,16 @@ def test_tau_is_one_value_for_the_loss_and_the_baseline():
     cfg = compose_plugin("k15_md", ["algorithm.k15.tau=0.25"])
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert actor.policy_loss.tau == 0.25
-    assert k15_options(cfg.algorithm).tau == 0.25
+    assert k15_settings(cfg.algorithm).tau == 0.25
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("algorithm.k15.tau=0", "algorithm.k15.tau must be > 0"),
+        ("algorithm.k15.tau=0", "algorithm.k15.tau must be a number > 0"),
         ("algorithm.k15.log_z_estimator=median", "algorithm.k15.log_z_estimator must be one of"),
-        ("algorithm.k15.sampler.type=hardest", "algorithm.k15.sampler.type must be one of"),
-        ("algorithm.k15.length_penalty.weight=-1", "algorithm.k15.length_penalty.weight must be >= 0"),
+        ("algorithm.k15.sampler.name=hardest", "algorithm.k15.sampler.name must be one of"),
+        ("algorithm.k15.length_penalty.weight=-1", "algorithm.k15.length_penalty.weight must be a number >= 0"),
         ("+algorithm.k15.length_penalty.wieght=1", "algorithm.k15.length_penalty.wieght: unknown key"),
         ("algorithm.k15.reset_optimizer_each_iteration=maybe", "must be true or false"),
     ],
@@ -153,7 +153,7 @@ def test_tau_is_one_value_for_the_loss_and_the_baseline():
 def test_a_bad_k15_value_names_its_key(override, message):
     cfg = compose_plugin("k15_md", [override])
     with pytest.raises(ValueError, match=re.escape(message)):
-        k15_options(cfg.algorithm)
+        k15_settings(cfg.algorithm)
 
 
 def test_a_bad_loss_tau_is_refused_when_verl_builds_the_actor_config():
@@ -180,7 +180,7 @@ def test_verl_launcher_composes_the_plugin_config(tmp_path):
         f"--config-dir={k15_verl.CONFIG_DIR}",
         "--config-name=k15_md",
         "algorithm.k15.tau=0.3",
-        "algorithm.k15.sampler.type=prioritized",
+        "algorithm.k15.sampler.name=prioritized",
         "--cfg",
         "job",
     ]
@@ -188,7 +188,7 @@ def test_verl_launcher_composes_the_plugin_config(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     job = OmegaConf.create(out.stdout)
     assert job.algorithm.adv_estimator == "k15_md"
-    assert job.algorithm.k15.sampler.type == "prioritized"
+    assert job.algorithm.k15.sampler.name == "prioritized"
     assert job.actor_rollout_ref.actor.policy_loss.loss_mode == "k15_md"
     assert OmegaConf.to_container(job, resolve=True)["actor_rollout_ref"]["actor"]["policy_loss"]["tau"] == 0.3
 
@@ -422,7 +422,7 @@ def _play(trainer, steps, rng):
 @pytest.mark.parametrize("sampler", ["prioritized", "curriculum"])
 def test_sampler_state_round_trips_through_verl_data_checkpoint(train_files, tmp_path, sampler):
     extra = [
-        f"algorithm.k15.sampler.type={sampler}",
+        f"algorithm.k15.sampler.name={sampler}",
         "algorithm.k15.sampler.schedule=gradual",
         "algorithm.k15.sampler.ramp_steps=4",
     ]
@@ -446,7 +446,7 @@ def test_sampler_state_round_trips_through_verl_data_checkpoint(train_files, tmp
 
 
 def test_prioritized_sampler_favours_what_fails(train_files):
-    trainer = _trainer(train_files, ["algorithm.k15.sampler.type=prioritized", "algorithm.k15.sampler.floor=0.01"])
+    trainer = _trainer(train_files, ["algorithm.k15.sampler.name=prioritized", "algorithm.k15.sampler.floor=0.01"])
     counts = np.zeros(24)
     for _ in range(60):
         batch = trainer._fetch_one_gen_batch()
@@ -523,7 +523,7 @@ def test_reset_optimizer_state_equals_a_fresh_optimizer():
     ("overrides", "message"),
     [
         (["actor_rollout_ref.actor.strategy=megatron"], "reset_optimizer_each_iteration=true is implemented for"),
-        (["algorithm.k15.sampler.type=prioritized", "data.dataloader_num_workers=8"], "dataloader_num_workers=0"),
+        (["algorithm.k15.sampler.name=prioritized", "data.dataloader_num_workers=8"], "dataloader_num_workers=0"),
     ],
 )
 def test_the_trainer_refuses_what_it_cannot_do(train_files, overrides, message):
@@ -535,15 +535,15 @@ def test_the_trainer_refuses_what_it_cannot_do(train_files, overrides, message):
 
 
 def test_curriculum_without_the_difficulty_column_names_the_key(train_files):
-    with pytest.raises(ValueError, match=r"algorithm\.k15\.sampler\.difficulty_key=hardness"):
+    with pytest.raises(ValueError, match=r"algorithm\.k15\.sampler\.difficulty_column=hardness"):
         _trainer(
-            train_files, ["algorithm.k15.sampler.type=curriculum", "algorithm.k15.sampler.difficulty_key=hardness"]
+            train_files, ["algorithm.k15.sampler.name=curriculum", "algorithm.k15.sampler.difficulty_column=hardness"]
         )
 
 
 def test_curriculum_reads_a_dotted_difficulty_path(train_files):
     trainer = _trainer(
-        train_files, ["algorithm.k15.sampler.type=curriculum", "algorithm.k15.sampler.difficulty_key=extra_info.level"]
+        train_files, ["algorithm.k15.sampler.name=curriculum", "algorithm.k15.sampler.difficulty_column=extra_info.level"]
     )
     torch.testing.assert_close(trainer.k15_sampler.difficulty, torch.arange(24, dtype=torch.float64) % 5)
 
@@ -553,7 +553,7 @@ def test_compute_advantage_feeds_the_sampler_and_sets_the_step(train_files, monk
     from verl.trainer.ppo.v1 import trainer_base
 
     extra = [
-        "algorithm.k15.sampler.type=prioritized",
+        "algorithm.k15.sampler.name=prioritized",
         "algorithm.k15.length_penalty.weight=0.1",
         "algorithm.k15.length_penalty.warmup_steps=5",
     ]
@@ -617,7 +617,7 @@ def test_gpu_check_script_overrides_compose_and_validate(tmp_path):
     with initialize_config_dir(config_dir=k15_verl.CONFIG_DIR, version_base=None):
         cfg = compose(config_name="k15_md", overrides=cmd[start + 4 :])
     validate_config(cfg, use_reference_policy=False, use_critic=False)
-    assert k15_options(cfg.algorithm).sampler.type == "prioritized"
+    assert k15_settings(cfg.algorithm).sampler.name == "prioritized"
 
 
 def test_compute_score_loads_through_verls_custom_reward_function():

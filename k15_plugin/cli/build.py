@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from k15_plugin.core.settings import K15Settings, default, paths
 from k15_plugin.errors import ConfigError
+from k15_plugin.rewards.registry import plain
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
 
 ALGORITHMS = ("kimi_md", "grpo", "dr_grpo", "dapo", "rloo")
@@ -68,37 +71,64 @@ def _trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
         kwargs["save_steps"] = t.save_steps
         fields["save_steps"] = "trainer.save_steps"
     kwargs["disable_tqdm"] = True  # the CLI draws its own progress bar
-    # Length penalty and sampler options (K15Options).
-    lp = cfg.reward.length_penalty
-    for name in ("weight", "warmup_steps", "ramp_steps", "correct_threshold"):
-        kwargs[f"length_penalty_{name}"] = lp[name]
-        fields[f"length_penalty_{name}"] = f"reward.length_penalty.{name}"
-    s = cfg.sampler
-    kwargs["sampler_type"] = s.name
-    fields["sampler_type"] = "sampler"
-    prefix = {"prioritized": "prioritized_", "curriculum": "curriculum_"}.get(s.name)
-    for key, value in s.items():
-        if key != "name" and prefix:
-            kwargs[prefix + key] = value
-            fields[prefix + key] = f"sampler.{key}"
-    # Partial rollouts and repeat detection (K15Options.rollout_* / repeat_*).
-    r = cfg.rollout
-    segment = r.segment_tokens
-    if r.name == "full":
-        segment = 0
-    elif segment is None:
-        segment = t.max_completion_length // 4 if t.max_completion_length % 4 == 0 else -1
-    kwargs["rollout_segment_tokens"] = segment
-    fields["rollout_segment_tokens"] = "rollout.segment_tokens"
-    for key in ("max_iterations", "prefill_batches", "loss_mask"):
-        kwargs[f"rollout_{key}"] = r[key].value if key == "loss_mask" else r[key]
-        fields[f"rollout_{key}"] = f"rollout.{key}"
-    for key in ("min_period", "max_period", "min_count", "min_span", "penalty"):
-        kwargs[f"repeat_{key}"] = r.repeat[key]
-        fields[f"repeat_{key}"] = f"rollout.repeat.{key}"
-    kwargs["repeat_detection"] = r.repeat.detection
-    fields["repeat_detection"] = "rollout.repeat.detection"
+    # The k1.5 settings (length penalty, sampler, partial rollouts, repeat detection) as TRL's flat fields.
+    for name, field_ in _K15_FLAT.items():
+        path = field_.metadata["k15_path"]
+        if path in _ALGORITHM_PATHS:
+            continue  # the algorithm's own keys (tau, ...) are copied by training_spec
+        kwargs[name] = _flat_value(cfg, path)
+        fields[name] = hydra_key(path)
     return kwargs, fields
+
+
+# ------------------------------------------------------------------------------------------------ the k1.5 settings
+# Where each K15Settings path lives in k15-train's config tree: algorithm.<path> for the mirror-descent keys,
+# reward.length_penalty.* for the penalty (correct_threshold too), sampler.* and rollout.* as they are.
+_ALGORITHM_PATHS = ("tau", "log_z_estimator", "length_normalize", "reset_optimizer_each_iteration")
+_K15_FLAT = {f.name: f for f in dataclass_fields(KimiMirrorDescentConfig) if "k15_path" in f.metadata}
+
+
+def hydra_key(path: str) -> str:
+    """The k15-train key of a :class:`~k15_plugin.core.settings.K15Settings` path (``correct_threshold`` ->
+    ``reward.length_penalty.correct_threshold``)."""
+    if path in _ALGORITHM_PATHS:
+        return f"algorithm.{path}"
+    if path == "correct_threshold" or path.startswith("length_penalty."):
+        return "reward.length_penalty." + path.rsplit(".", 1)[-1]
+    return path
+
+
+def _flat_value(cfg: DictConfig, path: str) -> Any:
+    if path == "rollout.segment_tokens":
+        return _segment_tokens(cfg)
+    if path.startswith("sampler.") and OmegaConf.select(cfg, hydra_key(path)) is None and path != "sampler.name":
+        return default(path)  # a key the chosen sampler's group does not have
+    if path == "sampler.name":
+        return cfg.sampler.name
+    return plain(OmegaConf.select(cfg, hydra_key(path)))
+
+
+def _segment_tokens(cfg: DictConfig) -> int:
+    r, t = cfg.rollout, cfg.trainer
+    if r.name == "full":
+        return 0
+    if r.segment_tokens is None:
+        return t.max_completion_length // 4 if t.max_completion_length % 4 == 0 else -1
+    return r.segment_tokens
+
+
+def k15_settings(cfg: DictConfig) -> K15Settings:
+    """The k1.5 settings of a composed k15-train config, checked; errors name the Hydra key. The algorithm's keys
+    apply to ``algorithm=kimi_md`` only (the others keep the defaults: no tau, no optimizer reset)."""
+    values = {p: _flat_value(cfg, p) for p in paths() if p not in _ALGORITHM_PATHS}
+    if cfg.algorithm.name == "kimi_md":
+        values.update({p: OmegaConf.select(cfg, hydra_key(p)) for p in _ALGORITHM_PATHS})
+    else:
+        values["reset_optimizer_each_iteration"] = False
+    try:
+        return K15Settings.from_paths(values).check(hydra_key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def training_spec(cfg: DictConfig, output_dir: str | os.PathLike) -> TrainingSpec:
@@ -122,6 +152,7 @@ def training_spec(cfg: DictConfig, output_dir: str | os.PathLike) -> TrainingSpe
 
 
 # (key, test, what is allowed) for values TRL would accept silently or reject with a message that does not name the key.
+# The k1.5 settings are not here: k15_plugin.core.settings declares their rules.
 _RANGES = [
     ("trainer.max_steps", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.learning_rate", lambda v: v > 0, "a number > 0"),
@@ -140,9 +171,6 @@ _RANGES = [
     ("trainer.vllm_mode", lambda v: v in VLLM_MODES, f"one of {list(VLLM_MODES)}"),
     ("trainer.vllm_gpu_memory_utilization", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("algorithm.num_iterations", lambda v: v >= 1, "an integer >= 1"),
-    ("reward.length_penalty.weight", lambda v: v >= 0, "a number >= 0 (0: off)"),
-    ("reward.length_penalty.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("reward.length_penalty.ramp_steps", lambda v: v >= 0, "an integer >= 0"),
     ("reward.math.timeout_seconds", lambda v: v > 0, "a number > 0"),
     ("reward.code.timeout_seconds", lambda v: v > 0, "a number > 0"),
     ("reward.code.memory_mb", lambda v: v >= 1, "an integer >= 1 (MiB)"),

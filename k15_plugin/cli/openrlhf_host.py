@@ -31,7 +31,7 @@ seed, trainer.save_steps, eval_steps        ``train.seed``, ``ckpt.save_steps``,
 
 The run length is OpenRLHF's: ``host.flags.train.num_episodes`` passes over the prompts (``trainer.max_steps`` is
 TRL's). The length penalty, sampler and k1.5 settings travel as ``args.k15``
-(:class:`~k15_plugin.openrlhf.settings.OpenRLHFSettings`), not as flags.
+(:class:`~k15_plugin.openrlhf.config.OpenRLHFSettings`), not as flags.
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from k15_plugin.cli.build import k15_settings
+from k15_plugin.core.settings import RolloutSettings
 from k15_plugin.errors import ConfigError
-from k15_plugin.host_options import LengthPenaltyOptions, SamplerOptions
+from k15_plugin.openrlhf.config import OpenRLHFSettings
 from k15_plugin.openrlhf.flags import OPENRLHF_MODULE, check_flag_sets, flag_of_error, to_flags
-from k15_plugin.openrlhf.settings import OpenRLHFSettings
 from k15_plugin.rewards.registry import VERIFIERS, plain, spec_of
 
 ESTIMATORS = {"kimi_md": "dr_grpo", "grpo": "group_norm", "dr_grpo": "dr_grpo", "rloo": "rloo", "ppo": "gae"}
@@ -95,22 +96,15 @@ def _dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def settings_of(cfg: DictConfig) -> OpenRLHFSettings:
-    """``args.k15`` for this run."""
-    algorithm, sampler, lp = cfg.algorithm, cfg.sampler, cfg.reward.length_penalty
-    kimi = algorithm.name == "kimi_md"
-    # the sampler group's own keys (its schema types them); the others keep SamplerOptions' defaults
-    shared = {f.name for f in fields(SamplerOptions)} - {"type"}
-    sampler_options = SamplerOptions(type=sampler.name, **{k: v for k, v in sampler.items() if k in shared})
+    """``args.k15`` for this run: the run's k1.5 settings (:func:`k15_plugin.cli.build.k15_settings`) and algorithm."""
+    settings = k15_settings(cfg)
+    if settings.rollout != RolloutSettings():
+        raise ConfigError(
+            "rollout: partial rollouts and repeat detection run on host=trl only; use rollout=full without "
+            "rollout.repeat.detection on OpenRLHF"
+        )
     return OpenRLHFSettings(
-        algorithm=algorithm.name,
-        tau=float(algorithm.tau) if kimi else 1.0,
-        log_z_estimator=algorithm.log_z_estimator if kimi else "mean",
-        length_normalize=bool(algorithm.length_normalize) if kimi else False,
-        correct_threshold=float(lp.correct_threshold),
-        reset_optimizer_each_iteration=bool(algorithm.reset_optimizer_each_iteration) if kimi else False,
-        difficulty_column="difficulty",
-        length_penalty=LengthPenaltyOptions(float(lp.weight), int(lp.warmup_steps), int(lp.ramp_steps)),
-        sampler=sampler_options,
+        algorithm=cfg.algorithm.name, **{f.name: getattr(settings, f.name) for f in fields(settings)}
     )
 
 

@@ -1,8 +1,10 @@
 """Typed schemas for the Hydra configs in ``conf/``: OmegaConf checks names and types at compose time.
 
 Each config group option's YAML starts from one of these schemas (``defaults: [<schema name>, _self_]``), so a typo
-in a key or a value of the wrong type fails while composing, before anything loads. Ranges are checked afterwards
-by building the TRL config (``k15_plugin.cli.build``), whose ``__post_init__`` owns them.
+in a key or a value of the wrong type fails while composing, before anything loads. The k1.5 keys (algorithm's tau
+and its neighbours, the sampler, the rollout, the length penalty) take their defaults from
+:class:`~k15_plugin.core.settings.K15Settings`, whose rules check their ranges (``k15_plugin.cli.build``); a test
+checks that every key here has its setting there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from k15_plugin.core.settings import default
 from k15_plugin.rewards.registry import VERIFIERS
 
 
@@ -21,10 +24,10 @@ from k15_plugin.rewards.registry import VERIFIERS
 @dataclass
 class KimiMDAlgorithm:
     name: str = "kimi_md"
-    tau: float = 1.0
-    log_z_estimator: str = "mean"
-    length_normalize: bool = False
-    reset_optimizer_each_iteration: bool = True
+    tau: float = default("tau")
+    log_z_estimator: str = default("log_z_estimator")
+    length_normalize: bool = default("length_normalize")
+    reset_optimizer_each_iteration: bool = default("reset_optimizer_each_iteration")
     num_iterations: int = 2
 
 
@@ -70,19 +73,19 @@ class UniformSampler:
 @dataclass
 class PrioritizedSampler:
     name: str = "prioritized"
-    floor: float = 0.05
-    prior: float = 0.5
+    floor: float = default("sampler.floor")
+    prior: float = default("sampler.prior")
 
 
 @dataclass
 class CurriculumSampler:
     name: str = "curriculum"
-    difficulty_column: str = "difficulty"
-    schedule: str = "staged"
-    switch_step: int = 0
-    hard_fraction: float = 0.5
-    start_fraction: float = 0.3
-    ramp_steps: int = 100
+    difficulty_column: str = default("sampler.difficulty_column")
+    schedule: str = default("sampler.schedule")
+    switch_step: int = default("sampler.switch_step")
+    hard_fraction: float = default("sampler.hard_fraction")
+    start_fraction: float = default("sampler.start_fraction")
+    ramp_steps: int = default("sampler.ramp_steps")
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
@@ -98,20 +101,20 @@ class RolloutLossMask(str, Enum):
 
 @dataclass
 class Repeat:
-    detection: bool = False
-    min_period: int = 16
-    max_period: int = 1024
-    min_count: int = 4
-    min_span: int = 64
-    penalty: float = 0.5
+    detection: bool = default("rollout.repeat.detection")
+    min_period: int = default("rollout.repeat.min_period")
+    max_period: int = default("rollout.repeat.max_period")
+    min_count: int = default("rollout.repeat.min_count")
+    min_span: int = default("rollout.repeat.min_span")
+    penalty: float = default("rollout.repeat.penalty")
 
 
 @dataclass
 class Rollout:
     name: RolloutMode = RolloutMode.full
-    segment_tokens: int | None = 0
-    max_iterations: int = 0
-    prefill_batches: int = -1
+    segment_tokens: int | None = default("rollout.segment_tokens")
+    max_iterations: int = default("rollout.max_iterations")
+    prefill_batches: int = default("rollout.prefill_batches")
     loss_mask: RolloutLossMask = RolloutLossMask.all
     repeat: Repeat = field(default_factory=Repeat)
 
@@ -119,10 +122,10 @@ class Rollout:
 # ---------------------------------------------------------------------------------------------------- reward
 @dataclass
 class LengthPenalty:
-    weight: float = 0.0
-    warmup_steps: int = 0
-    ramp_steps: int = 0
-    correct_threshold: float = 1.0
+    weight: float = default("length_penalty.weight")
+    warmup_steps: int = default("length_penalty.warmup_steps")
+    ramp_steps: int = default("length_penalty.ramp_steps")
+    correct_threshold: float = default("correct_threshold")
 
 
 # Which checker scores a completion (``reward.verifier``): exactly the names of k15_plugin.rewards.registry, as a

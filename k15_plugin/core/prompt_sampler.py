@@ -32,6 +32,7 @@ from k15_plugin.core.sampling import (
     draw_chunk,
     prioritized_weights,
 )
+from k15_plugin.core.settings import SamplerSettings
 
 _STATE_VERSION = 1
 
@@ -233,3 +234,28 @@ class CurriculumPromptSampler(PromptSampler):
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:
         return self.pool(self.step_of_chunk(chunk_number)).to(torch.float64)  # (P,)
+
+
+def build_prompt_sampler(
+    options: SamplerSettings, num_problems: int, chunk_size: int, seed: int, difficulty: torch.Tensor | None = None
+) -> PromptSampler | None:
+    """The prompt sampler for the ``sampler`` settings (None for ``uniform``: the host keeps its own); ``difficulty``
+    (P,) is needed by the curriculum. Used by the Ray-based hosts (verl, OpenRLHF)."""
+    if options.name == "uniform":
+        return None
+    if options.name == "prioritized":
+        return PrioritizedPromptSampler(num_problems, chunk_size, seed=seed, prior=options.prior, floor=options.floor)
+    if difficulty is None:
+        raise ValueError("the curriculum sampler needs difficulty labels")
+    return CurriculumPromptSampler(
+        num_problems,
+        chunk_size,
+        seed=seed,
+        prior=options.prior,
+        difficulty=difficulty,
+        schedule=options.schedule,
+        switch_step=options.switch_step,
+        hard_fraction=options.hard_fraction,
+        start_fraction=options.start_fraction,
+        ramp_steps=options.ramp_steps,
+    )

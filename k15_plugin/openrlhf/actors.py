@@ -24,8 +24,7 @@ from openrlhf.trainer import ppo_trainer as upstream_trainer
 from openrlhf.trainer.ray import ppo_actor as upstream_actor
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from k15_plugin.core.prompt_sampler import PromptSampler
-from k15_plugin.host_options import build_prompt_sampler
+from k15_plugin.core.prompt_sampler import PromptSampler, build_prompt_sampler
 from k15_plugin.openrlhf.experience import K15ExperienceMaker
 from k15_plugin.openrlhf.loss import K15MirrorDescentLoss
 
@@ -81,7 +80,7 @@ class _K15PPOTrainer(plain_class(upstream_trainer.PPOTrainer)):
             dataset_split=args.data.prompt_split,
         )
         data = data.select(range(min(args.data.max_samples, len(data))))
-        column = self.k15.difficulty_column
+        column = self.k15.sampler.difficulty_column
         if column not in data.column_names or len(data) != num_rows:
             raise ValueError(f"sampler=curriculum: the prompt data has no column {column!r} (data.difficulty_column)")
         return torch.tensor([float(x) for x in data[column]], dtype=torch.float64)
@@ -90,7 +89,7 @@ class _K15PPOTrainer(plain_class(upstream_trainer.PPOTrainer)):
         args = self.strategy.args
         dataset = self.prompts_dataloader.dataset
         options = self.k15.sampler
-        difficulty = self._k15_difficulty(len(dataset)) if options.type == "curriculum" else None
+        difficulty = self._k15_difficulty(len(dataset)) if options.name == "curriculum" else None
         self.k15_sampler = build_prompt_sampler(
             options, len(dataset), int(args.rollout.batch_size), int(args.train.seed), difficulty
         )

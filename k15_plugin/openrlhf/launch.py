@@ -5,7 +5,7 @@ Before OpenRLHF's launcher module runs (as ``__main__``, with ``runpy``), :func:
 OpenRLHF looks them up (``openrlhf.trainer.ppo_trainer.PPOTrainer``, imported inside ``train()``, and
 ``openrlhf.trainer.ray.ppo_actor.PolicyModelActor``, imported by the launcher module), and wraps
 ``openrlhf.utils.config.hierarchize`` (imported inside ``__main__`` after parsing) so the parsed arguments carry
-``args.k15`` (:class:`~k15_plugin.openrlhf.settings.OpenRLHFSettings`) to every actor. Everything else, Ray's start,
+``args.k15`` (:class:`~k15_plugin.openrlhf.config.OpenRLHFSettings`) to every actor. Everything else, Ray's start,
 OpenRLHF's own argument checks, vLLM and DeepSpeed, is OpenRLHF's.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import runpy
 import sys
 
+from k15_plugin.openrlhf.config import OpenRLHFSettings
 from k15_plugin.openrlhf.flags import OPENRLHF_MODULE
-from k15_plugin.openrlhf.settings import OpenRLHFSettings
 
 
 def run(argv: list[str], settings: OpenRLHFSettings) -> None:

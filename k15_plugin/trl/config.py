@@ -7,16 +7,11 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from trl import GRPOConfig, RLOOConfig
 
-from k15_plugin.core.mirror_descent import ESTIMATORS
-
-SAMPLERS = ("uniform", "curriculum", "prioritized")
-ROLLOUT_LOSS_MASKS = ("all", "latest")
-CURRICULUM_SCHEDULES = ("staged", "gradual")
+from k15_plugin.core.settings import K15Settings, flat_field
 
 
 def _require(ok: bool, message: str) -> None:
@@ -27,171 +22,56 @@ def _require(ok: bool, message: str) -> None:
 @dataclass
 class K15Options:
     r"""
-    Options the plugin adds to TRL's trainers.
+    Options the plugin adds to TRL's trainers: TRL-style flat fields over
+    [`~k15_plugin.core.settings.K15Settings`], which declares each one's default, allowed values and help.
 
-    > Length penalty (Kimi k1.5, section 2.3.3)
+    Each field names its setting (`flat_field("sampler.floor")`): `length_penalty_*` are the length penalty of section
+    2.3.3 (`length_penalty_correct_threshold` is `correct_threshold`: a response is correct when the weighted sum of
+    the task rewards reaches it); `sampler_type` is `sampler.name`, and `prioritized_*` / `curriculum_*` the other
+    `sampler.*` settings (section 2.3.4); `rollout_*` and `repeat_*` are `rollout.*` and `rollout.repeat.*` (section
+    2.6.2). `HfArgumentParser` shows each one's help.
 
-    length_penalty_weight (`float`, defaults to `0.0`):
-        Weight of the length reward added to the task reward; `0` switches the penalty off.
-    length_penalty_warmup_steps (`int`, defaults to `0`):
-        Optimizer steps during which the penalty is off.
-    length_penalty_ramp_steps (`int`, defaults to `0`):
-        After the warm-up, steps over which the weight rises linearly to `length_penalty_weight` (`0`: at once).
-    length_penalty_correct_threshold (`float`, defaults to `1.0`):
-        A response counts as correct when the weighted sum of the task rewards reaches this value (for the length
-        penalty and for the samplers' success rates).
-
-    > Prompt sampling (section 2.3.4)
-
-    sampler_type (`str`, defaults to `"uniform"`):
-        `"uniform"` (TRL's own `RepeatSampler`), `"curriculum"` (by a difficulty column) or `"prioritized"`
-        (probability proportional to 1 - success rate).
-    prioritized_floor (`float`, defaults to `0.05`):
-        Smallest weight a problem keeps, so solved problems are not starved.
-    prioritized_prior (`float`, defaults to `0.5`):
-        Success rate assumed for a problem not yet attempted.
-    curriculum_difficulty_column (`str`, defaults to `"difficulty"`):
-        Dataset column holding each problem's difficulty (higher is harder).
-    curriculum_schedule (`str`, defaults to `"staged"`):
-        `"staged"`: the whole set until `curriculum_switch_step`, then only the hardest `curriculum_hard_fraction`
-        (the paper's ablation); `"gradual"`: start with the easiest `curriculum_start_fraction` and widen the pool
-        linearly to the whole set over `curriculum_ramp_steps`.
-    curriculum_switch_step (`int`, defaults to `0`):
-        Staged schedule: optimizer step from which only hard problems are drawn.
-    curriculum_hard_fraction (`float`, defaults to `0.5`):
-        Staged schedule: fraction of the set, hardest first, that counts as hard.
-    curriculum_start_fraction (`float`, defaults to `0.3`):
-        Gradual schedule: fraction of the set, easiest first, drawn from at step 0.
-    curriculum_ramp_steps (`int`, defaults to `100`):
-        Gradual schedule: optimizer steps until the pool is the whole set.
-
-    > Partial rollouts and repeat detection (section 2.6.2)
-
-    rollout_segment_tokens (`int`, defaults to `0`):
-        New tokens a trajectory may get per rollout batch; a longer one is cut there, kept in a buffer and continued
-        from prompt + tokens so far in the next rollout batch, under the newer policy. A group trains once all its
-        `num_generations` members have finished. Must divide `max_completion_length` (the cap over all segments).
-        `0`: full rollouts (TRL's own generation).
-    rollout_max_iterations (`int`, defaults to `0`):
-        Rollout batches one trajectory may span; one still running after that many is cut and trained as
-        length-capped. `0`: only `max_completion_length` caps it.
-    rollout_prefill_batches (`int`, defaults to `-1`):
-        Extra rollout batches of prompts the first rollout batch admits, so that trajectories can be in flight
-        while others train (each rollout batch then admits and trains the same number of groups). `-1`:
-        `max_completion_length / rollout_segment_tokens - 1` (at most `rollout_max_iterations - 1`). `0`: nothing
-        is carried over between rollout batches (each generates until its own groups have finished: no stale
-        tokens, and rows that finished early leave the later rounds).
-    rollout_loss_mask (`str`, defaults to `"all"`):
-        `"all"`: the loss covers every token of a trajectory, with pi_i's log-probs recomputed by the current policy;
-        `"latest"`: only its last segment (earlier ones still condition it). GRPO-family trainers only.
-    repeat_detection (`bool`, defaults to `False`):
-        Stop a trajectory whose tokens end in `repeat_min_count` back-to-back copies of one block of
-        `repeat_min_period`..`repeat_max_period` tokens spanning at least `repeat_min_span` tokens, checked after
-        every segment (and inside vLLM's generation). A stopped trajectory counts as finished and incorrect: its task
-        rewards are 0 and the `repeat_penalty` column holds `-repeat_penalty`.
-    repeat_min_period, repeat_max_period, repeat_min_count, repeat_min_span (`int`, defaults to `16`, `1024`, `4`,
-        `64`): the loop rule, see `repeat_detection`.
-    repeat_penalty (`float`, defaults to `0.5`):
-        Reward given to a repeat-stopped trajectory, negated (its own reward column, weight 1).
+    Partial rollouts in TRL: a trajectory longer than `rollout_segment_tokens` is cut there, kept in a buffer and
+    continued from prompt + tokens so far in the next rollout batch, under the newer policy; a group trains once all
+    its `num_generations` members have finished. The segment must divide `max_completion_length` (the cap over all
+    segments). `rollout_max_iterations`: a trajectory still running after that many rollout batches is cut and trained
+    as length-capped. `rollout_prefill_batches` `-1`: `max_completion_length / rollout_segment_tokens - 1` (at most
+    `rollout_max_iterations - 1`); `0`: nothing is carried over between rollout batches. `rollout_loss_mask`
+    `"latest"` (GRPO-family trainers only): only a trajectory's last segment is in the loss. A repeat-stopped
+    trajectory counts as finished and incorrect: its task rewards are 0 and the `repeat_penalty` column holds
+    `-repeat_penalty`.
     """
 
-    length_penalty_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the k1.5 length reward added to the task reward; 0 switches it off."}
-    )
-    length_penalty_warmup_steps: int = field(
-        default=0, metadata={"help": "Optimizer steps during which the length penalty is off (paper: a warm-up)."}
-    )
-    length_penalty_ramp_steps: int = field(
-        default=0, metadata={"help": "Steps after the warm-up over which the weight rises linearly (0: at once)."}
-    )
-    length_penalty_correct_threshold: float = field(
-        default=1.0,
-        metadata={
-            "help": "A response is correct (length penalty, sampler success rates) when the weighted sum of the task "
-            "rewards is >= this value."
-        },
-    )
-    sampler_type: str = field(default="uniform", metadata={"help": f"Prompt sampler, one of {list(SAMPLERS)}."})
-    prioritized_floor: float = field(
-        default=0.05,
-        metadata={"help": "Prioritized sampler: smallest weight a problem keeps (so solved ones still appear)."},
-    )
-    prioritized_prior: float = field(
-        default=0.5, metadata={"help": "Prioritized sampler: success rate assumed for problems not yet attempted."}
-    )
-    curriculum_difficulty_column: str = field(
-        default="difficulty",
-        metadata={"help": "Curriculum sampler: dataset column with the difficulty (higher is harder)."},
-    )
-    curriculum_schedule: str = field(
-        default="staged", metadata={"help": f"Curriculum schedule, one of {list(CURRICULUM_SCHEDULES)}."}
-    )
-    curriculum_switch_step: int = field(
-        default=0, metadata={"help": "Staged curriculum: optimizer step from which only hard problems are drawn."}
-    )
-    curriculum_hard_fraction: float = field(
-        default=0.5, metadata={"help": "Staged curriculum: fraction of the set, hardest first, that counts as hard."}
-    )
-    curriculum_start_fraction: float = field(
-        default=0.3, metadata={"help": "Gradual curriculum: fraction of the set, easiest first, drawn from at step 0."}
-    )
-    curriculum_ramp_steps: int = field(
-        default=100, metadata={"help": "Gradual curriculum: optimizer steps until the pool is the whole set."}
-    )
-
-    rollout_segment_tokens: int = field(
-        default=0,
-        metadata={"help": "Partial rollouts: new tokens per trajectory per rollout batch (0: full rollouts)."},
-    )
-    rollout_max_iterations: int = field(
-        default=0, metadata={"help": "Partial rollouts: rollout batches one trajectory may span (0: no limit)."}
-    )
-    rollout_prefill_batches: int = field(
-        default=-1,
-        metadata={"help": "Partial rollouts: extra batches of prompts admitted at the start (-1: L/segment - 1)."},
-    )
-    rollout_loss_mask: str = field(
-        default="all",
-        metadata={"help": f"Partial rollouts: tokens in the loss, one of {list(ROLLOUT_LOSS_MASKS)}."},
-    )
-    repeat_detection: bool = field(default=False, metadata={"help": "Stop and penalize looping generations."})
-    repeat_min_period: int = field(default=16, metadata={"help": "Repeat detection: shortest block length."})
-    repeat_max_period: int = field(default=1024, metadata={"help": "Repeat detection: longest block length."})
-    repeat_min_count: int = field(default=4, metadata={"help": "Repeat detection: back-to-back copies needed."})
-    repeat_min_span: int = field(default=64, metadata={"help": "Repeat detection: fewest tokens a loop spans."})
-    repeat_penalty: float = field(default=0.5, metadata={"help": "Repeat detection: penalty (reward -penalty)."})
+    length_penalty_weight: float = flat_field("length_penalty.weight")
+    length_penalty_warmup_steps: int = flat_field("length_penalty.warmup_steps")
+    length_penalty_ramp_steps: int = flat_field("length_penalty.ramp_steps")
+    length_penalty_correct_threshold: float = flat_field("correct_threshold")
+    sampler_type: str = flat_field("sampler.name")
+    prioritized_floor: float = flat_field("sampler.floor")
+    prioritized_prior: float = flat_field("sampler.prior")
+    curriculum_difficulty_column: str = flat_field("sampler.difficulty_column")
+    curriculum_schedule: str = flat_field("sampler.schedule")
+    curriculum_switch_step: int = flat_field("sampler.switch_step")
+    curriculum_hard_fraction: float = flat_field("sampler.hard_fraction")
+    curriculum_start_fraction: float = flat_field("sampler.start_fraction")
+    curriculum_ramp_steps: int = flat_field("sampler.ramp_steps")
+    rollout_segment_tokens: int = flat_field("rollout.segment_tokens")
+    rollout_max_iterations: int = flat_field("rollout.max_iterations")
+    rollout_prefill_batches: int = flat_field("rollout.prefill_batches")
+    rollout_loss_mask: str = flat_field("rollout.loss_mask")
+    repeat_detection: bool = flat_field("rollout.repeat.detection")
+    repeat_min_period: int = flat_field("rollout.repeat.min_period")
+    repeat_max_period: int = flat_field("rollout.repeat.max_period")
+    repeat_min_count: int = flat_field("rollout.repeat.min_count")
+    repeat_min_span: int = flat_field("rollout.repeat.min_span")
+    repeat_penalty: float = flat_field("rollout.repeat.penalty")
 
     def __post_init__(self):
-        for name in ("rollout_segment_tokens", "rollout_max_iterations"):
-            v = getattr(self, name)
-            _require(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an integer >= 0, got {v!r}"
-            )
-        _require(
-            isinstance(self.rollout_prefill_batches, int) and self.rollout_prefill_batches >= -1,
-            f"rollout_prefill_batches must be an integer >= -1 (-1: automatic), got {self.rollout_prefill_batches!r}",
-        )
+        K15Settings.from_flat(self)  # every value against its rule, errors naming the flat field
         b, cap = self.rollout_segment_tokens, self.max_completion_length
         _require(
             b == 0 or (isinstance(cap, int) and b <= cap and cap % b == 0),
             f"rollout_segment_tokens={b} must divide max_completion_length={cap} (every segment but the last is full)",
-        )
-        _require(
-            self.rollout_loss_mask in ROLLOUT_LOSS_MASKS,
-            f"rollout_loss_mask must be one of {list(ROLLOUT_LOSS_MASKS)}, got {self.rollout_loss_mask!r}",
-        )
-        for name, low in (("repeat_min_period", 1), ("repeat_min_count", 2), ("repeat_min_span", 1)):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v >= low, f"{name} must be an integer >= {low}, got {v!r}")
-        _require(
-            isinstance(self.repeat_max_period, int) and self.repeat_max_period >= self.repeat_min_period,
-            f"repeat_max_period must be an integer >= repeat_min_period={self.repeat_min_period}, got "
-            f"{self.repeat_max_period!r}",
-        )
-        p = self.repeat_penalty
-        _require(
-            isinstance(p, (int, float)) and math.isfinite(p) and p >= 0,
-            f"repeat_penalty must be a number >= 0, got {p!r}",
         )
         if b or self.repeat_detection:
             what = "rollout_segment_tokens" if b else "repeat_detection"
@@ -218,37 +98,6 @@ class K15Options:
                 f"{what}: generation_kwargs {sorted(per_call)} act per generate call, so a "
                 "trajectory continued over several calls would be sampled differently; remove them",
             )
-        w = self.length_penalty_weight
-        _require(
-            isinstance(w, (int, float)) and math.isfinite(w) and w >= 0,
-            f"length_penalty_weight must be a number >= 0, got {w!r}",
-        )
-        for name in ("length_penalty_warmup_steps", "length_penalty_ramp_steps", "curriculum_switch_step"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
-        _require(
-            self.curriculum_ramp_steps >= 1, f"curriculum_ramp_steps must be >= 1, got {self.curriculum_ramp_steps!r}"
-        )
-        _require(
-            math.isfinite(self.length_penalty_correct_threshold),
-            f"length_penalty_correct_threshold must be finite, got {self.length_penalty_correct_threshold!r}",
-        )
-        _require(
-            self.sampler_type in SAMPLERS, f"sampler_type must be one of {list(SAMPLERS)}, got {self.sampler_type!r}"
-        )
-        _require(
-            self.curriculum_schedule in CURRICULUM_SCHEDULES,
-            f"curriculum_schedule must be one of {list(CURRICULUM_SCHEDULES)}, got {self.curriculum_schedule!r}",
-        )
-        _require(
-            0 < self.prioritized_floor <= 1, f"prioritized_floor must be in (0, 1], got {self.prioritized_floor!r}"
-        )
-        _require(
-            0 <= self.prioritized_prior <= 1, f"prioritized_prior must be in [0, 1], got {self.prioritized_prior!r}"
-        )
-        for name in ("curriculum_hard_fraction", "curriculum_start_fraction"):
-            v = getattr(self, name)
-            _require(0 < v <= 1, f"{name} must be in (0, 1], got {v!r}")
         super().__post_init__()
 
 
@@ -323,27 +172,12 @@ class KimiMirrorDescentConfig(K15GRPOConfig):
         learning-rate schedule is untouched.
     """
 
-    tau: float = field(default=1.0, metadata={"help": "KL weight tau of the mirror-descent objective (> 0)."})
-    log_z_estimator: str = field(
-        default="mean", metadata={"help": f"Estimator of tau*log Z, one of {list(ESTIMATORS)}."}
-    )
-    length_normalize: bool = field(
-        default=False,
-        metadata={"help": "Divide sequence log-probs by the completion length (default: the paper's sum)."},
-    )
-    reset_optimizer_each_iteration: bool = field(
-        default=True, metadata={"help": "Clear the optimizer state at each new rollout batch (paper: yes)."}
-    )
+    tau: float = flat_field("tau")
+    log_z_estimator: str = flat_field("log_z_estimator")
+    length_normalize: bool = flat_field("length_normalize")
+    reset_optimizer_each_iteration: bool = flat_field("reset_optimizer_each_iteration")
 
     def __post_init__(self):
-        _require(
-            isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0,
-            f"tau must be a number > 0, got {self.tau!r}",
-        )
-        _require(
-            self.log_z_estimator in ESTIMATORS,
-            f"log_z_estimator must be one of {list(ESTIMATORS)}, got {self.log_z_estimator!r}",
-        )
         for name, why in _UNUSED_BY_MIRROR_DESCENT.items():
             value, default = getattr(self, name), _GRPO_DEFAULTS[name]
             if name == "scale_rewards" and isinstance(value, bool):  # GRPOConfig's aliases: True "group", False "none"

@@ -25,7 +25,7 @@ from verl.trainer.ppo.core_algos import (
 )
 
 from k15_plugin.core import length_penalty_weight, length_reward, mirror_descent_advantages
-from k15_plugin.host_options import k15_options
+from k15_plugin.verl.config import k15_settings
 
 _trainer_step: int | None = None
 
@@ -81,7 +81,7 @@ def penalized_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Te
 
 def _with_length_penalty(token_level_rewards, response_mask, index, config) -> torch.Tensor:
     """token_level_rewards with each row's length reward added on its last response token."""
-    options = k15_options(config)
+    options = k15_settings(config)
     rewards, weight = penalized_rewards(token_level_rewards, response_mask, groups_by_size(index), options)
     if weight == 0:
         return token_level_rewards
@@ -100,7 +100,7 @@ def compute_k15_md_advantage(
     token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config=None, **kwargs
 ):
     """r_j - tau log Z of the group, broadcast over the row's response tokens: (advantages, returns), each (N, T)."""
-    options = k15_options(config)
+    options = k15_settings(config)
     groups = groups_by_size(index)
     rewards, _ = penalized_rewards(token_level_rewards, response_mask, groups, options)  # (N,)
     advantages = torch.empty_like(rewards)

@@ -25,25 +25,26 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.dataset.rl_dataset import collate_fn
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
-from k15_plugin.core.prompt_sampler import PromptSampler
-from k15_plugin.host_options import K15Options, build_prompt_sampler, k15_options
+from k15_plugin.core.prompt_sampler import PromptSampler, build_prompt_sampler
+from k15_plugin.core.settings import K15Settings
 from k15_plugin.verl.advantages import penalty_weight, set_trainer_step
+from k15_plugin.verl.config import k15_settings
 
 RESETTABLE_STRATEGIES = ("fsdp", "fsdp2")
 
 
-def check_config(config) -> K15Options:
+def check_config(config) -> K15Settings:
     """Refuse settings the trainer cannot honour, before any worker starts; returns the checked options."""
-    options = k15_options(config.algorithm)
+    options = k15_settings(config.algorithm)
     strategy = config.actor_rollout_ref.actor.get("strategy", "fsdp")
     if options.reset_optimizer_each_iteration and strategy not in RESETTABLE_STRATEGIES:
         raise ValueError(
             f"algorithm.k15.reset_optimizer_each_iteration=true is implemented for actor.strategy "
             f"{'/'.join(RESETTABLE_STRATEGIES)}, not {strategy!r}: set it to false"
         )
-    if options.sampler.type != "uniform" and config.data.get("dataloader_num_workers", 0) != 0:
+    if options.sampler.name != "uniform" and config.data.get("dataloader_num_workers", 0) != 0:
         raise ValueError(
-            f"algorithm.k15.sampler.type={options.sampler.type} needs data.dataloader_num_workers=0 (worker processes "
+            f"algorithm.k15.sampler.name={options.sampler.name} needs data.dataloader_num_workers=0 (worker processes "
             "would draw prompts before the latest rewards are in, and resume would not be exact)"
         )
     return options
@@ -54,13 +55,13 @@ def difficulty_of(dataset, key: str) -> torch.Tensor:
     frame = getattr(dataset, "dataframe", None)
     head, *path = key.split(".")
     if frame is None or head not in frame.column_names:
-        raise ValueError(f"algorithm.k15.sampler.difficulty_key={key}: the training data has no column {head!r}")
+        raise ValueError(f"algorithm.k15.sampler.difficulty_column={key}: the training data has no column {head!r}")
     values = []
     for row, value in enumerate(frame[head]):
         for part in path:
             value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"algorithm.k15.sampler.difficulty_key={key}: row {row} has {value!r}, not a number")
+            raise ValueError(f"algorithm.k15.sampler.difficulty_column={key}: row {row} has {value!r}, not a number")
         values.append(float(value))
     return torch.tensor(values, dtype=torch.float64)
 
@@ -88,7 +89,9 @@ class K15SyncTrainer(PPOTrainerSync):
         super()._init_dataloader()
         seed = self.config.data.get("seed", None)
         sampler = self.k15.sampler
-        difficulty = difficulty_of(self.train_dataset, sampler.difficulty_key) if sampler.type == "curriculum" else None
+        difficulty = (
+            difficulty_of(self.train_dataset, sampler.difficulty_column) if sampler.name == "curriculum" else None
+        )
         self.k15_sampler = build_prompt_sampler(
             sampler,
             len(self.train_dataset),
