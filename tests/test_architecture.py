@@ -1,0 +1,124 @@
+"""The package's layering, read from the source (every import, also those inside functions): no cycle between its
+parts, a pure core, adapters that never import each other, and the doc examples that run."""
+
+from __future__ import annotations
+
+import ast
+import doctest
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "k15_plugin"
+ADAPTERS = ("k15_plugin.trl", "k15_plugin.verl", "k15_plugin.openrlhf")
+
+
+def _part(module: str) -> str:
+    """The part of the package a module belongs to: ``k15_plugin.<subpackage or module>``."""
+    return ".".join(module.split(".")[:2])
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of the file (absolute names)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    here = _module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            out.add(name)
+            out.update(f"{name}.{alias.name}" for alias in node.names)
+    return out
+
+
+def _sources():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "cpu_stubs" in path.parts:  # stand-ins for vllm / flash_attn, run on OpenRLHF's parser path only
+            continue
+        yield path
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in _sources():
+        part = _part(_module_name(path))
+        if part == "k15_plugin":
+            continue  # the package's own __init__ (lazy names for users)
+        targets = {_part(m) for m in _imports(path) if m.startswith("k15_plugin.")}
+        graph.setdefault(part, set()).update(t for t in targets if t != part)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_parts_of_the_package_import_each_other_without_a_cycle():
+    graph = _graph()
+    assert "k15_plugin.core" in graph and "k15_plugin.cli" in graph  # the scan found the package
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_core_imports_torch_and_the_standard_library_only():
+    allowed = set(sys.stdlib_module_names) | {"torch", "k15_plugin"}
+    for path in (PACKAGE / "core").rglob("*.py"):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            assert top in allowed, f"{path.name} imports {name}"
+            if top == "k15_plugin":
+                assert name.startswith("k15_plugin.core"), f"{path.name} imports {name}"
+
+
+def test_adapters_never_import_each_other():
+    graph = _graph()
+    for adapter in ADAPTERS:
+        assert not graph.get(adapter, set()) & (set(ADAPTERS) - {adapter}), adapter
+
+
+@pytest.mark.parametrize("module", ["k15_plugin.core.settings", "k15_plugin.rewards.registry", "k15_plugin.errors"])
+def test_the_doc_examples_run(module):
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
