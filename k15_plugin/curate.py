@@ -362,7 +362,7 @@ def curate(argv: Sequence[str] | None = None) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``k15-curate``: prints the summary as one JSON line."""
-    console_main("k15-curate", curate, CurationError, argv)
+    console_main("k15-curate", curate, argv)
 
 
 if __name__ == "__main__":

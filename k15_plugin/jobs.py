@@ -9,8 +9,9 @@ pieces they share live here:
 * :class:`Sidecar` -- the append-only, fsync'd ``<output>.partial.jsonl`` of finished prompts, keyed by index;
 * :func:`run_chunks` -- the unfinished indices in chunks, each result saved before the next, with a progress bar;
 * :func:`write_atomically` -- JSONL written to a temporary file in the same directory, then ``os.replace``;
-* :func:`console_main` -- a command's console entry point: the summary as one JSON line, a user-facing error as one
-  line on stderr with exit code 2, 130 on interruption and :data:`EXIT_INCOMPLETE` when stopped early.
+* :func:`console_main` -- a command's console entry point: the summary as one JSON line, a
+  :class:`~k15_plugin.errors.K15Error` as one line on stderr with exit code 2, 130 on interruption and
+  :data:`EXIT_INCOMPLETE` when stopped early.
 """
 
 from __future__ import annotations
@@ -280,15 +281,14 @@ def _vllm_usable() -> bool:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def console_main(
-    prog: str, run: Callable[[Sequence[str] | None], dict], error: type[Exception], argv: Sequence[str] | None = None
-) -> None:
-    """A resumable command's console entry point: ``run(argv)``'s summary printed as one JSON line. ``error`` (the
-    user-facing errors) is one line on stderr and exit code 2, an interruption exit code 130, and a run stopped
-    early (``complete`` false) :data:`EXIT_INCOMPLETE`."""
+def console_main(prog: str, run: Callable[[Sequence[str] | None], dict], argv: Sequence[str] | None = None) -> None:
+    """A resumable command's console entry point: ``run(argv)``'s summary printed as one JSON line. A
+    :class:`~k15_plugin.errors.K15Error` (the user-facing errors: each command raises its own subclass) is one line
+    on stderr and exit code 2, an interruption exit code 130, and a run stopped early (``complete`` false)
+    :data:`EXIT_INCOMPLETE`."""
     try:
         summary = run(argv)
-    except error as err:
+    except K15Error as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

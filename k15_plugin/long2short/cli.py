@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: prints the summary as one JSON line (k15-curate's conventions)."""
     from k15_plugin.jobs import console_main
 
-    console_main("k15-long2short", run, Long2ShortError, argv)
+    console_main("k15-long2short", run, argv)
 
 
 if __name__ == "__main__":
