@@ -9,7 +9,8 @@ from datasets import Dataset
 import k15_plugin.curate as curate_module
 import k15_plugin.jobs as jobs
 from k15_plugin.curate import CurationError, curate, main, question_type
-from k15_plugin.data.arithmetic import build_tokenizer, make_datasets, tiny_test_model
+from k15_plugin.data.arithmetic import make_datasets
+from k15_plugin.data.build.warm_start import build_tokenizer, tiny_test_model
 from k15_plugin.jobs import Sidecar
 
 torch.set_num_threads(1)
