@@ -72,7 +72,7 @@ def _model_source(smoke: bool, workdir: Path) -> tuple[str, bool]:
             pass
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from k15_plugin.data.arithmetic import build_tokenizer
+    from k15_plugin.data.build.warm_start import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = Qwen2Config(

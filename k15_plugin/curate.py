@@ -19,7 +19,8 @@ Every command shows a progress bar, records each finished prompt in an append-on
 ``<output>.partial.jsonl`` (keyed by the prompt's index in the input) and, rerun after an interruption with the same
 arguments, skips what it has already done. The output is written at the end in one piece (a temporary file in the
 same directory, then ``os.replace``), and the sidecar is removed. Generation uses vLLM when it is importable and a
-GPU is present, else batched ``transformers.generate`` (left padding). Scoring uses :class:`MathReward` (default)
+GPU is present, else batched ``transformers.generate`` (left padding); the sidecar, the generation and the atomic
+write are :mod:`k15_plugin.jobs`, shared with ``k15-long2short``. Scoring uses :class:`MathReward` (default)
 or, for the built-in demo model (``--model tiny_demo``), the demo task's :class:`ArithmeticReward`.
 """
 
@@ -27,21 +28,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import sys
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from k15_plugin.errors import K15Error
+from k15_plugin.jobs import DEMO_MODEL, Generator, Sidecar, console_main, run_chunks, write_atomically
 
 COMMANDS = ("difficulty", "easy-to-hack", "filter")
-DEMO_MODEL = "tiny_demo"
 NO_REASONING_TEMPLATE = "{prompt}\n\nGive only the final answer, with no reasoning or explanation."
-EXIT_INCOMPLETE = 3  # stopped early (--stop-after); the sidecar holds the progress
 
 
 class CurationError(K15Error):
@@ -68,91 +65,6 @@ def read_rows(args: argparse.Namespace) -> list[dict]:
                 except json.JSONDecodeError as err:
                     raise CurationError(f"{args.input}:{number}: not JSON ({err.msg})") from None
     return rows
-
-
-def write_atomically(path: Path, rows: Iterable[dict]) -> None:
-    """Write JSONL to ``path`` all at once: a temporary file in the same directory, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the output private; give it a normal file's mode
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-class Sidecar:
-    """``<output>.partial.jsonl``: a header naming the job, then one ``{"index": i, ...}`` line per finished prompt.
-
-    Append-only and fsync'd after every batch, so a crash loses at most the batch in flight; a torn last line (a
-    crash mid-write) is cut off on reopening. A sidecar written by a different job (other command, input or options)
-    is refused rather than mixed in; ``--restart`` discards it.
-    """
-
-    def __init__(self, output: Path, job: dict, restart: bool = False):
-        self.path = output.with_name(output.name + ".partial.jsonl")
-        self.done: dict[int, dict] = {}
-        if restart:
-            self.path.unlink(missing_ok=True)
-        if self.path.exists():
-            self._load(job)
-        else:
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.write(json.dumps({"k15_curate_job": job}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        self.file = open(self.path, "a", encoding="utf-8")  # closed by close()
-
-    def _load(self, job: dict) -> None:
-        good_bytes = 0
-        with open(self.path, "rb") as f:
-            for number, raw in enumerate(f):
-                if not raw.endswith(b"\n"):
-                    break  # torn last line
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError:
-                    break
-                if number == 0:
-                    if record.get("k15_curate_job") != job:
-                        raise CurationError(
-                            f"{self.path} belongs to a different job ({record.get('k15_curate_job')}); rerun with the "
-                            "same arguments to resume it, or pass --restart to discard it"
-                        )
-                else:
-                    self.done[int(record.pop("index"))] = record
-                good_bytes += len(raw)
-        if good_bytes == 0:
-            raise CurationError(f"{self.path} has no readable header; delete it or pass --restart")
-        with open(self.path, "r+b") as f:
-            f.truncate(good_bytes)
-
-    def add(self, results: dict[int, dict]) -> None:
-        for index, record in results.items():
-            self.file.write(json.dumps({"index": index, **record}, ensure_ascii=False, default=str) + "\n")
-            self.done[index] = record
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
-
-    def remove(self) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -188,122 +100,8 @@ def question_type(prompt: Any, answer: Any) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Generation and scoring
+# Scoring
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-class Generator:
-    """``sample(prompts, n) -> [[(text, token_ids), ...n], ...]``: vLLM when usable, else ``transformers``.
-
-    ``temperature`` 0 decodes greedily. A sample that stopped by itself ends with EOS; one cut at ``max_new_tokens``
-    does not.
-    """
-
-    def __init__(
-        self, model: str, backend: str, temperature: float, max_new_tokens: int, batch_size: int, chat: bool, seed: int
-    ):
-        import torch
-
-        self.temperature, self.max_new_tokens, self.batch_size = temperature, max_new_tokens, batch_size
-        self.chat, self.seed = chat, seed
-        use_vllm = backend == "vllm" or (backend == "auto" and model != DEMO_MODEL and _vllm_usable())
-        if model == DEMO_MODEL:
-            from k15_plugin.data.arithmetic import load_demo_checkpoint
-
-            self.model, self.tokenizer = load_demo_checkpoint()
-        elif use_vllm:
-            from vllm import LLM
-
-            self.llm = LLM(model=model, seed=seed)
-            self.tokenizer = self.llm.get_tokenizer()
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-            if torch.cuda.is_available():
-                self.model.to("cuda")
-        self.backend = "vllm" if use_vllm and model != DEMO_MODEL else "transformers"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.backend == "transformers":
-            self.model.eval()
-
-    def _text(self, prompt: Any) -> str:
-        if isinstance(prompt, list) or self.chat:
-            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prompt
-
-    def sample(self, prompts: Sequence[Any], n: int, seed: int) -> list[list[tuple[str, list[int]]]]:
-        texts = [self._text(p) for p in prompts]
-        if self.backend == "vllm":
-            return self._sample_vllm(texts, n, seed)
-        return self._sample_transformers(texts, n, seed)
-
-    def _sample_vllm(self, texts: list[str], n: int, seed: int) -> list[list[tuple[str, list[int]]]]:
-        from vllm import SamplingParams
-
-        params = SamplingParams(n=n, temperature=self.temperature, max_tokens=self.max_new_tokens, seed=seed)
-        eos = self.tokenizer.eos_token_id
-        out = []
-        for request in self.llm.generate(texts, params, use_tqdm=False):
-            samples = []
-            for o in request.outputs:
-                ids = list(o.token_ids)
-                if o.finish_reason == "stop" and eos is not None and (not ids or ids[-1] != eos):
-                    ids.append(eos)  # stopped by EOS: keep it, as TRL's completion_ids do
-                samples.append((o.text, ids))
-            out.append(samples)
-        return out
-
-    def _sample_transformers(self, texts: list[str], n: int, seed: int) -> list[list[tuple[str, list[int]]]]:
-        import torch
-
-        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-        device = next(self.model.parameters()).device
-        out: list[list[tuple[str, list[int]]]] = []
-        per_call = max(1, self.batch_size // n)
-        for start in range(0, len(texts), per_call):
-            batch = tok(texts[start : start + per_call], return_tensors="pt", padding=True, padding_side="left")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            torch.manual_seed(seed + start)  # the same prompts in the same chunks give the same samples
-            # temperature 0: greedy decoding (every other option plain, whatever the generation config says)
-            options = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
-            if self.temperature == 0:
-                options = {"do_sample": False, "num_beams": 1}
-            with torch.no_grad():
-                generated = self.model.generate(
-                    **batch,
-                    **options,
-                    repetition_penalty=1.0,
-                    no_repeat_ngram_size=0,
-                    max_new_tokens=self.max_new_tokens,
-                    num_return_sequences=n,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=eos,
-                )
-            completions = generated[:, batch["input_ids"].shape[1] :].tolist()
-            for i in range(len(completions) // n):
-                samples = []
-                for ids in completions[i * n : (i + 1) * n]:
-                    if eos in ids:
-                        ids = ids[: ids.index(eos) + 1]  # generate pads finished rows after EOS
-                    samples.append((tok.decode(ids, skip_special_tokens=True), ids))
-                out.append(samples)
-        return out
-
-
-def _vllm_usable() -> bool:
-    try:
-        import importlib.util
-
-        import torch
-
-        return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-    except Exception:
-        return False
 
 
 def make_scorer(kind: str, tokenizer, extraction: str) -> Callable[[list[tuple[str, list[int]]], Any], list[float]]:
@@ -351,37 +149,6 @@ def _columns(rows: list[dict], args: argparse.Namespace, need_answer: bool) -> N
             f"column(s) {missing} not in the input (columns: {sorted(rows[0])}); see --prompt-column "
             "and --answer-column"
         )
-
-
-def run_chunks(
-    sidecar: Sidecar,
-    total: int,
-    work: Callable[[list[int]], dict[int, dict]],
-    chunk: int,
-    stop_after: int | None,
-    desc: str,
-    unit: str,
-    progress: bool,
-) -> bool:
-    """``work(indices) -> {index: record}`` over the indices ``0..total-1`` the sidecar does not hold yet, ``chunk``
-    at a time, each result saved before the next; at most ``stop_after`` indices (None: all). Returns False when
-    stopped early by ``stop_after``."""
-    from tqdm.auto import tqdm
-
-    pending = [i for i in range(total) if i not in sidecar.done]
-    stopped = stop_after is not None and len(pending) > stop_after
-    todo = pending if stop_after is None else pending[:stop_after]
-    bar = tqdm(
-        total=total, initial=total - len(pending), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True
-    )
-    try:
-        for start in range(0, len(todo), chunk):
-            indices = todo[start : start + chunk]
-            sidecar.add(work(indices))
-            bar.update(len(indices))
-    finally:
-        bar.close()
-    return not stopped
 
 
 def _process(
@@ -574,7 +341,7 @@ def curate(argv: Sequence[str] | None = None) -> dict:
     _columns(rows, args, need_answer=model_based)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = Sidecar(output, _job(args), restart=args.restart)
+    sidecar = Sidecar(output, _job(args), restart=args.restart, error=CurationError)
     resumed = len(sidecar.done)
     try:
         complete, summary = args.func(args, rows, sidecar, progress=not args.quiet)
@@ -593,29 +360,9 @@ def curate(argv: Sequence[str] | None = None) -> dict:
     }
 
 
-def console_main(
-    prog: str, run: Callable[[Sequence[str] | None], dict], error: type[Exception], argv: Sequence[str] | None = None
-) -> None:
-    """A resumable command's console entry point: ``run(argv)``'s summary printed as one JSON line. ``error`` (the
-    user-facing errors) is one line on stderr and exit code 2, an interruption exit code 130, and a run stopped
-    early (``complete`` false) :data:`EXIT_INCOMPLETE`."""
-    try:
-        summary = run(argv)
-    except error as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    print(json.dumps(summary, default=str))
-    if summary.get("complete") is False:
-        print(f"{prog}: stopped early (--stop-after); rerun the same command to continue", file=sys.stderr)
-        sys.exit(EXIT_INCOMPLETE)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``k15-curate``: prints the summary as one JSON line."""
-    console_main("k15-curate", curate, CurationError, argv)
+    console_main("k15-curate", curate, argv)
 
 
 if __name__ == "__main__":

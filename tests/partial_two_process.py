@@ -32,7 +32,8 @@ def target(prompt_ids):
 def main(out: Path) -> None:
     from trl import GRPOTrainer
 
-    from k15_plugin.data.arithmetic import build_tokenizer, make_datasets, tiny_test_model
+    from k15_plugin.data.arithmetic import make_datasets
+    from k15_plugin.data.build.warm_start import build_tokenizer, tiny_test_model
     from k15_plugin.trl import KimiMirrorDescentConfig, KimiMirrorDescentTrainer
 
     generated = []  # prefixes this process generated

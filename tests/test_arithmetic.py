@@ -16,13 +16,15 @@ from k15_plugin.data.arithmetic import (
     LONGTAIL_P_LONG,
     LONGTAIL_SHORT,
     ArithmeticReward,
-    build_model,
-    build_tokenizer,
     evaluate_greedy,
     load_demo_checkpoint,
     make_datasets,
     read_warm_start_info,
     sample_completion_lengths,
+)
+from k15_plugin.data.build.warm_start import (
+    build_model,
+    build_tokenizer,
     sample_filler_counts,
     supervised_warm_start,
     tiny_test_model,
@@ -311,7 +313,7 @@ def test_supervised_warm_start_longtail_smoke(tok, datasets_pair):
 
 
 def test_supervised_warm_start_resumes_from_snapshot_exactly(tok, datasets_pair, tmp_path, monkeypatch):
-    import k15_plugin.data.arithmetic as arithmetic
+    import k15_plugin.data.build.warm_start as warm_start
 
     train, heldout = datasets_pair
     heldout = heldout.select(range(10))
@@ -322,7 +324,7 @@ def test_supervised_warm_start_resumes_from_snapshot_exactly(tok, datasets_pair,
 
     # Stop the run at its second check (step 4): the snapshot of the first check (step 2) stays behind.
     snapshot = tmp_path / "state.pt"
-    real_evaluate, calls = arithmetic.evaluate_greedy, []
+    real_evaluate, calls = warm_start.evaluate_greedy, []
 
     def interrupted(*args, **kw):
         calls.append(1)
@@ -330,10 +332,10 @@ def test_supervised_warm_start_resumes_from_snapshot_exactly(tok, datasets_pair,
             raise RuntimeError("interrupted")
         return real_evaluate(*args, **kw)
 
-    monkeypatch.setattr(arithmetic, "evaluate_greedy", interrupted)
+    monkeypatch.setattr(warm_start, "evaluate_greedy", interrupted)
     with pytest.raises(RuntimeError, match="interrupted"):
         supervised_warm_start(_small_longtail_model(tok), tok, train, heldout, snapshot=snapshot, **kwargs)
-    monkeypatch.setattr(arithmetic, "evaluate_greedy", real_evaluate)
+    monkeypatch.setattr(warm_start, "evaluate_greedy", real_evaluate)
     assert snapshot.is_file()
     with pytest.raises(ValueError, match="snapshot"):  # other settings: refused, not silently mixed
         supervised_warm_start(

@@ -840,7 +840,7 @@ def test_reward_code_config_builds_the_code_reward(tmp_path):
 
     from k15_plugin.cli.build import check_config
     from k15_plugin.cli.train import _register, config_dir
-    from k15_plugin.data.arithmetic import build_tokenizer
+    from k15_plugin.data.build.warm_start import build_tokenizer
     from k15_plugin.data.tasks import load_task
 
     rows = tmp_path / "train.jsonl"

@@ -7,8 +7,11 @@ import torch
 from datasets import Dataset
 
 import k15_plugin.curate as curate_module
-from k15_plugin.curate import CurationError, Sidecar, curate, main, question_type
-from k15_plugin.data.arithmetic import build_tokenizer, make_datasets, tiny_test_model
+import k15_plugin.jobs as jobs
+from k15_plugin.curate import CurationError, curate, main, question_type
+from k15_plugin.data.arithmetic import make_datasets
+from k15_plugin.data.build.warm_start import build_tokenizer, tiny_test_model
+from k15_plugin.jobs import Sidecar
 
 torch.set_num_threads(1)
 
@@ -80,13 +83,13 @@ def test_stop_and_resume_processes_only_the_rest(arithmetic_jsonl, tmp_path, mon
     done_before = {json.loads(line)["index"]: json.loads(line)["pass_rate"] for line in lines[1:]}
 
     seen = []
-    real_sample = curate_module.Generator.sample
+    real_sample = jobs.Generator.sample
 
     def spy(self, prompts, n, seed):
         seen.extend(prompts)
         return real_sample(self, prompts, n, seed)
 
-    monkeypatch.setattr(curate_module.Generator, "sample", spy)
+    monkeypatch.setattr(jobs.Generator, "sample", spy)
     second = curate(_difficulty(arithmetic_jsonl, out))
     assert second["complete"] and second["resumed"] == 3 and second["processed"] == 3
     prompts = [r["prompt"] for r in _read(arithmetic_jsonl)]
@@ -98,7 +101,7 @@ def test_stop_and_resume_processes_only_the_rest(arithmetic_jsonl, tmp_path, mon
 
 def test_crash_mid_run_then_resume(arithmetic_jsonl, tmp_path, monkeypatch):
     out = tmp_path / "rated.jsonl"
-    real_sample = curate_module.Generator.sample
+    real_sample = jobs.Generator.sample
     calls = {"n": 0}
 
     def crash_on_third_batch(self, prompts, n, seed):
@@ -107,14 +110,14 @@ def test_crash_mid_run_then_resume(arithmetic_jsonl, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C (or the job was killed) mid-run
         return real_sample(self, prompts, n, seed)
 
-    monkeypatch.setattr(curate_module.Generator, "sample", crash_on_third_batch)
+    monkeypatch.setattr(jobs.Generator, "sample", crash_on_third_batch)
     with pytest.raises(SystemExit) as exit_info:
         main(_difficulty(arithmetic_jsonl, out))  # batch-size 2 / n 2 = one prompt per batch
     assert exit_info.value.code == 130 and not out.exists()
     sidecar = tmp_path / "rated.jsonl.partial.jsonl"
     with open(sidecar, "a") as f:
         f.write('{"index": 5, "pass_')  # a torn line, as a kill during a write leaves it
-    monkeypatch.setattr(curate_module.Generator, "sample", real_sample)
+    monkeypatch.setattr(jobs.Generator, "sample", real_sample)
     summary = curate(_difficulty(arithmetic_jsonl, out))
     assert summary["resumed"] == 2 and summary["processed"] == 4 and len(_read(out)) == 6
 
@@ -131,7 +134,7 @@ def test_a_sidecar_from_another_job_is_refused(arithmetic_jsonl, tmp_path):
 def test_stop_after_exit_status(arithmetic_jsonl, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(_difficulty(arithmetic_jsonl, tmp_path / "o.jsonl", "--stop-after", "0"))
-    assert exit_info.value.code == curate_module.EXIT_INCOMPLETE
+    assert exit_info.value.code == jobs.EXIT_INCOMPLETE
     assert json.loads(capsys.readouterr().out)["complete"] is False
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from k15_plugin.data.arithmetic import ArithmeticReward, build_tokenizer, tiny_test_model
+from k15_plugin.data.arithmetic import ArithmeticReward
+from k15_plugin.data.build.warm_start import build_tokenizer, tiny_test_model
 from k15_plugin.data.sum3 import FORMATS, completion, make_sum3_datasets
 from k15_plugin.long2short.cli import main, run
 
@@ -51,7 +52,7 @@ def tiny_models(tmp_path_factory):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
         paths[name] = root / name
-    from k15_plugin.data.arithmetic import build_model
+    from k15_plugin.data.build.warm_start import build_model
 
     other = build_model(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     other.save_pretrained(root / "other")

@@ -217,7 +217,7 @@ def _compose(overrides):
 
 def test_reward_math_config_builds_the_math_reward(tmp_path):
     from k15_plugin.cli.build import check_config
-    from k15_plugin.data.arithmetic import build_tokenizer
+    from k15_plugin.data.build.warm_start import build_tokenizer
     from k15_plugin.data.tasks import load_task
 
     rows = tmp_path / "train.jsonl"
@@ -249,7 +249,8 @@ def test_reward_math_config_builds_the_math_reward(tmp_path):
 
 
 def test_math_reward_inside_a_trl_run(tmp_path):
-    from k15_plugin.data.arithmetic import build_tokenizer, make_datasets, tiny_test_model
+    from k15_plugin.data.arithmetic import make_datasets
+    from k15_plugin.data.build.warm_start import build_tokenizer, tiny_test_model
     from k15_plugin.trl import K15GRPOConfig, K15GRPOTrainer
 
     tokenizer = build_tokenizer()

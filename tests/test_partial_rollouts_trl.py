@@ -11,7 +11,8 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from k15_plugin.data.arithmetic import build_tokenizer, make_datasets, tiny_test_model
+from k15_plugin.data.arithmetic import make_datasets
+from k15_plugin.data.build.warm_start import build_tokenizer, tiny_test_model
 from k15_plugin.trl import (
     K15GRPOConfig,
     K15GRPOTrainer,

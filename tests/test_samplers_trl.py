@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from k15_plugin.data.arithmetic import build_tokenizer, tiny_test_model
+from k15_plugin.data.build.warm_start import build_tokenizer, tiny_test_model
 from k15_plugin.trl import K15GRPOConfig, K15GRPOTrainer, K15RLOOConfig, K15RLOOTrainer
 from k15_plugin.trl.samplers import SAMPLER_STATE_NAME, CurriculumSampler, K15RepeatSampler, PrioritizedSampler
 

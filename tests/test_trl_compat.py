@@ -5,8 +5,8 @@ in the stored mirror; the scenarios were read from the newest stored snapshot of
 used here was checked against the installed TRL 1.16.0 (``trl/trainer/grpo_config.py``, ``grpo_trainer.py``,
 ``rloo_config.py``, ``rloo_trainer.py``). Adapted to run offline on one CPU thread: tiny models built from configs
 (Llama, Qwen2, Qwen3-MoE, GPT-OSS; hidden 32, 2 layers), the plugin's 16-token character tokenizer
-(``k15_plugin.data.arithmetic.build_tokenizer``; a character-only chat template for conversational prompts), datasets
-built in code, 1-2 optimizer steps of 8 completions (2 prompts x 4 generations, ``max_completion_length=6``).
+(``k15_plugin.data.build.warm_start.build_tokenizer``; a character-only chat template for conversational prompts),
+datasets built in code, 1-2 optimizer steps of 8 completions (2 prompts x 4 generations, ``max_completion_length=6``).
 
 Each scenario runs with ``KimiMirrorDescentTrainer`` ("md"), ``K15GRPOTrainer`` ("grpo") and, where TRL has the
 scenario for RLOO, ``K15RLOOTrainer`` ("rloo"), and holds the trainers to one contract: **a scenario either trains
@@ -87,7 +87,7 @@ from transformers import (
 )
 from trl.chat_template_utils import qwen3_chat_template
 
-from k15_plugin.data.arithmetic import build_tokenizer
+from k15_plugin.data.build.warm_start import build_tokenizer
 from k15_plugin.trl import (
     K15GRPOConfig,
     K15GRPOTrainer,

@@ -6,7 +6,8 @@ import logging
 import pytest
 import torch
 
-from k15_plugin.data.arithmetic import build_tokenizer, make_datasets, tiny_test_model
+from k15_plugin.data.arithmetic import make_datasets
+from k15_plugin.data.build.warm_start import build_tokenizer, tiny_test_model
 from k15_plugin.trl import K15GRPOConfig, K15GRPOTrainer, KimiMirrorDescentConfig, KimiMirrorDescentTrainer
 
 torch.set_num_threads(1)

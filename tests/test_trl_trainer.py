@@ -8,7 +8,8 @@ from transformers import TrainerCallback
 
 import k15_plugin.trl.trainer as trainer_module
 from k15_plugin.core import length_reward
-from k15_plugin.data.arithmetic import ArithmeticReward, build_tokenizer, make_datasets, tiny_test_model
+from k15_plugin.data.arithmetic import ArithmeticReward, make_datasets
+from k15_plugin.data.build.warm_start import build_tokenizer, tiny_test_model
 from k15_plugin.trl import (
     K15GRPOConfig,
     K15GRPOTrainer,

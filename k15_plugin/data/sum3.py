@@ -19,7 +19,7 @@ same supervised training a model that writes ``steps`` is right more than ten ti
 ``verbose`` is copied from the prompt, as long chains of thought restate their problem, so a good long2short method
 can drop it at no cost (about half the tokens), while dropping the partial sum costs most of the accuracy.
 
-Shipped checkpoints (``python -m k15_plugin.data.make_sum3_checkpoints``):
+Shipped checkpoints (``python -m k15_plugin.data.build.make_sum3_checkpoints``):
 
 * :data:`SUM3_LONG_CHECKPOINT_DIR` -- the *long* model: supervised on a mixture of the three formats
   (:data:`LONG_MIX`), so its samples vary in length as the paper's long-CoT model's do, and greedy decoding writes

@@ -206,7 +206,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if c in ("build-sft", "build-dpo"):
         from pathlib import Path
 
-        from k15_plugin.curate import write_atomically
+        from k15_plugin.jobs import write_atomically
         from k15_plugin.long2short.data import read_jsonl, require_columns
         from k15_plugin.long2short.rows import dpo_rows, sft_rows
 
@@ -251,9 +251,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: prints the summary as one JSON line (k15-curate's conventions)."""
-    from k15_plugin.curate import console_main
+    from k15_plugin.jobs import console_main
 
-    console_main("k15-long2short", run, Long2ShortError, argv)
+    console_main("k15-long2short", run, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Sampling and evaluation for long2short: n scored samples per prompt (the input of shortest rejection sampling and
 of the DPO pairs), and accuracy against mean answer tokens for a set of models (the paper's Fig. 7).
 
-Generation is :class:`k15_plugin.curate.Generator` (vLLM when importable and a GPU is present, else batched
+Generation is :class:`k15_plugin.jobs.Generator` (vLLM when importable and a GPU is present, else batched
 ``transformers.generate``); a completion's length is its generated token ids, EOS included, the count TRL's
 ``completion_ids`` and the length penalty use. Progress is kept in an fsync'd sidecar (``<output>.partial.jsonl``),
 so a rerun of an interrupted command resumes where it stopped; the output is written in one piece at the end.
@@ -22,7 +22,7 @@ CORRECT = 1.0  # a sample counts as correct when its reward reaches this (the pl
 def _generator(
     model: Path, backend: str, temperature: float, max_new_tokens: int, batch_size: int, chat: bool, seed: int
 ):
-    from k15_plugin.curate import Generator
+    from k15_plugin.jobs import Generator
 
     return Generator(str(model), backend, temperature, max_new_tokens, batch_size, chat, seed)
 
@@ -80,7 +80,7 @@ def sample(
     progress: bool = True,
 ) -> dict[str, Any]:
     """``n`` scored samples per prompt into ``output`` (JSONL: the prompt's row plus ``samples``)."""
-    from k15_plugin.curate import Sidecar, run_chunks, write_atomically
+    from k15_plugin.jobs import Sidecar, run_chunks, write_atomically
 
     max_new_tokens = prompts.max_new_tokens if max_new_tokens is None else max_new_tokens
     _check_sampling(n, temperature, max_new_tokens, batch_size)
@@ -102,7 +102,7 @@ def sample(
     }
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = Sidecar(out, job, restart=restart)
+    sidecar = Sidecar(out, job, restart=restart, error=Long2ShortError)
     resumed = len(sidecar.done)
     rows = prompts.rows
     try:
@@ -176,7 +176,7 @@ def evaluate(
     completions per prompt at ``temperature``, averaged (0 skips it). Also the standard error of each accuracy over
     prompts and the share of truncated completions.
     """
-    from k15_plugin.curate import Sidecar, run_chunks, write_atomically
+    from k15_plugin.jobs import Sidecar, run_chunks, write_atomically
 
     max_new_tokens = prompts.max_new_tokens if max_new_tokens is None else max_new_tokens
     _check_sampling(max(sampled, 1), temperature, max_new_tokens, batch_size)
@@ -197,7 +197,7 @@ def evaluate(
     }
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = Sidecar(out, job, restart=restart)
+    sidecar = Sidecar(out, job, restart=restart, error=Long2ShortError)
     names = list(dirs)
     rows = prompts.rows
 

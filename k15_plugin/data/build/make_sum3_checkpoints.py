@@ -1,8 +1,8 @@
 """Build the shipped long and short checkpoints of the three-term demo task (``k15_plugin.data.sum3``).
 
-    python -m k15_plugin.data.make_sum3_checkpoints      # -> k15_plugin/data/demo_checkpoint_sum3_{long,short}/
+    python -m k15_plugin.data.build.make_sum3_checkpoints      # -> k15_plugin/data/demo_checkpoint_sum3_{long,short}/
 
-1. **long**: a fresh demo Llama (the 0.53M-parameter model of ``k15_plugin.data.arithmetic``, seed 2) trained by
+1. **long**: a fresh demo Llama (the 0.53M-parameter model of ``k15_plugin.data.build.warm_start``, seed 2) trained by
    teacher forcing on ``prompt completion EOS`` rows whose completion format is drawn per row from
    :data:`~k15_plugin.data.sum3.LONG_MIX` (verbose, steps or direct);
 2. **short**: the long model fine-tuned on ``direct`` completions only.
@@ -27,14 +27,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from k15_plugin.data.arithmetic import (
-    WARM_START_FILE,
-    build_model,
-    build_tokenizer,
-    evaluate_greedy,
-    greedy_kwargs,
-    load_demo_checkpoint,
-)
+from k15_plugin.data.arithmetic import WARM_START_FILE, evaluate_greedy, greedy_kwargs, load_demo_checkpoint
+from k15_plugin.data.build.warm_start import build_model, build_tokenizer
 from k15_plugin.data.sum3 import (
     FORMATS,
     LONG_MIX,

@@ -1,8 +1,8 @@
 """Build the shipped warm-started demo checkpoint(s).
 
-    python -m k15_plugin.data.make_demo_checkpoint                         # -> k15_plugin/data/demo_checkpoint/
-    python -m k15_plugin.data.make_demo_checkpoint --filler-max 6          # -> .../demo_checkpoint_filler/
-    python -m k15_plugin.data.make_demo_checkpoint --filler-dist longtail  # -> .../demo_checkpoint_longtail/
+    python -m k15_plugin.data.build.make_demo_checkpoint                         # -> k15_plugin/data/demo_checkpoint/
+    python -m k15_plugin.data.build.make_demo_checkpoint --filler-max 6          # -> .../demo_checkpoint_filler/
+    python -m k15_plugin.data.build.make_demo_checkpoint --filler-dist longtail  # -> .../demo_checkpoint_longtail/
 
 Builds the character tokenizer and the ~527k-parameter Llama, warm-starts it with teacher forcing until the
 held-out greedy accuracy reaches ``--target-accuracy`` (checked every ``--check-every`` steps), and saves the model
@@ -43,14 +43,12 @@ from k15_plugin.data.arithmetic import (
     LONGTAIL_P_LONG,
     LONGTAIL_SHORT,
     WARM_START_FILE,
-    build_model,
-    build_tokenizer,
     evaluate_greedy,
     load_demo_checkpoint,
     make_datasets,
     sample_completion_lengths,
-    supervised_warm_start,
 )
+from k15_plugin.data.build.warm_start import build_model, build_tokenizer, supervised_warm_start
 
 # The seed of the shipped checkpoints. How far RL gets depends on the warm-started checkpoint, not only on its
 # accuracy: with plain TRL GRPO (16 prompts x 8 samples, lr 1e-4, 1200 steps) seeds 0/1/2 went 34.6->62.8%,
@@ -85,7 +83,7 @@ def build_checkpoint(
 
     ``filler_dist="longtail"`` (with ``filler_max`` 0) builds the long-tailed variant: a 128-position model, 64 new
     tokens in its generation config, and ``sampled_lengths`` measured on the saved checkpoint. ``snapshot``: see
-    :func:`~k15_plugin.data.arithmetic.supervised_warm_start` (resume an interrupted build).
+    :func:`~k15_plugin.data.build.warm_start.supervised_warm_start` (resume an interrupted build).
     """
     if filler_dist not in FILLER_DISTS:
         raise ValueError(f"filler_dist must be one of {FILLER_DISTS}, got {filler_dist!r}")
