@@ -543,7 +543,8 @@ def test_curriculum_without_the_difficulty_column_names_the_key(train_files):
 
 def test_curriculum_reads_a_dotted_difficulty_path(train_files):
     trainer = _trainer(
-        train_files, ["algorithm.k15.sampler.name=curriculum", "algorithm.k15.sampler.difficulty_column=extra_info.level"]
+        train_files,
+        ["algorithm.k15.sampler.name=curriculum", "algorithm.k15.sampler.difficulty_column=extra_info.level"],
     )
     torch.testing.assert_close(trainer.k15_sampler.difficulty, torch.arange(24, dtype=torch.float64) % 5)
 
