@@ -105,7 +105,8 @@ def question_type(prompt: Any, answer: Any) -> str | None:
 
 
 def make_scorer(kind: str, tokenizer, extraction: str) -> Callable[[list[tuple[str, list[int]]], Any], list[float]]:
-    """``score(samples, answer) -> rewards``: the math reward, or the demo task's arithmetic reward."""
+    """``score(samples, answer) -> rewards``: the math verifier (:mod:`k15_plugin.rewards.registry`), or the demo
+    task's own arithmetic checker on the token ids."""
     if kind == "arithmetic":
         from k15_plugin.data.arithmetic import ArithmeticReward
 
@@ -115,12 +116,12 @@ def make_scorer(kind: str, tokenizer, extraction: str) -> Callable[[list[tuple[s
             return arithmetic(completion_ids=[ids for _, ids in samples], answer=[answer] * len(samples))
 
         return score_ids
-    from k15_plugin.rewards.math import MathReward
+    from k15_plugin.rewards.registry import scorer
 
-    math_reward = MathReward(extraction=extraction)
+    score = scorer({"verifier": "math", "extraction": extraction})
 
     def score_text(samples: list[tuple[str, list[int]]], answer: Any) -> list[float]:
-        return math_reward([text for text, _ in samples], answer=[answer] * len(samples))
+        return score([text for text, _ in samples], [answer] * len(samples))
 
     return score_text
 

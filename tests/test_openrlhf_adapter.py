@@ -35,10 +35,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from k15_plugin.core import length_reward, mirror_descent_advantages, mirror_descent_terms
 from k15_plugin.core.settings import LengthPenaltySettings, SamplerSettings
 from k15_plugin.openrlhf import actors, launch
-from k15_plugin.openrlhf.experience import K15ExperienceMaker
+from k15_plugin.openrlhf.advantages import K15ExperienceMaker
 from k15_plugin.openrlhf.flags import to_flags
 from k15_plugin.openrlhf.loss import K15MirrorDescentLoss
-from k15_plugin.openrlhf.reward_func import make_reward_func
+from k15_plugin.openrlhf.rewards import make_reward_func
 from k15_plugin.openrlhf.config import OpenRLHFSettings
 
 K, G, P, A, V = 4, 2, 3, 5, 32

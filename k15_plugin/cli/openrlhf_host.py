@@ -240,7 +240,7 @@ def write_files(cfg: DictConfig, plan: OpenRLHFPlan) -> None:
     _write_atomic(
         plan.files_dir / "reward_func.py",
         "# OpenRLHF reward file of this run (--reward.remote_url), written by k15-train\n"
-        "from k15_plugin.openrlhf.reward_func import make_reward_func\n\n"
+        "from k15_plugin.openrlhf.rewards import make_reward_func\n\n"
         f"reward_func = make_reward_func({spec})\n",
     )
 

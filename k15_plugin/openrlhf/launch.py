@@ -1,7 +1,7 @@
 """Run OpenRLHF's ``train_ppo_ray`` in this process with the plugin's classes in place.
 
 Before OpenRLHF's launcher module runs (as ``__main__``, with ``runpy``), :func:`run` puts
-:class:`~k15_plugin.openrlhf.actors.K15PPOTrainer` and :class:`~k15_plugin.openrlhf.actors.K15PolicyModelActor` where
+:class:`~k15_plugin.openrlhf.trainer.K15PPOTrainer` and :class:`~k15_plugin.openrlhf.trainer.K15PolicyModelActor` where
 OpenRLHF looks them up (``openrlhf.trainer.ppo_trainer.PPOTrainer``, imported inside ``train()``, and
 ``openrlhf.trainer.ray.ppo_actor.PolicyModelActor``, imported by the launcher module), and wraps
 ``openrlhf.utils.config.hierarchize`` (imported inside ``__main__`` after parsing) so the parsed arguments carry
@@ -23,7 +23,7 @@ def run(argv: list[str], settings: OpenRLHFSettings) -> None:
     import openrlhf.trainer.ray.ppo_actor as actor_module
     import openrlhf.utils.config as config_module
 
-    from k15_plugin.openrlhf.actors import K15PolicyModelActor, K15PPOTrainer
+    from k15_plugin.openrlhf.trainer import K15PolicyModelActor, K15PPOTrainer
 
     saved = (trainer_module.PPOTrainer, actor_module.PolicyModelActor, config_module.hierarchize, sys.argv)
     hierarchize = config_module.hierarchize

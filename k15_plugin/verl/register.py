@@ -55,7 +55,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 try:
-    from k15_plugin.verl import advantages, losses  # noqa: F401  (registers the loss and the estimators)
+    from k15_plugin.verl import advantages, loss  # noqa: F401  (registers the loss and the estimators)
 except Exception:
     logger.warning(
         "k15-plugin: registering with verl failed, so policy_loss.loss_mode=k15_md and adv_estimator=k15_* are "

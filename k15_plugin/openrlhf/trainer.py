@@ -1,6 +1,6 @@
 """The Ray actor classes the OpenRLHF adapter puts in place of OpenRLHF's own (see :mod:`k15_plugin.openrlhf.launch`).
 
-* :class:`K15PPOTrainer`, the single controller: the k1.5 advantage step (:mod:`k15_plugin.openrlhf.experience`), the
+* :class:`K15PPOTrainer`, the single controller: the k1.5 advantage step (:mod:`k15_plugin.openrlhf.advantages`), the
   trainer step for the length penalty's warm-up, and the curriculum/prioritized sampler as the prompt loader's
   sampler, fed from each step's scores and saved with OpenRLHF's checkpoint of the loader state;
 * :class:`K15PolicyModelActor`, the training ranks: the mirror-descent loss in place of ``PolicyLoss`` (``kimi_md``)
@@ -25,7 +25,7 @@ from openrlhf.trainer.ray import ppo_actor as upstream_actor
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from k15_plugin.core.prompt_sampler import PromptSampler, build_prompt_sampler
-from k15_plugin.openrlhf.experience import K15ExperienceMaker
+from k15_plugin.openrlhf.advantages import K15ExperienceMaker
 from k15_plugin.openrlhf.loss import K15MirrorDescentLoss
 
 
