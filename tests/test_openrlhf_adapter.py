@@ -34,12 +34,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from k15_plugin.core import length_reward, mirror_descent_advantages, mirror_descent_terms
 from k15_plugin.core.settings import LengthPenaltySettings, SamplerSettings
-from k15_plugin.openrlhf import actors, launch
+from k15_plugin.openrlhf import launch
+from k15_plugin.openrlhf import trainer as k15_trainer
 from k15_plugin.openrlhf.advantages import K15ExperienceMaker
+from k15_plugin.openrlhf.config import OpenRLHFSettings
 from k15_plugin.openrlhf.flags import to_flags
 from k15_plugin.openrlhf.loss import K15MirrorDescentLoss
 from k15_plugin.openrlhf.rewards import make_reward_func
-from k15_plugin.openrlhf.config import OpenRLHFSettings
 
 K, G, P, A, V = 4, 2, 3, 5, 32
 LENS = torch.tensor([5, 2, 4, 3, 1, 5, 2, 4])
@@ -298,14 +299,14 @@ class _Prompts(torch.utils.data.Dataset):
 
 
 def _controller(sampler_type="prioritized", n=12):
-    ctrl = object.__new__(actors._K15PPOTrainer)
+    ctrl = object.__new__(k15_trainer._K15PPOTrainer)
     args = _args()
     args.k15 = OpenRLHFSettings(sampler=SamplerSettings(name=sampler_type, floor=0.02))
     ctrl.strategy, ctrl.k15 = NS(args=args), args.k15
     dataset = _Prompts(n)
     ctrl.prompts_dataloader = NS(dataset=dataset)
     ctrl.samples_generator = NS(prompts_dataloader=None)
-    ctrl._k15_rows = actors.collections.defaultdict(actors.collections.deque)
+    ctrl._k15_rows = k15_trainer.collections.defaultdict(k15_trainer.collections.deque)
     ctrl._k15_install_sampler()
     return ctrl
 
@@ -374,11 +375,14 @@ def test_uniform_keeps_openrlhfs_loader():
 
 
 def test_the_actor_classes_are_ray_actors_over_openrlhfs_own():
-    assert issubclass(actors.plain_class(actors.K15PPOTrainer), actors.plain_class(upstream_trainer.PPOTrainer))
     assert issubclass(
-        actors.plain_class(actors.K15PolicyModelActor), actors.plain_class(upstream_actor.PolicyModelActor)
+        k15_trainer.plain_class(k15_trainer.K15PPOTrainer), k15_trainer.plain_class(upstream_trainer.PPOTrainer)
     )
-    assert hasattr(actors.K15PPOTrainer, "remote") and hasattr(actors.K15PolicyModelActor, "remote")
+    assert issubclass(
+        k15_trainer.plain_class(k15_trainer.K15PolicyModelActor),
+        k15_trainer.plain_class(upstream_actor.PolicyModelActor),
+    )
+    assert hasattr(k15_trainer.K15PPOTrainer, "remote") and hasattr(k15_trainer.K15PolicyModelActor, "remote")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -403,7 +407,7 @@ def test_reset_optimizer_moments_equals_a_fresh_optimizer_inside_a_zero_wrapper(
     twin.load_state_dict(model.state_dict())
     fresh = torch.optim.AdamW(twin.parameters(), lr=0.1)
     held = [t for s in opt.state.values() for t in s.values()]
-    assert actors.reset_optimizer_moments(NS(optimizer=opt)) == 6  # as DeepSpeed's ZeRO optimizer wraps it
+    assert k15_trainer.reset_optimizer_moments(NS(optimizer=opt)) == 6  # as DeepSpeed's ZeRO optimizer wraps it
     assert all(t is u for t, u in zip(held, [t for s in opt.state.values() for t in s.values()], strict=True))
     x = torch.randn(5, 4)
     for m, o in ((model, opt), (twin, fresh)):
@@ -413,11 +417,11 @@ def test_reset_optimizer_moments_equals_a_fresh_optimizer_inside_a_zero_wrapper(
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(TypeError, match="not a torch optimizer"):
-        actors.reset_optimizer_moments(NS(optimizer=object()))
+        k15_trainer.reset_optimizer_moments(NS(optimizer=object()))
 
 
 def test_the_policy_actor_swaps_the_loss_and_resets_before_each_update(monkeypatch):
-    base = actors.plain_class(upstream_actor.PolicyModelActor)
+    base = k15_trainer.plain_class(upstream_actor.PolicyModelActor)
     _, opt = _trained(torch.optim.AdamW, lr=0.1)
     monkeypatch.setattr(base, "init_model_from_pretrained", lambda self, strategy, *a, **k: None)
     moments = []
@@ -428,7 +432,7 @@ def test_the_policy_actor_swaps_the_loss_and_resets_before_each_update(monkeypat
             moments.append(float(sum(t.abs().sum() for s in self.actor_optim.state.values() for t in s.values()))) or {}
         ),
     )
-    actor = object.__new__(actors._K15PolicyModelActor)
+    actor = object.__new__(k15_trainer._K15PolicyModelActor)
     args = _args()
     actor.strategy, actor.actor_optim, actor.trainer = NS(args=args), opt, NS(actor_loss_fn=None)
     actor.init_model_from_pretrained(actor.strategy, "path")
@@ -490,7 +494,7 @@ def test_launch_puts_the_plugin_classes_in_place_and_attaches_k15(monkeypatch):
     before = (upstream_trainer.PPOTrainer, upstream_actor.PolicyModelActor)
     settings = OpenRLHFSettings(tau=0.3)
     launch.run(["--actor.adam.lr", "1e-6"], settings)
-    assert seen["trainer"] is actors.K15PPOTrainer and seen["actor"] is actors.K15PolicyModelActor
+    assert seen["trainer"] is k15_trainer.K15PPOTrainer and seen["actor"] is k15_trainer.K15PolicyModelActor
     assert seen["argv"][1:] == ["--actor.adam.lr", "1e-6"]
     assert seen["args"].k15 is settings and seen["args"].actor.adam.lr == 1e-6
     assert (upstream_trainer.PPOTrainer, upstream_actor.PolicyModelActor) == before  # restored
@@ -588,7 +592,7 @@ def test_the_curriculum_reads_difficulty_from_the_prompt_file_as_openrlhf_loads_
     rows = [{"prompt": f"question {i}", "answer": str(i), "difficulty": float(i % 3)} for i in range(12)]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    ctrl = object.__new__(actors._K15PPOTrainer)
+    ctrl = object.__new__(k15_trainer._K15PPOTrainer)
     args = _args()
     args.data = NS(prompt_dataset=str(path), prompt_probs=None, max_samples=100, prompt_split="train")
     args.k15 = OpenRLHFSettings(sampler=SamplerSettings(name="curriculum", schedule="staged", hard_fraction=0.25))
