@@ -31,10 +31,7 @@ import k15_plugin.verl as k15_verl  # noqa: E402
 from k15_plugin.core import length_reward, mirror_descent_advantages, mirror_descent_loss  # noqa: E402
 from k15_plugin.verl import advantages as k15_adv  # noqa: E402
 from k15_plugin.verl import register as k15_register  # noqa: E402
-from k15_plugin.verl.config import (
-    K15PolicyLossConfig,
-    k15_settings,
-)
+from k15_plugin.verl.config import K15PolicyLossConfig, k15_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "k15_plugin" / "data" / "demo_checkpoint"
