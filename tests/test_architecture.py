@@ -118,7 +118,10 @@ def test_adapters_never_import_each_other():
         assert not graph.get(adapter, set()) & (set(ADAPTERS) - {adapter}), adapter
 
 
-@pytest.mark.parametrize("module", ["k15_plugin.core.settings", "k15_plugin.rewards.registry", "k15_plugin.errors"])
+@pytest.mark.parametrize(
+    "module",
+    ["k15_plugin.core.settings", "k15_plugin.core.optimizer", "k15_plugin.rewards.registry", "k15_plugin.errors"],
+)
 def test_the_doc_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

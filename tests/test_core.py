@@ -296,3 +296,28 @@ def test_importance_weights_scale_each_sample_and_its_gradient():
     assert policy.tolist() == pytest.approx([2.0, -1.0]) and l2.tolist() == pytest.approx([1.0, 1.0])
     (policy + l2).sum().backward()
     assert logp.grad.tolist() == pytest.approx([-4.0, -0.5])
+
+
+@pytest.mark.parametrize("reset", ["clear", "zero"])
+def test_an_optimizer_reset_makes_the_next_step_a_fresh_optimizers_first(reset):
+    from k15_plugin.core.optimizer import clear_optimizer_state, zero_optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    twin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3)
+    for _ in range(3):  # moments and step counts build up
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    twin.load_state_dict(model.state_dict())
+    fresh = torch.optim.AdamW(twin.parameters(), lr=0.1)
+    count = clear_optimizer_state(opt) if reset == "clear" else zero_optimizer_state(opt)
+    assert count == (2 if reset == "clear" else 6)  # 2 parameters; 3 tensors each (step, exp_avg, exp_avg_sq)
+    for m, o in ((model, opt), (twin, fresh)):
+        o.zero_grad()
+        m(x).square().sum().backward()
+        o.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

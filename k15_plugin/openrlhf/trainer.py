@@ -24,6 +24,7 @@ from openrlhf.trainer import ppo_trainer as upstream_trainer
 from openrlhf.trainer.ray import ppo_actor as upstream_actor
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from k15_plugin.core.optimizer import zero_optimizer_state as reset_optimizer_moments
 from k15_plugin.core.prompt_sampler import PromptSampler, build_prompt_sampler
 from k15_plugin.openrlhf.advantages import K15ExperienceMaker
 from k15_plugin.openrlhf.loss import K15MirrorDescentLoss
@@ -33,30 +34,6 @@ def plain_class(actor_class):
     """The class behind a ``@ray.remote`` actor class (or the class itself)."""
     metadata = getattr(actor_class, "__ray_metadata__", None)
     return metadata.modified_class.__ray_actor_class__ if metadata is not None else actor_class
-
-
-def reset_optimizer_moments(optimizer) -> int:
-    """Zero, in place, every tensor of an optimizer's per-parameter state and its step counts (state and groups).
-
-    DeepSpeed's ZeRO optimizers wrap the torch optimizer (``.optimizer``); its state tensors may be partitions or
-    CPU-offloaded buffers the engine keeps references to, so they are zeroed rather than dropped. With the moments
-    and the step at 0 the next update is a freshly built optimizer's first. Returns the number of tensors zeroed.
-    """
-    base = getattr(optimizer, "optimizer", optimizer)
-    if not isinstance(base, torch.optim.Optimizer):
-        raise TypeError(f"cannot reset the state of a {type(base).__name__}: not a torch optimizer")
-    zeroed = 0
-    for state in base.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                value.zero_()
-                zeroed += 1
-            elif key == "step":
-                state[key] = 0
-    for group in base.param_groups:
-        if "step" in group:
-            group["step"] = 0
-    return zeroed
 
 
 class _K15PPOTrainer(plain_class(upstream_trainer.PPOTrainer)):

@@ -33,6 +33,7 @@ from k15_plugin.core import (
     mirror_descent_terms,
     sequence_logps,
 )
+from k15_plugin.core.optimizer import clear_optimizer_state
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
 from k15_plugin.trl.partial import K15PartialRolloutMixin
 from k15_plugin.trl.samplers import K15SamplerMixin, check_sampler_dataset
@@ -303,8 +304,7 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
         Accelerate's ``AcceleratedOptimizer`` and DeepSpeed's ZeRO optimizers expose the inner optimizer's ``state``
         as their own, so clearing it clears the real one.
         """
-        if self.optimizer is not None and self.optimizer.state:
-            self.optimizer.state.clear()
+        if self.optimizer is not None and clear_optimizer_state(self.optimizer):
             self._k15_resets += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -12,6 +12,8 @@ import torch
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from k15_plugin.core.optimizer import clear_optimizer_state
+
 
 def reset_optimizer_state(optimizer) -> int:
     """Clear a torch optimizer's per-parameter state (Adam moments and step counts); learning rates untouched.
@@ -24,9 +26,7 @@ def reset_optimizer_state(optimizer) -> int:
             f"algorithm.k15.reset_optimizer_each_iteration: cannot reset a {type(optimizer).__name__} (only torch "
             "optimizers, as verl's FSDP engines use); set it to false for this engine"
         )
-    cleared = len(optimizer.state)
-    optimizer.state.clear()
-    return cleared
+    return clear_optimizer_state(optimizer)
 
 
 class K15ActorRolloutRefWorker(ActorRolloutRefWorker):
