@@ -164,6 +164,36 @@ def test_bad_values_fail_in_one_line_before_loading(tmp_path, monkeypatch, capsy
     assert_one_line(code, stderr, key, tmp_path)
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["+foo=1"], "foo: Key 'foo' not in 'K15TrainConfig' (an unknown key; +key=value adds new keys only under"),
+        (["++foo=1"], "foo: Key 'foo' not in 'K15TrainConfig'"),
+        (["+trainer.foo=1"], "trainer.foo: Key 'foo' not in 'Trainer'"),
+        (["+algorithm.foo=1"], "algorithm.foo: Key 'foo' not in 'KimiMDAlgorithm'"),  # `Any` in the top schema
+        (["sampler=prioritized", "+sampler.flor=0.1"], "sampler.flor: Key 'flor' not in 'PrioritizedSampler'"),
+        (["+rollout.repeat.foo=1"], "rollout.repeat.foo: Key 'foo' not in 'Repeat'"),
+        (["+host.foo=1"], "host.foo: Key 'foo' not in 'Host'"),
+        (["+foo=1", "+model.bar=2"], "model.bar, foo: unknown keys (not in Model, K15TrainConfig)"),
+        (["-m", "algorithm=kimi_md,grpo", "+algorithm.foo=1"], "algorithm.foo: Key 'foo' not in 'KimiMDAlgorithm'"),
+    ],
+)
+def test_unknown_keys_added_with_plus_fail_in_one_line(tmp_path, monkeypatch, capsys, args, expected):
+    """``+key=value`` lifts struct mode for the key it adds: without the schema walk the run went on silently."""
+    code, stderr = main_before_the_job(args, tmp_path, monkeypatch, capsys)
+    assert_one_line(code, stderr, expected, tmp_path)
+
+
+def test_plus_still_adds_hydra_keys_and_openrlhf_flags(composer):
+    from k15_plugin.cli.schema import unknown_keys
+    from k15_plugin.cli.train import check_overrides
+
+    cfg = composer(["host=openrlhf", "+host.flags.actor.foo=1", "+host.flags.bar=x"])
+    assert cfg.host.flags.actor.foo == 1 and unknown_keys(cfg) == []
+    assert unknown_keys(composer(["+trainer.foo=1", "+host.flags.bar=x"])) == [("trainer.foo", "Trainer")]
+    check_overrides(["+host.flags.foo=1", "+hydra.job.env_set.K15_TEST=1"])  # no error (it resets Hydra: last)
+
+
 def test_multirun_demo_writes_a_run_directory_per_algorithm(tmp_path):
     """A real ``k15-train -m`` process: kimi_md and GRPO side by side, each with its own complete run directory."""
     sweep = tmp_path / "sweep"

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from k15_plugin.cli.build import ConfigError, check_config
 from k15_plugin.cli.inputs import check_inputs
-from k15_plugin.cli.schema import register_schemas
+from k15_plugin.cli.schema import check_known_keys, register_schemas
 
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # as the user started the process
 _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc", "--version")
@@ -108,6 +108,7 @@ def check_overrides(overrides: list[str]) -> None:
                 OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
             except Exception as err:  # composition errors of any kind become one line
                 raise ConfigError(_one_line(err)) from None
+            check_known_keys(cfg)  # `+key=value` adds keys that struct mode would refuse
             if cfg.host.name == "openrlhf":
                 openrlhf_plans.append(openrlhf_plan(cfg))
             else:
