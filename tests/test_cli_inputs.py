@@ -154,6 +154,20 @@ CASES = [
         "model.path='{tmp}/model' has no config.json",
         id="model_path_without_config",
     ),
+    pytest.param(  # was a traceback after the model loaded, leaving a run directory
+        {},
+        ["reward=code"],
+        "reward.verifier=code reads a `tests` column ([{{'input': str, 'output': str}}, ...] per row), but "
+        "data=demo_arithmetic has only ['prompt', 'answer', 'difficulty']",
+        id="code_reward_on_demo_data",
+    ),
+    pytest.param(
+        {},
+        ["data=demo_sum3", "reward=code"],
+        "reward.verifier=code reads a `tests` column ([{{'input': str, 'output': str}}, ...] per row), but "
+        "data=demo_sum3 has only ['prompt', 'answer']",
+        id="code_reward_on_demo_sum3_data",
+    ),
 ]
 
 
@@ -276,6 +290,16 @@ def test_check_inputs_directly(tmp_path, composer):
     check_inputs(
         composer("model=qwen2.5_0.5b", "model.name=k15-test/not-downloaded", f"trainer.resume_from_checkpoint={hub}")
     )
+
+
+def test_math_reward_on_demo_data_passes_the_check_and_loads(composer):
+    """reward=math scores the demo's number answers (reward=code has no test cases there and is refused)."""
+    from k15_plugin.data.tasks import load_task
+
+    cfg = composer("reward=math")
+    check_inputs(cfg)
+    task = load_task(cfg.data, None, 0, 4, cfg.reward)
+    assert task.reward_funcs[0](["46"], answer=["46"]) == [1.0]
 
 
 def test_loader_loads_what_the_check_accepts(tmp_path, composer, capsys):

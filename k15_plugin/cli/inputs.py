@@ -385,6 +385,10 @@ def check_data(cfg: DictConfig) -> None:
             f"{DIFFICULTY!r} in the data"
         )
     if d.source == "demo_arithmetic":
+        if RowFormat.of(d, cfg.reward).code:  # the demo rows have no test cases; found here, not after loading
+            from k15_plugin.data.tasks import demo_columns, missing_tests_message
+
+            raise ConfigError(missing_tests_message(d, demo_columns(d, cfg.seed)))
         if d.terms == 3 and s.name == "curriculum":
             raise ConfigError(
                 "sampler=curriculum reads difficulty labels, which the three-term task "

@@ -66,15 +66,20 @@ def reward_funcs(reward, data, columns: list[str], task_reward: Callable) -> lis
         from k15_plugin.rewards import get_code_reward
 
         if "tests" not in columns:
-            raise ValueError(
-                f"reward.verifier=code reads a `tests` column ([{{'input': str, 'output': str}}, ...] per row), but "
-                f"data={data.name} has only {columns}"
-            )
+            raise ValueError(missing_tests_message(data, columns))
         try:
             return [get_code_reward(partial_credit=reward.code.partial_credit, sandbox=sandbox_config(reward.code))]
         except ValueError as err:
             raise ValueError(f"reward.code: {err}") from None
     raise ValueError(f"reward.verifier={verifier!r} is not one of ['task', 'math', 'code']")
+
+
+def missing_tests_message(data, columns: list[str]) -> str:
+    """Why ``reward.verifier=code`` cannot score ``data`` (rows with ``columns``, no ``tests``): one line."""
+    return (
+        f"reward.verifier=code reads a `tests` column ([{{'input': str, 'output': str}}, ...] per row), but "
+        f"data={data.name} has only {columns}"
+    )
 
 
 def sandbox_config(code):
@@ -100,6 +105,11 @@ def _demo_rows(data, seed: int) -> tuple[Dataset, Dataset]:
         num_train=data.num_train, seed=seed, heldout_size=data.heldout_size, filler_max=data.filler_max
     )
     return train.add_column("difficulty", [arithmetic_difficulty(p) for p in train["prompt"]]), heldout
+
+
+def demo_columns(data, seed: int) -> list[str]:
+    """The training columns of the built-in demo task ``data`` (its rows are built in a fraction of a second)."""
+    return _demo_rows(data, seed)[0].column_names
 
 
 def _demo_task(data, tokenizer, seed: int, reward=None) -> Task:
