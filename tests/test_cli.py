@@ -194,6 +194,19 @@ def test_plus_still_adds_hydra_keys_and_openrlhf_flags(composer):
     check_overrides(["+host.flags.foo=1", "+hydra.job.env_set.K15_TEST=1"])  # no error (it resets Hydra: last)
 
 
+def test_host_openrlhf_without_openrlhf_says_so_once(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openrlhf" else find_spec(name, *a)
+    )
+    code, stderr = main_before_the_job(["host=openrlhf"], tmp_path, monkeypatch, capsys)
+    expected = "OpenRLHF is not installed: pip install 'k15-plugin[openrlhf]' (README: OpenRLHF)"
+    assert_one_line(code, stderr, expected, tmp_path)
+    assert stderr.strip() == f"k15-train: error: {expected}"  # once: it was "OpenRLHF OpenRLHF is not installed"
+
+
 def test_multirun_demo_writes_a_run_directory_per_algorithm(tmp_path):
     """A real ``k15-train -m`` process: kimi_md and GRPO side by side, each with its own complete run directory."""
     sweep = tmp_path / "sweep"
