@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from k15_plugin.cli.build import ConfigError, check_config
 from k15_plugin.cli.inputs import check_inputs
+from k15_plugin.cli.resolve import check_sources
 from k15_plugin.cli.schema import check_known_keys, register_schemas
 
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # as the user started the process
@@ -119,6 +120,7 @@ def check_overrides(overrides: list[str]) -> None:
                     )
                 check_config(cfg)
             check_inputs(cfg)  # the data file, model directory and checkpoint it names
+            check_sources(cfg)  # the model and Hub dataset: a local path, the cache or the Hub, else one line
     GlobalHydra.instance().clear()
     if openrlhf_plans:
         from k15_plugin.cli.openrlhf_host import check_plans
