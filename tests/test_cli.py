@@ -2,6 +2,7 @@
 
 Bad values go through ``k15-train``'s ``main`` in this process; the runs are real processes."""
 
+import io
 import json
 import os
 import subprocess
@@ -163,6 +164,112 @@ def _cli(args, cwd, timeout=1800):  # a slow, loaded 2-core machine: minutes of 
 def test_bad_values_fail_in_one_line_before_loading(tmp_path, monkeypatch, capsys, args, key):
     code, stderr = main_before_the_job(args, tmp_path, monkeypatch, capsys)
     assert_one_line(code, stderr, key, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["+foo=1"], "foo: Key 'foo' not in 'K15TrainConfig' (an unknown key; +key=value adds new keys only under"),
+        (["++foo=1"], "foo: Key 'foo' not in 'K15TrainConfig'"),
+        (["+trainer.foo=1"], "trainer.foo: Key 'foo' not in 'Trainer'"),
+        (["+algorithm.foo=1"], "algorithm.foo: Key 'foo' not in 'KimiMDAlgorithm'"),  # `Any` in the top schema
+        (["sampler=prioritized", "+sampler.flor=0.1"], "sampler.flor: Key 'flor' not in 'PrioritizedSampler'"),
+        (["+rollout.repeat.foo=1"], "rollout.repeat.foo: Key 'foo' not in 'Repeat'"),
+        (["+host.foo=1"], "host.foo: Key 'foo' not in 'Host'"),
+        (["+foo=1", "+model.bar=2"], "model.bar, foo: unknown keys (not in Model, K15TrainConfig)"),
+        (["-m", "algorithm=kimi_md,grpo", "+algorithm.foo=1"], "algorithm.foo: Key 'foo' not in 'KimiMDAlgorithm'"),
+    ],
+)
+def test_unknown_keys_added_with_plus_fail_in_one_line(tmp_path, monkeypatch, capsys, args, expected):
+    """``+key=value`` lifts struct mode for the key it adds: without the schema walk the run went on silently."""
+    code, stderr = main_before_the_job(args, tmp_path, monkeypatch, capsys)
+    assert_one_line(code, stderr, expected, tmp_path)
+
+
+def test_plus_still_adds_hydra_keys_and_openrlhf_flags(composer):
+    from k15_plugin.cli.schema import unknown_keys
+    from k15_plugin.cli.train import check_overrides
+
+    cfg = composer(["host=openrlhf", "+host.flags.actor.foo=1", "+host.flags.bar=x"])
+    assert cfg.host.flags.actor.foo == 1 and unknown_keys(cfg) == []
+    assert unknown_keys(composer(["+trainer.foo=1", "+host.flags.bar=x"])) == [("trainer.foo", "Trainer")]
+    check_overrides(["+host.flags.foo=1", "+hydra.job.env_set.K15_TEST=1"])  # no error (it resets Hydra: last)
+
+
+def test_host_openrlhf_without_openrlhf_says_so_once(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openrlhf" else find_spec(name, *a)
+    )
+    code, stderr = main_before_the_job(["host=openrlhf"], tmp_path, monkeypatch, capsys)
+    expected = "OpenRLHF is not installed: pip install 'k15-plugin[openrlhf]' (README: OpenRLHF)"
+    assert_one_line(code, stderr, expected, tmp_path)
+    assert stderr.strip() == f"k15-train: error: {expected}"  # once: it was "OpenRLHF OpenRLHF is not installed"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _progress_of_a_run(stream, run_dir, monkeypatch, steps=4, logging_steps=2):
+    """What the run-files callback writes to standard error (``stream``) over a run of ``steps`` steps."""
+    from types import SimpleNamespace
+
+    from k15_plugin.cli.run_files import RunFilesCallback
+
+    monkeypatch.setattr(sys, "stderr", stream)
+    evaluate = lambda limit: {"accuracy": 0.5, "mean_completion_tokens": 3.0}  # noqa: E731
+    callback = RunFilesCallback(run_dir, evaluate, eval_steps=0, eval_size=1, is_main=True)
+    args, state = SimpleNamespace(logging_steps=logging_steps), SimpleNamespace(max_steps=steps, global_step=0)
+    callback.on_train_begin(args, state, None)
+    for step in range(1, steps + 1):
+        state.global_step = step
+        callback.on_step_end(args, state, None)
+        if step % logging_steps == 0:  # the trainer logs after the step's callbacks
+            callback.on_log(args, state, None, logs={"reward": step / 8, "completions/mean_length": 3.0})
+    callback.on_train_end(args, state, None)
+    return callback, stream.getvalue()
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    """In a log file (> train.log, nohup, CI) the bar's carriage-return redraws made one endless line."""
+    _, written = _progress_of_a_run(io.StringIO(), tmp_path, monkeypatch)
+    assert "\r" not in written
+    lines = written.splitlines()
+    assert lines[0].startswith("k15: step 0/4 (0%), 00:00 elapsed")
+    assert [line.split(",")[0] for line in lines] == [
+        "k15: step 0/4 (0%)",
+        "k15: step 2/4 (50%)",
+        "k15: step 4/4 (100%)",
+    ]
+    assert lines[1].endswith("reward=0.25, len=3") and " left, " in lines[1]  # the figures of the step's own log
+    assert lines[2].endswith("reward=0.5, len=3")
+
+
+def test_progress_line_every_30_seconds_between_logging_steps():
+    from k15_plugin.cli.progress import LineProgress
+
+    now = [0.0]
+    stream = io.StringIO()
+    progress = LineProgress(100, 0, 50, stream, clock=lambda: now[0])
+    for _ in range(3):
+        now[0] += 20
+        progress.update(1)
+    progress.close()
+    steps = [line.split(",")[0] for line in stream.getvalue().splitlines()]
+    assert steps == ["k15: step 0/100 (0%)", "k15: step 2/100 (2%)", "k15: step 3/100 (3%)"]  # at 40 s, then the end
+    assert "00:40 elapsed, 32:40 left" in stream.getvalue().splitlines()[1]
+
+
+def test_progress_bar_stays_on_a_terminal(tmp_path, monkeypatch):
+    from tqdm.auto import tqdm
+
+    callback, written = _progress_of_a_run(_Terminal(), tmp_path, monkeypatch)
+    assert isinstance(callback.bar, tqdm)
+    assert "\r" in written and "4/4" in written and "reward=0.5" in written
 
 
 def test_multirun_demo_writes_a_run_directory_per_algorithm(tmp_path):

@@ -154,6 +154,20 @@ CASES = [
         "model.path='{tmp}/model' has no config.json",
         id="model_path_without_config",
     ),
+    pytest.param(  # was a traceback after the model loaded, leaving a run directory
+        {},
+        ["reward=code"],
+        "reward.verifier=code reads a `tests` column ([{{'input': str, 'output': str}}, ...] per row), but "
+        "data=demo_arithmetic has only ['prompt', 'answer', 'difficulty']",
+        id="code_reward_on_demo_data",
+    ),
+    pytest.param(
+        {},
+        ["data=demo_sum3", "reward=code"],
+        "reward.verifier=code reads a `tests` column ([{{'input': str, 'output': str}}, ...] per row), but "
+        "data=demo_sum3 has only ['prompt', 'answer']",
+        id="code_reward_on_demo_sum3_data",
+    ),
 ]
 
 
@@ -276,6 +290,100 @@ def test_check_inputs_directly(tmp_path, composer):
     check_inputs(
         composer("model=qwen2.5_0.5b", "model.name=k15-test/not-downloaded", f"trainer.resume_from_checkpoint={hub}")
     )
+
+
+def test_math_reward_on_demo_data_passes_the_check_and_loads(composer):
+    """reward=math scores the demo's number answers (reward=code has no test cases there and is refused)."""
+    from k15_plugin.data.tasks import load_task
+
+    cfg = composer("reward=math")
+    check_inputs(cfg)
+    task = load_task(cfg.data, None, 0, 4, cfg.reward)
+    assert task.reward_funcs[0](["46"], answer=["46"]) == [1.0]
+
+
+# ------------------------------------------------------------------------------------------------ model and dataset
+GSM8K = ["experiment=gsm8k_qwen0.5b", "trainer.bf16=false", "trainer.use_vllm=false"]
+
+
+def _no_hub(monkeypatch, tmp_path, offline=False):
+    """An empty HF_HOME in ``tmp_path``; the Hub unreachable (a closed local port) or HF_HUB_OFFLINE=1."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(name, raising=False)  # and restored after the test, also where the check sets them
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once, on any machine
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the offline switches a cached run turns on
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _tiny_model(directory):
+    from k15_plugin.data.arithmetic import build_tokenizer, tiny_test_model
+
+    tokenizer = build_tokenizer()
+    tiny_test_model(tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["hub_unreachable", "hf_hub_offline"])
+def test_a_hub_model_neither_cached_nor_reachable_fails_fast(tmp_path, monkeypatch, capsys, offline):
+    """Loading retried for a minute, then an OSError traceback and a run directory were left."""
+    import time
+
+    _no_hub(monkeypatch, tmp_path, offline)
+    start = time.monotonic()
+    code, stderr = main_before_the_job(GSM8K, tmp_path, monkeypatch, capsys)
+    seconds = time.monotonic() - start
+    expected = f"model.name=Qwen/Qwen2.5-0.5B-Instruct: not a local path, not in the local cache ({tmp_path}/hf/hub)"
+    assert_one_line(code, stderr, expected, tmp_path)
+    assert "set model.path to a directory written by save_pretrained" in stderr and "HF_HUB_OFFLINE=1" in stderr
+    assert ("HF_HUB_OFFLINE=1 keeps the Hugging Face Hub out" if offline else "Hub cannot be reached") in stderr
+    assert seconds < 20, seconds  # composing and checking only: no retries
+
+    model = _tiny_model(tmp_path / "model")  # the model on disk: the dataset is next
+    code, stderr = main_before_the_job([*GSM8K, f"model.path={model}"], tmp_path, monkeypatch, capsys)
+    expected = f"data.path=openai/gsm8k: not a local path, not in the local cache ({tmp_path}/hf/datasets)"
+    assert_one_line(code, stderr, expected, tmp_path)
+    assert "use data=jsonl data.path=<file>" in stderr
+
+
+def test_a_local_or_cached_model_and_dataset_need_no_network(tmp_path, monkeypatch, capsys, composer):
+    from transformers import AutoConfig
+
+    from k15_plugin.cli.resolve import check_dataset_source, check_model_source, hub_cache
+
+    _no_hub(monkeypatch, tmp_path)
+    model = _tiny_model(tmp_path / "model")
+    cfg = composer(*GSM8K, f"model.path={model}")
+    check_inputs(cfg)
+    assert check_model_source(cfg.model) == "path"
+    assert check_model_source(composer(*GSM8K, f"model.name={model}").model) == "local"
+    assert check_model_source(composer().model) == "demo"
+    assert check_dataset_source(composer().data) == "demo"
+
+    # a filled cache: the model as the Hub cache keeps it, the dataset as `datasets` prepares it
+    repo = tmp_path / "hf" / "hub" / "models--k15-test--tiny"
+    _tiny_model(repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (tmp_path / "hf" / "datasets" / "openai___gsm8k" / "main" / "0.0.0" / ("1" * 40)).mkdir(parents=True)
+    cached = composer(*GSM8K, "model.name=k15-test/tiny")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert check_model_source(cached.model) == "cache" and check_dataset_source(cached.data) == "cache"
+    assert capsys.readouterr().err == ""
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # the Hub unreachable, no HF_HUB_OFFLINE: the cache, in offline mode
+    assert check_model_source(cached.model) == "cache"
+    assert "the Hugging Face Hub cannot be reached" in capsys.readouterr().err
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # so the loaders read the cache without retrying
+    assert AutoConfig.from_pretrained("k15-test/tiny", cache_dir=hub_cache()).hidden_size == 64
 
 
 def test_loader_loads_what_the_check_accepts(tmp_path, composer, capsys):

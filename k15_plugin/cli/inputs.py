@@ -135,6 +135,13 @@ def check_data(cfg: DictConfig) -> None:
             f"{DIFFICULTY!r} in the data"
         )
     if d.source == "demo_arithmetic":
+        from k15_plugin.data.tasks import demo_columns
+        from k15_plugin.rewards.registry import check_columns
+
+        try:  # e.g. reward=code: the demo rows have no test cases; found here, not after loading
+            check_columns(cfg.reward, d, demo_columns(d, cfg.seed))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if d.terms == 3 and s.name == "curriculum":
             raise ConfigError(
                 "sampler=curriculum reads difficulty labels, which the three-term task "

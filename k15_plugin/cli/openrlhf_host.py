@@ -214,7 +214,8 @@ def check_plans(plans: list[OpenRLHFPlan]) -> None:
             continue
         flag = flag_of_error(error)
         key = plan.sources.get(flag or "", None)
-        raise ConfigError(f"{key}: OpenRLHF {error}" if key else f"OpenRLHF {error}")
+        said = error if "OpenRLHF" in error else f"OpenRLHF {error}"  # a parser message does not say whose it is
+        raise ConfigError(f"{key}: {said}" if key else said)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,4 +1,5 @@
-"""What a CLI run leaves in its run directory: metrics JSONL, held-out curve, plots, summary; and its progress bar.
+"""What a CLI run leaves in its run directory: metrics JSONL, held-out curve, plots, summary; and its progress
+(a bar on a terminal, plain lines in a log: ``k15_plugin.cli.progress``).
 
 Only the main process writes (under ``accelerate launch`` every process shares the run directory).
 """
@@ -9,8 +10,9 @@ import json
 import math
 from pathlib import Path
 
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
+
+from k15_plugin.cli.progress import progress_bar
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -18,7 +20,7 @@ PLOT_FILE = "curves.png"
 
 
 class RunFilesCallback(TrainerCallback):
-    """Progress bar, one JSON line per logging step, and greedy held-out evaluation every ``eval_steps``.
+    """Progress (bar or lines), one JSON line per logging step, and greedy held-out evaluation every ``eval_steps``.
 
     ``evaluate(limit)`` returns ``{"accuracy", "mean_completion_tokens"}`` on the first ``limit`` held-out prompts (all
     of them for ``None``). It is collective: every process calls it at the same points (each decodes a shard), so the
@@ -41,17 +43,15 @@ class RunFilesCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.before = self.evaluate(None)
         if self.is_main:
-            self.bar = tqdm(
-                total=state.max_steps, initial=state.global_step, desc="k15", unit="step", dynamic_ncols=True
-            )
+            self.bar = progress_bar(state.max_steps, state.global_step, args.logging_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:  # first: the evaluation's log below belongs to this step (and a line is due now)
+            self.bar.update(state.global_step - self.bar.n)
         if self.eval_steps and state.global_step % self.eval_steps == 0 and state.global_step < state.max_steps:
             result = self.evaluate(self.eval_size)  # every process: the evaluation is collective
             if self.trainer is not None:
                 self.trainer.log({f"heldout/{k}": v for k, v in result.items()})
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.is_main or not logs:

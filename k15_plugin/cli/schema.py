@@ -9,12 +9,12 @@ checks that every key here has its setting there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from k15_plugin.core.settings import default
 from k15_plugin.rewards.registry import VERIFIERS
@@ -304,3 +304,53 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     for (group, name), node in SCHEMAS.items():
         cs.store(group=group, name=name, node=node)
+
+
+# ---------------------------------------------------------------------------------------------------- unknown keys
+# Where a new key is welcome: OpenRLHF's flags (`+host.flags.<flag>=...`), passed through as they are.
+FREE_KEYS = ("host.flags",)
+
+
+def unknown_keys(cfg: DictConfig) -> list[tuple[str, str]]:
+    """``(key, schema name)`` for every key of a composed config that its schema does not have.
+
+    OmegaConf's struct mode already rejects ``key=value`` for a key the schema lacks, but Hydra's ``+key=value`` (and
+    ``++key=value``) adds the key with struct mode lifted, and the ``algorithm`` and ``sampler`` groups are typed
+    ``Any`` at the top: the composed config then carries a key nothing reads. Every node made from a schema keeps its
+    dataclass (``OmegaConf.get_type``), so the key sets are compared node by node; a plain ``dict`` node
+    (``host.flags``) takes any key.
+    """
+    found: list[tuple[str, str]] = []
+
+    def walk(node: DictConfig, path: str) -> None:
+        schema = OmegaConf.get_type(node)
+        if not (isinstance(schema, type) and is_dataclass(schema)) or path in FREE_KEYS:
+            return
+        known = {f.name for f in fields(schema)}
+        for key in node.keys():
+            full = f"{path}.{key}" if path else str(key)
+            if key not in known:
+                found.append((full, schema.__name__))
+                continue
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                walk(child, full)
+
+    walk(cfg, "")
+    return found
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys the schema does not have (see :func:`unknown_keys`) with one line naming them."""
+    unknown = unknown_keys(cfg)
+    if not unknown:
+        return
+    from k15_plugin.cli.build import ConfigError
+
+    hint = "+key=value adds new keys only under host.flags, the OpenRLHF flags"
+    if len(unknown) == 1:
+        ((key, schema),) = unknown
+        raise ConfigError(f"{key}: Key '{key.rpartition('.')[2]}' not in '{schema}' (an unknown key; {hint})")
+    keys = ", ".join(key for key, _ in unknown)
+    schemas = ", ".join(dict.fromkeys(schema for _, schema in unknown))
+    raise ConfigError(f"{keys}: unknown keys (not in {schemas}); {hint}")

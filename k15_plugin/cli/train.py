@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from k15_plugin.cli.build import check_config
 from k15_plugin.cli.inputs import check_inputs
-from k15_plugin.cli.schema import register_schemas
+from k15_plugin.cli.resolve import check_sources
+from k15_plugin.cli.schema import check_known_keys, register_schemas
 from k15_plugin.errors import ConfigError
 
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # as the user started the process
@@ -109,6 +110,7 @@ def check_overrides(overrides: list[str]) -> None:
                 OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
             except Exception as err:  # composition errors of any kind become one line
                 raise ConfigError(_one_line(err)) from None
+            check_known_keys(cfg)  # `+key=value` adds keys that struct mode would refuse
             if cfg.host.name == "openrlhf":
                 openrlhf_plans.append(openrlhf_plan(cfg))
             else:
@@ -119,6 +121,7 @@ def check_overrides(overrides: list[str]) -> None:
                     )
                 check_config(cfg)
             check_inputs(cfg)  # the data file, model directory and checkpoint it names
+            check_sources(cfg)  # the model and Hub dataset: a local path, the cache or the Hub, else one line
     GlobalHydra.instance().clear()
     if openrlhf_plans:
         from k15_plugin.cli.openrlhf_host import check_plans

@@ -178,6 +178,22 @@ def spec_of(reward, data) -> Spec:
     return get_verifier(plain(reward.verifier)).spec(reward, data)
 
 
+_COLUMN_FORMATS = {"tests": "[{'input': str, 'output': str}, ...] per row", "answer": "the reference answer"}
+
+
+def check_columns(reward, data, columns: list[str]) -> None:
+    """Raise ``ValueError`` (one line) when the rows of ``data``, with ``columns``, lack the column that
+    ``reward.verifier`` reads: ``k15-train`` calls it before anything loads where the columns are known (the
+    built-in tasks), and again when the task is built. The ``task`` verifier uses the data's own checker."""
+    name = plain(reward.verifier)
+    column = VERIFIERS[name].column
+    if name != "task" and column not in columns:
+        raise ValueError(
+            f"reward.verifier={name} reads a `{column}` column ({_COLUMN_FORMATS.get(column, 'per row')}), but "
+            f"data={data.name} has only {columns}"
+        )
+
+
 def reward_funcs(reward, data, columns: list[str], task_reward: Callable) -> list[Callable]:
     """TRL's reward functions for ``reward.verifier`` (``k15-train``); ``task_reward`` is the data's own checker.
 
@@ -190,11 +206,7 @@ def reward_funcs(reward, data, columns: list[str], task_reward: Callable) -> lis
     if name not in VERIFIERS:
         raise ValueError(f"reward.verifier={name!r} is not one of {list(VERIFIERS)}")
     verifier = VERIFIERS[name]
-    if verifier.column == "tests" and "tests" not in columns:
-        raise ValueError(
-            f"reward.verifier={name} reads a `tests` column ([{{'input': str, 'output': str}}, ...] per row), but "
-            f"data={data.name} has only {columns}"
-        )
+    check_columns(reward, data, columns)
     try:
         return [verifier.build(verifier.spec(reward, data), task_reward)]
     except ValueError as err:
