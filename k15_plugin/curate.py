@@ -170,6 +170,12 @@ def _model_defaults(args: argparse.Namespace, command: str) -> None:
 
 
 def run_difficulty(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
+    """``difficulty``: ``--n`` samples per prompt, scored; writes every row with ``pass_rate`` (share of samples with a
+    reward >= ``--correct-threshold``) and ``difficulty = 1 - pass_rate``.
+
+    Returns ``(complete, summary)``; ``(False, {})`` when ``--stop-after`` stopped it before the last prompt (nothing
+    written yet). The summary counts the rows, the mean pass rate, and the unsolved and always-solved prompts.
+    """
     generator = Generator(
         args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size, args.chat, args.seed
     )
@@ -203,6 +209,11 @@ def run_difficulty(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> 
 
 
 def run_easy_to_hack(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
+    """``easy-to-hack``: ``--tries`` answers per prompt without reasoning; writes only the rows never guessed right.
+
+    Returns ``(complete, summary)`` as :func:`run_difficulty` does; the summary counts the rows, the rows kept and
+    those dropped as easy to hack.
+    """
     generator = Generator(
         args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size, args.chat, args.seed
     )
@@ -226,6 +237,12 @@ def run_easy_to_hack(args, rows: list[dict], sidecar: Sidecar, progress: bool) -
 
 
 def run_filter(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
+    """``filter``: drops the rows :func:`question_type` classifies (multiple-choice, true/false, proof); no model.
+
+    Returns ``(complete, summary)`` as :func:`run_difficulty` does; the summary counts the rows, the rows kept and,
+    per :data:`FILTER_REASONS` entry, the rows dropped for it.
+    """
+
     def work(indices: list[int]) -> dict[int, dict]:
         return {
             i: {"reason": question_type(rows[i][args.prompt_column], rows[i].get(args.answer_column))} for i in indices
@@ -253,6 +270,8 @@ def _prompt(row: dict, args: argparse.Namespace) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``k15-curate`` argument parser: one subcommand per :data:`COMMANDS` entry, each with its ``run_*``
+    function as ``func``."""
     parser = argparse.ArgumentParser(prog="k15-curate", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 

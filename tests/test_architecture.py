@@ -120,7 +120,16 @@ def test_adapters_never_import_each_other():
 
 @pytest.mark.parametrize(
     "module",
-    ["k15_plugin.core.settings", "k15_plugin.core.optimizer", "k15_plugin.rewards.registry", "k15_plugin.errors"],
+    [
+        "k15_plugin.core.settings",
+        "k15_plugin.core.optimizer",
+        "k15_plugin.rewards",
+        "k15_plugin.rewards.answer",
+        "k15_plugin.rewards.code",
+        "k15_plugin.rewards.math",
+        "k15_plugin.rewards.registry",
+        "k15_plugin.errors",
+    ],
 )
 def test_the_doc_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Sample:
+    """One of a prompt's samples as the selection sees it: its length, whether it is correct, whether it was cut."""
+
     tokens: int  # generated tokens, EOS included
     correct: bool
     truncated: bool = False

@@ -51,6 +51,7 @@ class Member:
 
     @property
     def finished(self) -> bool:
+        """True once the member stopped (EOS, the length cap or a repeat): it gets no more segments."""
         return self.status != "running"
 
 
@@ -66,6 +67,7 @@ class Group:
 
     @property
     def ready(self) -> bool:
+        """True when all ``k`` members have finished, so the group can be emitted for training."""
         return all(m.finished for m in self.members)
 
 
@@ -214,6 +216,7 @@ class PartialRolloutBuffer:
 
     @property
     def ready_groups(self) -> int:
+        """How many buffered groups are ready (all members finished): how many :meth:`emit` can take now."""
         return sum(g.ready for g in self.groups)
 
     def emit(self, count: int) -> list[Group]:
@@ -262,6 +265,8 @@ class PartialRolloutBuffer:
         return [self.group_size, self.segment_tokens, self.max_completion_length, rule, self.max_iterations]
 
     def state_dict(self) -> dict[str, Any]:
+        """The buffer as plain data for a checkpoint: its settings, phase, next uid and every group (JSON-able when
+        the groups' rows are)."""
         return {
             "format": 2,
             "settings": self._settings(),
@@ -271,6 +276,11 @@ class PartialRolloutBuffer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the phase, next uid and groups with those of a :meth:`state_dict`.
+
+        Raises ValueError when the state is of another format or was saved with other settings (group size, segment
+        tokens, length cap, repeat rule, max iterations): its groups would not fit this buffer's rules.
+        """
         if state.get("format") != 2 or list(state["settings"]) != self._settings():
             raise ValueError(
                 "the saved partial-rollout buffer was made with (group_size, segment_tokens, max_completion_length, "

@@ -195,6 +195,8 @@ class PrioritizedPromptSampler(PromptSampler):
         self.floor = floor
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:
+        """(P,) float64 weights max(1 - s_i, floor) from the success rates reported so far (``prior`` for rows not
+        attempted yet); ``chunk_number`` is unused: only the statistics change between chunks."""
         return prioritized_weights(self.tracker.rates(), self.floor)  # (P,)
 
 
@@ -233,6 +235,8 @@ class CurriculumPromptSampler(PromptSampler):
         self.difficulty = self.pool.difficulty
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:
+        """(P,) float64 0/1 weights: 1 for the rows in the curriculum pool at the chunk's trainer step
+        (:meth:`PromptSampler.step_of_chunk`), so the chunk is drawn uniformly from that pool."""
         return self.pool(self.step_of_chunk(chunk_number)).to(torch.float64)  # (P,)
 
 

@@ -44,6 +44,8 @@ class RepeatRule:
             raise ValueError(f"min_span must be >= 1, got {self.min_span}")
 
     def copies_needed(self, period: int) -> int:
+        """``need(period)``: back-to-back copies of a ``period``-token block that make a loop, at least ``min_count``
+        and enough to span ``min_span`` tokens."""
         return max(self.min_count, math.ceil(self.min_span / period))
 
     def run_needed(self, period: int) -> int:

@@ -104,6 +104,8 @@ class SuccessRateTracker:
         return rates
 
     def state_dict(self) -> dict:
+        """The statistics for a checkpoint: ``num_problems``, ``prior`` and copies of the (P,) ``successes`` and
+        ``attempts`` tensors."""
         return {
             "num_problems": self.num_problems,
             "prior": self.prior,
@@ -112,6 +114,10 @@ class SuccessRateTracker:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (tensors copied to CPU, float64 successes, int64 attempts).
+
+        Raises ValueError when the state tracks another number of problems or its tensors are not of shape (P,).
+        """
         if state.get("num_problems") != self.num_problems:
             raise ValueError(
                 f"num_problems mismatch: the state tracks {state.get('num_problems')!r} problems, "

@@ -55,6 +55,9 @@ class RowFormat:
 
     @classmethod
     def of(cls, data, reward=None, sampler=None) -> RowFormat:
+        """The row format of composed config nodes: the ``data`` node's prompt and answer columns, a ``tests`` field
+        when ``reward.verifier`` is ``code``, a difficulty when ``sampler.name`` is ``curriculum`` (``reward`` or
+        ``sampler`` None: not required)."""
         verifier = None if reward is None else plain(reward.verifier)
         return cls(
             data.prompt_column,

@@ -72,6 +72,7 @@ def completion(a: int, b: int, c: int, fmt: str) -> str:
 
 
 def parse_prompt(prompt: str) -> tuple[int, int, int]:
+    """``(a, b, c)`` of a prompt ``"a+b+c="``; ValueError when it is not three integers joined by ``+``."""
     a, b, c = (int(x) for x in prompt.rstrip("=").split("+"))
     return a, b, c
 

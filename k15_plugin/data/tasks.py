@@ -28,6 +28,8 @@ from k15_plugin.rewards.registry import VERIFIERS, plain, reward_funcs
 
 @dataclass
 class Task:
+    """What :func:`load_task` returns: the training and held-out rows, TRL's reward functions, and the evaluator."""
+
     train: Dataset
     heldout: Dataset
     reward_funcs: list[Callable]

@@ -76,6 +76,7 @@ def _finetune_args(p: argparse.ArgumentParser, lr: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``k15-long2short`` argument parser: one subcommand per command of the module docstring."""
     parser = argparse.ArgumentParser(
         prog="k15-long2short",
         description=__doc__.split("\n\n")[0].replace("``", ""),

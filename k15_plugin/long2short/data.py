@@ -55,6 +55,7 @@ def read_jsonl(path: str | Path, option: str) -> list[dict]:
 
 
 def require_columns(rows: list[dict], path: str | Path, columns: Sequence[str]) -> None:
+    """Raise :class:`Long2ShortError` naming the first row of ``path`` (1-based) that lacks one of ``columns``."""
     for number, row in enumerate(rows, 1):
         missing = [c for c in columns if c not in row]
         if missing:
@@ -70,6 +71,8 @@ BUILTIN_TASKS = ("demo_sum3", "demo_arithmetic", "demo_arithmetic_filler")
 
 @dataclass
 class Prompts:
+    """The prompts a ``sample`` or ``eval`` command runs on (:func:`task_prompts`), with where they came from."""
+
     rows: list[dict]  # prompt, answer (and tests for code)
     source: str  # what they came from, for the provenance files
     builtin: str | None = None  # the built-in task's name

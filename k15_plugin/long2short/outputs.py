@@ -17,6 +17,7 @@ PROVENANCE = "long2short.json"
 
 
 def file_digest(path: Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -77,4 +78,5 @@ class ModelOutput:
         shutil.rmtree(self.partial, ignore_errors=True)
 
     def stats(self) -> dict[str, Any]:
+        """The ``stats`` recorded by :meth:`commit` in the finished output's ``long2short.json`` (``{}`` if none)."""
         return json.loads((self.path / PROVENANCE).read_text()).get("stats", {})

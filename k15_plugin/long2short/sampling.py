@@ -238,6 +238,8 @@ def evaluate(
 
 
 def read_eval(path: str) -> list[dict]:
+    """The rows of an ``eval`` output file, one per model; :class:`Long2ShortError` when a row lacks ``name``,
+    ``greedy_accuracy`` or ``greedy_tokens``."""
     from k15_plugin.long2short.data import read_jsonl, require_columns
 
     rows = read_jsonl(path, "--eval")

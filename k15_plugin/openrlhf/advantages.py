@@ -54,6 +54,15 @@ class K15ExperienceMaker(upstream.RemoteExperienceMaker):
 
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences):
+        """OpenRLHF's advantage step with the length reward added to every sample's reward first.
+
+        For every algorithm the rewards are promoted to at least float32 and get the weighted length reward of their
+        group (:meth:`k15_length_bonus`; the weight goes into each experience's ``info`` as
+        ``k15_length_penalty_weight``). Other algorithms then go to the upstream method unchanged. ``kimi_md``
+        replaces it: after OpenRLHF's own length penalties (when set), each sample's advantage is r - tau log Z of its
+        group, put on every response token ((B, A) through ``action_mask``), with ``returns`` equal to the advantages,
+        no whitening and no KL term (``kl`` None). Returns ``experiences``, updated in place.
+        """
         args = self.strategy.args
         settings = args.k15
         for e in experiences:  # as upstream: at least float32 for rewards and group statistics

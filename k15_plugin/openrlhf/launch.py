@@ -19,6 +19,11 @@ from k15_plugin.openrlhf.flags import OPENRLHF_MODULE
 
 
 def run(argv: list[str], settings: OpenRLHFSettings) -> None:
+    """Run ``openrlhf.cli.train_ppo_ray`` as ``__main__`` with ``argv`` and the plugin's classes in place.
+
+    ``settings`` reach every actor as ``args.k15``. OpenRLHF's names and ``sys.argv`` are restored afterwards, also
+    when the run raises.
+    """
     import openrlhf.trainer.ppo_trainer as trainer_module
     import openrlhf.trainer.ray.ppo_actor as actor_module
     import openrlhf.utils.config as config_module

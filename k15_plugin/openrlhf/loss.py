@@ -32,6 +32,19 @@ class K15MirrorDescentLoss(PolicyLoss):
         batch_num_tokens=None,
         global_batch_size=None,
     ):
+        """The mirror-descent loss of one micro-batch, in place of ``PolicyLoss``'s clipped per-token PPO surrogate.
+
+        ``log_probs`` and ``old_log_probs`` are (B, A) per-token log-probs, summed per sequence over ``action_mask``
+        (or averaged with ``length_normalize``); ``advantages`` (B, A) hold one value per sequence on its response
+        tokens, averaged back to (B,). Each sequence's loss is divided by ``global_batch_size`` (the optimizer step's
+        sample count; None: the micro-batch's sequences with at least one response token) and multiplied by
+        ``dp_size``, so the micro-batches and ranks of a step add up to the mean over the step. Sequences without a
+        response token add nothing. ``rollout_log_probs`` and ``batch_num_tokens`` are accepted and ignored.
+
+        Returns:
+            ``(loss, clip_ratio, ppo_kl, None, None)``: the scalar loss, a clip ratio of 0 (nothing is clipped), the
+            masked mean of ``old_log_probs - log_probs`` (detached), and None for the last two values.
+        """
         mask = action_mask.to(log_probs.dtype)  # (B, A)
         n_tokens = mask.sum(dim=-1)  # (B,)
         valid = (n_tokens > 0).to(log_probs.dtype)  # (B,)

@@ -35,6 +35,15 @@ def get_math_reward(**options: Any) -> MathReward:
 
     Options: ``extraction`` (``auto``, ``boxed``, ``gsm8k``, ``last_number``), ``timeout_seconds`` (per sample),
     ``timeout_backend`` (``auto``, ``process``), ``answer_column``.
+
+    Example:
+    ```python
+    >>> from k15_plugin.rewards import get_math_reward
+    >>> reward = get_math_reward(extraction="auto", timeout_seconds=5.0)
+    >>> reward([r"so $x = \\boxed{\\frac{1}{2}}$", "I think it is 0.6"], answer=["0.5", "0.5"])
+    [1.0, 0.0]
+
+    ```
     """
     return MathReward(**options)
 
@@ -44,5 +53,18 @@ def get_code_reward(**options: Any) -> CodeReward:
 
     Options: ``partial_credit``, ``language``, ``tests_column``, ``max_tests``, and the :class:`SandboxConfig` fields
     (``timeout_seconds``, ``memory_mb``, ``concurrency``, ``isolation``, ``allow_paths``, ``max_processes``, ...).
+
+    Example (the first call runs the programs in the sandbox, so doctest skips it; the second starts none, as no row
+    has both a program and valid tests):
+    ```python
+    >>> from k15_plugin.rewards import get_code_reward
+    >>> reward = get_code_reward(partial_credit=True, timeout_seconds=2.0)
+    >>> tests = [{"input": "2 3\\n", "output": "5\\n"}, {"input": "10 -4\\n", "output": "6\\n"}]
+    >>> reward(["a, b = map(int, input().split())\\nprint(a + b)", "print(5)"], tests=[tests, tests])  # doctest: +SKIP
+    [1.0, 0.5]
+    >>> reward(["", "print(5)"], tests=[tests, "not a test list"])
+    [0.0, 0.0]
+
+    ```
     """
     return CodeReward(**options)

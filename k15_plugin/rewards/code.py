@@ -93,7 +93,27 @@ class CodeReward:
             ``memory_mb``, ``concurrency``, ``isolation``, ``allow_paths``, ...).
 
     Picklable (only options travel; each process probes its own sandbox on first use). Logs ``code/timeouts``,
-    ``code/sandbox_errors`` and ``code/pass_rate`` through TRL's ``log_metric``.
+    ``code/sandbox_errors`` and ``code/pass_rate`` through TRL's ``log_metric``. Called by TRL as
+    ``reward(completions, tests=[...], **other_columns)``: raises TypeError when the tests column is missing and
+    ValueError when the lengths differ. A batch with no row holding both a program and valid tests starts no sandbox.
+
+    Example (the call that runs programs is skipped by doctest: it starts the sandbox):
+    ```python
+    >>> from k15_plugin.rewards.code import CodeReward
+    >>> reward = CodeReward(partial_credit=False, timeout_seconds=2.0)
+    >>> tests = [{"input": "2 3\\n", "output": "5\\n"}, {"input": "10 -4\\n", "output": "6\\n"}]
+    >>> fence = "`" * 3
+    >>> solution = fence + "python\\na, b = map(int, input().split())\\nprint(a + b)\\n" + fence
+    >>> reward([solution, "print(5)"], tests=[tests, tests])  # doctest: +SKIP
+    [1.0, 0.0]
+    >>> reward([fence + "js\\nconsole.log(5)\\n" + fence], tests=[tests])  # a JavaScript block: no program
+    [0.0]
+    >>> CodeReward(language="cpp")
+    Traceback (most recent call last):
+    ...
+    ValueError: language must be one of ['python'], got 'cpp'
+
+    ```
     """
 
     def __init__(

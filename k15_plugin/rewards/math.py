@@ -331,7 +331,25 @@ class MathReward:
         answer_column: the dataset column holding the reference answer (a bare answer, or a worked solution ending in
             ``\\boxed{}`` or ``#### x``).
 
-    Picklable (holds only its options; the helper process is started lazily in the process that uses it).
+    Picklable (holds only its options; the helper process is started lazily in the process that uses it). Called by
+    TRL as ``reward(completions, answer=[...], log_metric=..., **other_columns)``: raises TypeError when the answer
+    column is missing and ValueError when the lengths differ; bad options raise ValueError at construction.
+
+    Example:
+    ```python
+    >>> from k15_plugin.rewards.math import MathReward
+    >>> reward = MathReward(extraction="gsm8k")
+    >>> reward(["48 + 24 = 72\\n#### 72", "#### 70"], answer=["72", "72"])
+    [1.0, 0.0]
+    >>> chat = [{"role": "assistant", "content": r"The answer is \\boxed{1,000}."}]
+    >>> MathReward()([chat], answer=["1000"])
+    [1.0]
+    >>> MathReward(extraction="latex")
+    Traceback (most recent call last):
+    ...
+    ValueError: extraction must be one of ['auto', 'boxed', 'gsm8k', 'last_number'], got 'latex'
+
+    ```
     """
 
     def __init__(

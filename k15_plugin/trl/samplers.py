@@ -382,6 +382,8 @@ class PrioritizedSampler(K15RepeatSampler):
         self.floor = floor
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:
+        """(P,) float64 weights max(1 - s_i, floor) from the success rates at the time of the draw; ``chunk_number``
+        is unused: only the statistics change between chunks."""
         return prioritized_weights(self.tracker.rates(), self.floor)  # (P,)
 
 
@@ -427,6 +429,8 @@ class CurriculumSampler(K15RepeatSampler):
         self.difficulty = self.pool.difficulty
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:
+        """(P,) float64 0/1 weights: 1 for the problems in the pool of the optimizer step at which the chunk starts
+        being trained on (:meth:`K15RepeatSampler.step_of_chunk`), not the step at which it is drawn."""
         return self.pool(self.step_of_chunk(chunk_number)).to(torch.float64)  # (P,) 1 in the pool, 0 outside
 
 
@@ -446,6 +450,7 @@ def check_sampler_dataset(sampler_type: str, dataset) -> None:
 
 
 def is_iterable_dataset(dataset) -> bool:
+    """True for a torch ``IterableDataset`` or a ``datasets.IterableDataset`` (datasets need not be installed)."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
         return True
     try:

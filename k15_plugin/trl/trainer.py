@@ -308,6 +308,9 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
             self._k15_resets += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's ``log``, plus ``k15/optimizer_resets`` (the cumulative number of optimizer resets) in training mode
+        when ``reset_optimizer_each_iteration`` is on, put into ``logs`` before GRPOTrainer adds its averaged
+        metrics."""
         if self.model.training and self.args.reset_optimizer_each_iteration:
             logs["k15/optimizer_resets"] = float(self._k15_resets)  # cumulative count
         super().log(logs, start_time)

@@ -7,6 +7,7 @@ from k15_plugin.verl import CONFIG_DIR, CONFIG_NAMES
 
 
 def main(argv=None) -> int:
+    """Print the config directory (``--config-dir``) or the config names, one a line (``--list``); returns 0."""
     parser = argparse.ArgumentParser(prog="python -m k15_plugin.verl", description=__doc__)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--config-dir", action="store_true", help="print the config directory")

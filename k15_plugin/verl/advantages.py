@@ -51,6 +51,11 @@ def groups_by_size(index) -> list[tuple[torch.Tensor, int]]:
 
 
 def penalty_weight(options) -> float:
+    """The length penalty's weight for this advantage computation, from ``algorithm.k15`` (``options``).
+
+    At the trainer step set by :func:`set_trainer_step`, warm-up and ramp applied; with no step set, the plain
+    ``weight``, or a ValueError when a warm-up or ramp is configured (they would otherwise be silently ignored).
+    """
     lp = options.length_penalty
     if lp.weight == 0:
         return 0.0

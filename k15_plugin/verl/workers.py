@@ -34,5 +34,10 @@ class K15ActorRolloutRefWorker(ActorRolloutRefWorker):
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def k15_reset_optimizer(self) -> int:
+        """Clear this rank's actor optimizer state (:func:`reset_optimizer_state`); returns the parameters cleared.
+
+        Dispatched ``ONE_TO_ALL``: the controller's call runs on every rank. Raises TypeError when the actor engine
+        has no torch optimizer.
+        """
         engine = getattr(self.actor, "engine", None)
         return reset_optimizer_state(getattr(engine, "optimizer", None))

@@ -131,6 +131,12 @@ def sampled_formats(model, tokenizer, heldout, n: int = 8, seed: int = 0) -> dic
 
 
 def save(model, tokenizer, out: Path, info: dict, heldout) -> dict:
+    """Save ``model`` and ``tokenizer`` to ``out`` with a ``warm_start.json``; returns what that file holds.
+
+    ``info`` is extended with the held-out greedy accuracy and mean completion tokens, the sampled formats, the
+    parameter count and the versions, all measured on the checkpoint reloaded from disk (what a user of the files
+    gets). Written to ``<out>.tmp`` first and renamed over ``out``, so an interrupted build leaves no half checkpoint.
+    """
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.generation_config.max_new_tokens = MAX_NEW_TOKENS
@@ -156,6 +162,8 @@ def save(model, tokenizer, out: Path, info: dict, heldout) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line of the module docstring: train and save the long model, then fine-tune it into the short one;
+    prints each ``warm_start.json`` as a JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-long", type=Path, default=SUM3_LONG_CHECKPOINT_DIR)
     parser.add_argument("--out-short", type=Path, default=SUM3_SHORT_CHECKPOINT_DIR)
