@@ -134,3 +134,22 @@ def test_adapters_never_import_each_other():
 def test_the_doc_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_every_host_option_has_an_entry_in_the_host_table():
+    from k15_plugin.cli.hosts import HOSTS, get_host
+    from k15_plugin.errors import ConfigError
+
+    options = {p.stem for p in (PACKAGE.parent / "conf" / "host").glob("*.yaml")}
+    assert options == set(HOSTS)
+    with pytest.raises(ConfigError, match=r"host=ray is not one of \['trl', 'openrlhf'\]"):
+        get_host("ray")
+
+
+def test_every_algorithm_option_of_trl_has_a_config_and_a_trainer():
+    from k15_plugin.cli.hosts import trl
+
+    options = {p.stem for p in (PACKAGE.parent / "conf" / "algorithm").glob("*.yaml")} - {"ppo"}  # ppo: OpenRLHF
+    assert options == set(trl.CONFIGS) == set(trl.trainer_classes())
+    for name, trainer in trl.trainer_classes().items():
+        assert trainer.__init__.__annotations__["args"] == f"{trl.CONFIGS[name].__name__} | None", name

@@ -16,7 +16,7 @@ from cli_helpers import assert_one_line, main_before_the_job
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from k15_plugin.cli.build import check_config
+from k15_plugin.cli.hosts.trl import check_config
 from k15_plugin.cli.train import config_dir
 from k15_plugin.errors import ConfigError
 
@@ -65,7 +65,7 @@ def test_every_option_composes_and_checks(composer, group, tmp_path):
                 check_config(cfg)
             continue
         if (group, option) == ("host", "openrlhf"):  # the flags (OpenRLHF's parser: tests/test_openrlhf_adapter.py)
-            from k15_plugin.cli.openrlhf_host import build_plan
+            from k15_plugin.cli.hosts.openrlhf import build_plan
 
             assert "--algo.advantage.estimator" in build_plan(cfg, tmp_path).argv
             continue

@@ -838,7 +838,7 @@ def test_reward_code_config_builds_the_code_reward(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from k15_plugin.cli.build import check_config
+    from k15_plugin.cli.hosts.trl import check_config
     from k15_plugin.cli.train import _register, config_dir
     from k15_plugin.data.build.warm_start import build_tokenizer
     from k15_plugin.data.tasks import load_task

@@ -216,7 +216,7 @@ def _compose(overrides):
 
 
 def test_reward_math_config_builds_the_math_reward(tmp_path):
-    from k15_plugin.cli.build import check_config
+    from k15_plugin.cli.hosts.trl import check_config
     from k15_plugin.data.build.warm_start import build_tokenizer
     from k15_plugin.data.tasks import load_task
 

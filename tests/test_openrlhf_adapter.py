@@ -512,7 +512,7 @@ def test_reward_file_scores_the_response_part():
 def test_every_algorithm_composes_to_flags_openrlhf_accepts(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from k15_plugin.cli.openrlhf_host import build_plan
+    from k15_plugin.cli.hosts.openrlhf import build_plan
     from k15_plugin.cli.train import config_dir
 
     plans = {}
@@ -572,7 +572,7 @@ def test_dry_run_prints_the_command_and_writes_no_run_files(tmp_path):
 def test_the_run_files_are_written_for_openrlhf(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from k15_plugin.cli.openrlhf_host import build_plan, write_files
+    from k15_plugin.cli.hosts.openrlhf import build_plan, write_files
     from k15_plugin.cli.train import config_dir
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

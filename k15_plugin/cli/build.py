@@ -7,8 +7,6 @@ message naming the Hydra key, the bad value and what is allowed.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -17,75 +15,17 @@ from omegaconf import DictConfig, OmegaConf
 from k15_plugin.core.settings import K15Settings, default, paths
 from k15_plugin.errors import ConfigError
 from k15_plugin.rewards.registry import plain
-from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
 
-ALGORITHMS = ("kimi_md", "grpo", "dr_grpo", "dapo", "rloo")
 DATA_SOURCES = ("demo_arithmetic", "hub", "jsonl")
 ANSWER_EXTRACTIONS = ("last_number", "gsm8k", "boxed")
 DTYPES = ("float32", "bfloat16", "float16")
 VLLM_MODES = ("colocate", "server")
 
 
-@dataclass
-class TrainingSpec:
-    algorithm: str
-    config_cls: type
-    trainer_name: str  # attribute of k15_plugin.trl (imported lazily by the caller)
-    kwargs: dict[str, Any]
-    sources: dict[str, str]  # TRL field -> Hydra key it came from
-    args: Any = None  # the built TRL config, set by check_config
-
-
-def _trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
-    """TRL/TrainingArguments fields shared by every algorithm, and the Hydra key each came from."""
-    t = cfg.trainer
-    fields = {
-        "seed": "seed",
-        "max_steps": "trainer.max_steps",
-        "learning_rate": "trainer.learning_rate",
-        "adam_beta1": "trainer.adam_beta1",
-        "adam_beta2": "trainer.adam_beta2",
-        "weight_decay": "trainer.weight_decay",
-        "max_grad_norm": "trainer.max_grad_norm",
-        "lr_scheduler_type": "trainer.lr_scheduler_type",
-        "warmup_steps": "trainer.warmup_steps",
-        "per_device_train_batch_size": "trainer.per_device_train_batch_size",
-        "gradient_accumulation_steps": "trainer.gradient_accumulation_steps",
-        "steps_per_generation": "trainer.steps_per_generation",
-        "num_generations": "trainer.num_generations",
-        "max_completion_length": "trainer.max_completion_length",
-        "temperature": "trainer.temperature",
-        "logging_steps": "trainer.logging_steps",
-        "save_total_limit": "trainer.save_total_limit",
-        "use_vllm": "trainer.use_vllm",
-        "vllm_mode": "trainer.vllm_mode",
-        "vllm_gpu_memory_utilization": "trainer.vllm_gpu_memory_utilization",
-        "use_cpu": "trainer.use_cpu",
-        "bf16": "trainer.bf16",
-        "gradient_checkpointing": "model.gradient_checkpointing",
-    }
-    kwargs = {name: OmegaConf.select(cfg, key) for name, key in fields.items()}
-    kwargs["report_to"] = list(t.report_to)
-    kwargs["save_strategy"] = "steps" if t.save_steps > 0 else "no"
-    if t.save_steps > 0:
-        kwargs["save_steps"] = t.save_steps
-        fields["save_steps"] = "trainer.save_steps"
-    kwargs["disable_tqdm"] = True  # the CLI draws its own progress bar
-    # The k1.5 settings (length penalty, sampler, partial rollouts, repeat detection) as TRL's flat fields.
-    for name, field_ in _K15_FLAT.items():
-        path = field_.metadata["k15_path"]
-        if path in _ALGORITHM_PATHS:
-            continue  # the algorithm's own keys (tau, ...) are copied by training_spec
-        kwargs[name] = _flat_value(cfg, path)
-        fields[name] = hydra_key(path)
-    return kwargs, fields
-
-
 # ------------------------------------------------------------------------------------------------ the k1.5 settings
 # Where each K15Settings path lives in k15-train's config tree: algorithm.<path> for the mirror-descent keys,
 # reward.length_penalty.* for the penalty (correct_threshold too), sampler.* and rollout.* as they are.
 _ALGORITHM_PATHS = ("tau", "log_z_estimator", "length_normalize", "reset_optimizer_each_iteration")
-_K15_FLAT = {f.name: f for f in dataclass_fields(KimiMirrorDescentConfig) if "k15_path" in f.metadata}
 
 
 def hydra_key(path: str) -> str:
@@ -129,26 +69,6 @@ def k15_settings(cfg: DictConfig) -> K15Settings:
         return K15Settings.from_paths(values).check(hydra_key)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-
-
-def training_spec(cfg: DictConfig, output_dir: str | os.PathLike) -> TrainingSpec:
-    """The TRL config class, trainer name and keyword arguments for this composed config."""
-    algo = cfg.algorithm
-    if algo.name == "ppo":
-        raise ConfigError("algorithm=ppo runs on OpenRLHF only: add host=openrlhf (TRL's side has no PPO here)")
-    if algo.name not in ALGORITHMS:
-        raise ConfigError(f"algorithm={algo.name!r} is not one of {list(ALGORITHMS)}")
-    kwargs, sources = _trainer_kwargs(cfg)
-    kwargs["output_dir"] = str(output_dir)
-    for key, value in algo.items():
-        if key != "name":
-            kwargs[key] = value
-            sources[key] = f"algorithm.{key}"
-    if algo.name == "kimi_md":
-        return TrainingSpec(algo.name, KimiMirrorDescentConfig, "KimiMirrorDescentTrainer", kwargs, sources)
-    if algo.name == "rloo":
-        return TrainingSpec(algo.name, K15RLOOConfig, "K15RLOOTrainer", kwargs, sources)
-    return TrainingSpec(algo.name, K15GRPOConfig, "K15GRPOTrainer", kwargs, sources)
 
 
 # (key, test, what is allowed) for values TRL would accept silently or reject with a message that does not name the key.
@@ -253,23 +173,3 @@ def check_ranges(cfg: DictConfig) -> None:
             f"launcher.num_processes={cfg.launcher.num_processes} but {world} processes were launched: "
             "make them match (launcher.num_processes=N, or --num_processes N for accelerate launch)"
         )
-
-
-def check_config(cfg: DictConfig, output_dir: str | os.PathLike = "unused") -> TrainingSpec:
-    """Check every value by building the TRL config; returns the spec with it in ``spec.args``.
-
-    Raises :class:`ConfigError` (one line, names the key).
-    """
-    check_ranges(cfg)
-    spec = training_spec(cfg, output_dir)
-    try:
-        spec.args = spec.config_cls(**spec.kwargs)
-    except (ValueError, TypeError) as err:
-        message = str(err).strip().splitlines()[0]
-        key = next((src for name, src in spec.sources.items() if message.startswith(name)), None)
-        if key is None:  # TRL's own messages do not start with the field name: find it anywhere in the text
-            key = next(
-                (src for name, src in spec.sources.items() if f"`{name}`" in message or f" {name} " in message), None
-            )
-        raise ConfigError(f"{key}: {message}" if key else message) from None
-    return spec

@@ -47,7 +47,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from k15_plugin.cli.build import k15_settings
+from k15_plugin.cli.build import check_ranges, k15_settings
 from k15_plugin.core.settings import RolloutSettings
 from k15_plugin.errors import ConfigError
 from k15_plugin.openrlhf.config import OpenRLHFSettings
@@ -202,6 +202,13 @@ def build_plan(cfg: DictConfig, run_dir: str | os.PathLike) -> OpenRLHFPlan:
     return OpenRLHFPlan(to_flags(merged), settings, sources, files)
 
 
+def check(cfg: DictConfig) -> OpenRLHFPlan:
+    """The OpenRLHF command line this run would start, every derived value checked (OpenRLHF's parser checks the flags
+    afterwards, once for all variants: :func:`check_plans`)."""
+    check_ranges(cfg)
+    return build_plan(cfg, "<run dir>")
+
+
 def check_plan(plan: OpenRLHFPlan) -> None:
     """OpenRLHF's own parser on the plan's flags; raises :class:`ConfigError` naming the Hydra key."""
     check_plans([plan])
@@ -246,7 +253,7 @@ def write_files(cfg: DictConfig, plan: OpenRLHFPlan) -> None:
     )
 
 
-def run_openrlhf(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Dry run: print the command; otherwise write the run's files and start OpenRLHF with the plugin's classes."""
     plan = build_plan(cfg, run_dir)
     if cfg.host.dry_run:
