@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from k15_plugin.errors import K15Error
-from k15_plugin.jobs import DEMO_MODEL, Generator, Sidecar, console_main, run_chunks, write_atomically
+from k15_plugin.jobs import (
+    DEMO_MODEL,
+    Generator,
+    Sidecar,
+    add_generation_arguments,
+    console_main,
+    run_chunks,
+    write_atomically,
+)
 
 COMMANDS = ("difficulty", "easy-to-hack", "filter")
 NO_REASONING_TEMPLATE = "{prompt}\n\nGive only the final answer, with no reasoning or explanation."
@@ -318,15 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="default: 4 for the demo model; 1024 (difficulty) or 32 (easy-to-hack) otherwise",
         )
         p.add_argument("--template", default=None, help="prompt template with {prompt}")
-        p.add_argument("--chat", action="store_true", help="send string prompts as a user chat message")
-        p.add_argument(
-            "--backend",
-            choices=["auto", "transformers", "vllm"],
-            default="auto",
-            help="auto: vLLM when importable and a GPU is present, else transformers",
-        )
-        p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (prompts x samples)")
-        p.add_argument("--seed", type=int, default=0)
+        add_generation_arguments(p, 64, "sequences per generate call (prompts x samples)")
 
     p = commands.add_parser("difficulty", help="sample n answers per prompt; write pass_rate and difficulty")
     common(p)

@@ -161,6 +161,23 @@ def run_chunks(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+BACKENDS = ("auto", "transformers", "vllm")
+
+
+def add_generation_arguments(parser, batch_size: int, batch_help: str) -> None:
+    """The generation options every offline command shares (``--backend``, ``--batch-size``, ``--chat``, ``--seed``),
+    as :class:`Generator` takes them; ``batch_size`` is the command's default."""
+    parser.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="auto",
+        help="auto: vLLM when importable and a GPU is present, else transformers",
+    )
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    parser.add_argument("--chat", action="store_true", help="send string prompts as a user chat message")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 class Generator:
     """``sample(prompts, n) -> [[(text, token_ids), ...n], ...]``: vLLM when usable, else ``transformers``.
 

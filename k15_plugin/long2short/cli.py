@@ -23,7 +23,9 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from k15_plugin.jobs import add_generation_arguments
 from k15_plugin.long2short.data import BUILTIN_TASKS, Long2ShortError
+from k15_plugin.rewards.registry import VERIFIERS
 
 
 def _prompts_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +35,7 @@ def _prompts_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts only")
     p.add_argument(
         "--reward",
-        choices=["task", "math", "code"],
+        choices=list(VERIFIERS),
         default="task",
         help="task: the built-in task's checker, or answer match with --extraction for --input rows; "
         "math: math-verify; code: the sandbox over the rows' tests",
@@ -41,15 +43,7 @@ def _prompts_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extraction", default=None, help="answer extraction for task/math (boxed, gsm8k, last_number)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (built-in tasks: their own)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument(
-        "--backend",
-        choices=["auto", "transformers", "vllm"],
-        default="auto",
-        help="auto: vLLM when importable and a GPU is present, else transformers",
-    )
-    p.add_argument("--batch-size", type=int, default=256, help="sequences per generate call")
-    p.add_argument("--chat", action="store_true", help="send string prompts as a user chat message")
-    p.add_argument("--seed", type=int, default=0)
+    add_generation_arguments(p, 256, "sequences per generate call")
     p.add_argument("--restart", action="store_true", help="discard the progress of an earlier, different job")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

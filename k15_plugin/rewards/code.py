@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from k15_plugin.rewards.math import completion_text
+from k15_plugin.rewards.registry import column_values
 from k15_plugin.sandbox import RunResult, Sandbox, SandboxConfig
 
 LANGUAGES = ("python",)
@@ -142,14 +143,8 @@ class CodeReward:
         return f"CodeReward(partial_credit={self.partial_credit}, sandbox={self.sandbox_config})"
 
     def __call__(self, completions: Sequence[Any], tests: Sequence[Any] | None = None, **kwargs: Any) -> list[float]:
-        cells = tests if self.tests_column == "tests" else kwargs.get(self.tests_column)
-        if cells is None:
-            raise TypeError(
-                f"CodeReward needs the dataset's {self.tests_column!r} column (a list of {{'input', 'output'}} test "
-                "cases per row); TRL passes every dataset column to reward functions"
-            )
-        if len(cells) != len(completions):
-            raise ValueError(f"got {len(completions)} completions but {len(cells)} test lists")
+        what = "a list of {'input', 'output'} test cases per row"
+        cells = column_values("CodeReward", self.tests_column, "tests", tests, kwargs, completions, what)
         rewards = [0.0] * len(completions)
         jobs, owners, expected = [], [], []
         for row, (completion, cell) in enumerate(zip(completions, cells, strict=True)):

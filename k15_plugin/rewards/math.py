@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from k15_plugin.rewards.registry import column_values
+
 EXTRACTIONS = ("auto", "boxed", "gsm8k", "last_number")
 TIMEOUT_BACKENDS = ("auto", "process")
 _HELPER_START_SECONDS = 60.0  # importing SymPy on a busy machine
@@ -408,14 +410,9 @@ class MathReward:
             return 0.0
 
     def __call__(self, completions: Sequence[Any], answer: Sequence[Any] | None = None, **kwargs: Any) -> list[float]:
-        references = answer if self.answer_column == "answer" else kwargs.get(self.answer_column)
-        if references is None:
-            raise TypeError(
-                f"MathReward needs the dataset's {self.answer_column!r} column; TRL passes every dataset column "
-                "to reward functions, so add it to the training dataset"
-            )
-        if len(references) != len(completions):
-            raise ValueError(f"got {len(completions)} completions but {len(references)} answers")
+        references = column_values(
+            "MathReward", self.answer_column, "answer", answer, kwargs, completions, "the reference answer per row"
+        )
         before = self.num_timeouts
         rewards = [self.score(c, a) for c, a in zip(completions, references, strict=True)]
         log_metric = kwargs.get("log_metric")
