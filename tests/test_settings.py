@@ -199,3 +199,43 @@ def test_openrlhf_settings_are_k15_settings_with_the_algorithm():
     assert {f.name for f in dataclasses.fields(K15Settings)} < {f.name for f in dataclasses.fields(s)}
     with pytest.raises(ValueError, match="algorithm must be one of"):
         OpenRLHFSettings(algorithm="dapo")
+
+
+def test_the_math_and_samplers_default_to_the_settings_defaults():
+    """The core functions and both hosts' samplers keep explicit keyword defaults (they are usable without the
+    settings); each must be the declared setting's default."""
+    import inspect
+
+    from k15_plugin.core import length_penalty, prompt_sampler, sampling
+    from k15_plugin.trl import samplers
+
+    names = {
+        "prior": "sampler.prior",
+        "floor": "sampler.floor",
+        "schedule": "sampler.schedule",
+        "switch_step": "sampler.switch_step",
+        "hard_fraction": "sampler.hard_fraction",
+        "start_fraction": "sampler.start_fraction",
+        "ramp_steps": "sampler.ramp_steps",
+    }
+    callables = [
+        sampling.SuccessRateTracker,
+        sampling.curriculum_pool,
+        sampling.CurriculumPool,
+        prompt_sampler.PromptSampler,
+        prompt_sampler.PrioritizedPromptSampler,
+        prompt_sampler.CurriculumPromptSampler,
+        samplers.K15RepeatSampler,
+        samplers.PrioritizedSampler,
+        samplers.CurriculumSampler,
+    ]
+    checked = 0
+    for fn in callables:
+        for name, parameter in inspect.signature(fn).parameters.items():
+            if name in names and parameter.default is not inspect.Parameter.empty:
+                assert parameter.default == default(names[name]), (fn.__qualname__, name)
+                checked += 1
+    assert checked >= 15
+    lp = inspect.signature(length_penalty.length_penalty_weight).parameters
+    assert lp["warmup_steps"].default == default("length_penalty.warmup_steps")
+    assert lp["ramp_steps"].default == default("length_penalty.ramp_steps")
