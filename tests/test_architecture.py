@@ -153,3 +153,31 @@ def test_every_algorithm_option_of_trl_has_a_config_and_a_trainer():
     assert options == set(trl.CONFIGS) == set(trl.trainer_classes())
     for name, trainer in trl.trainer_classes().items():
         assert trainer.__init__.__annotations__["args"] == f"{trl.CONFIGS[name].__name__} | None", name
+
+
+def _public_definitions(path: Path):
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not child.name.startswith(
+                "_"
+            ):
+                yield prefix + child.name, child
+                if isinstance(child, ast.ClassDef):
+                    yield from walk(child, f"{prefix}{child.name}.")
+
+    yield from walk(ast.parse(path.read_text(encoding="utf-8")), "")
+
+
+def test_every_public_definition_has_a_docstring():
+    missing = [
+        f"{path.relative_to(PACKAGE.parent)}: {name}"
+        for path in _sources()
+        for name, node in _public_definitions(path)
+        if not ast.get_docstring(node)
+    ]
+    assert not missing, missing
+
+
+def test_the_formatter_has_no_exceptions():
+    marked = [str(p.relative_to(PACKAGE.parent)) for p in _sources() if "# fmt: " in p.read_text(encoding="utf-8")]
+    assert not marked, marked

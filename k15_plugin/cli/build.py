@@ -108,6 +108,8 @@ _RANGES = [
 
 
 def check_ranges(cfg: DictConfig) -> None:
+    """Check the values TRL or a host would accept silently or name badly (:data:`_RANGES`, and the rules that tie
+    several keys together); raises :class:`~k15_plugin.errors.ConfigError` naming the Hydra key."""
     for key, ok, allowed in _RANGES:
         value = OmegaConf.select(cfg, key)
         if not ok(value):

@@ -36,6 +36,9 @@ COMPARED_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers
 # ------------------------------------------------------------------------------------------------ the data
 @dataclass
 class JsonlScan:
+    """What one scan of the JSONL files saw: the training file's statistics and the held-out file's (None: the rows
+    are held out of ``data.path``)."""
+
     train: FileStats
     heldout: FileStats | None  # None: rows are held out of data.path
 
@@ -127,6 +130,8 @@ def _check_template(d) -> None:
 
 
 def check_data(cfg: DictConfig) -> None:
+    """Check the rows the run will train on: the sampler's difficulty column, the built-in task's limits and columns,
+    the prompt template, and every row of a JSONL file (cached per file version); raises ConfigError."""
     d, s = cfg.data, cfg.sampler
     if s.name == "curriculum" and s.difficulty_column != DIFFICULTY:
         raise ConfigError(
@@ -209,6 +214,8 @@ def _field(config: dict, name: str) -> Any:
 
 
 def check_checkpoint(cfg: DictConfig) -> None:
+    """Check ``trainer.resume_from_checkpoint``: a trainer checkpoint directory of the same model (its config.json
+    compared with the model the run loads, where both are on disk); raises ConfigError."""
     ckpt = cfg.trainer.resume_from_checkpoint
     key = "trainer.resume_from_checkpoint"
     if ckpt is None:

@@ -21,6 +21,7 @@ LINE_SECONDS = 30.0
 
 
 def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is an interactive terminal (False for files, pipes and closed streams)."""
     try:
         return stream.isatty()
     except (AttributeError, ValueError):  # no isatty, or a closed stream
@@ -58,6 +59,7 @@ class LineProgress:
         self._write()
 
     def update(self, steps: int = 1) -> None:
+        """Advance by ``steps``; a line is written once the interval has passed, or marked due at a step count."""
         self.n += steps
         if self.due or self.clock() - self.written_at >= self.interval:  # a due line whose log never came: now
             self._write()
@@ -65,15 +67,18 @@ class LineProgress:
             self.due = True
 
     def set_postfix(self, postfix: dict[str, str], refresh: bool = False) -> None:
+        """The latest figures (reward, accuracy, length); a due line is written now, with them."""
         self.postfix = dict(postfix)
         if self.due:
             self._write()
 
     def close(self) -> None:
+        """Write the last step's line, unless it was written already."""
         if self.written_step != self.n:
             self._write()
 
     def line(self) -> str:
+        """The progress line: step/total, elapsed and remaining time, and the latest figures."""
         elapsed = self.clock() - self.start
         parts = [f"k15: step {self.n}/{self.total} ({100 * self.n // max(1, self.total)}%)"]
         parts.append(f"{tqdm.format_interval(elapsed)} elapsed")

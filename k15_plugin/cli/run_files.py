@@ -41,11 +41,13 @@ class RunFilesCallback(TrainerCallback):
         self.postfix: dict[str, str] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """Take the held-out figures before training (every process: the evaluation is collective); start the bar."""
         self.before = self.evaluate(None)
         if self.is_main:
             self.bar = progress_bar(state.max_steps, state.global_step, args.logging_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Advance the bar, then every ``eval_steps`` steps run the held-out evaluation and log it via the trainer."""
         if self.bar is not None:  # first: the evaluation's log below belongs to this step (and a line is due now)
             self.bar.update(state.global_step - self.bar.n)
         if self.eval_steps and state.global_step % self.eval_steps == 0 and state.global_step < state.max_steps:
@@ -54,6 +56,7 @@ class RunFilesCallback(TrainerCallback):
                 self.trainer.log({f"heldout/{k}": v for k, v in result.items()})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Append the numeric logs to ``metrics.jsonl`` (main process); show reward, accuracy and length on the bar."""
         if not self.is_main or not logs:
             return
         record = {"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}}
@@ -66,6 +69,7 @@ class RunFilesCallback(TrainerCallback):
             self.bar.set_postfix(self.postfix, refresh=False)
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Close the bar."""
         if self.bar is not None:
             self.bar.close()
 
@@ -75,6 +79,7 @@ def _is_number(v) -> bool:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``<run dir>/metrics.jsonl``, one dict per logging step (empty when there is no file)."""
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 

@@ -23,6 +23,9 @@ from k15_plugin.rewards.registry import VERIFIERS
 # ---------------------------------------------------------------------------------------------------- algorithm
 @dataclass
 class KimiMDAlgorithm:
+    """``algorithm=kimi_md``: online policy mirror descent (section 2.3); the k1.5 keys default to
+    :class:`~k15_plugin.core.settings.K15Settings`, ``num_iterations`` is TRL's passes over each rollout batch."""
+
     name: str = "kimi_md"
     tau: float = default("tau")
     log_z_estimator: str = default("log_z_estimator")
@@ -57,6 +60,8 @@ class PPOAlgorithm:
 
 @dataclass
 class RLOOAlgorithm:
+    """``algorithm=rloo``: TRL's RLOOTrainer (leave-one-out baseline, PPO-clip)."""
+
     name: str = "rloo"
     beta: float = 0.0
     epsilon: float = 0.2
@@ -67,11 +72,15 @@ class RLOOAlgorithm:
 # ---------------------------------------------------------------------------------------------------- sampler
 @dataclass
 class UniformSampler:
+    """``sampler=uniform``: the host's own shuffled sampling."""
+
     name: str = "uniform"
 
 
 @dataclass
 class PrioritizedSampler:
+    """``sampler=prioritized``: prompts drawn by 1 - success rate (section 2.3.4)."""
+
     name: str = "prioritized"
     floor: float = default("sampler.floor")
     prior: float = default("sampler.prior")
@@ -79,6 +88,8 @@ class PrioritizedSampler:
 
 @dataclass
 class CurriculumSampler:
+    """``sampler=curriculum``: easy-to-hard by a difficulty column (section 2.3.4)."""
+
     name: str = "curriculum"
     difficulty_column: str = default("sampler.difficulty_column")
     schedule: str = default("sampler.schedule")
@@ -90,17 +101,23 @@ class CurriculumSampler:
 
 # ---------------------------------------------------------------------------------------------------- rollout
 class RolloutMode(str, Enum):
+    """``rollout.name``: full rollouts, or partial rollouts with a token budget per rollout batch."""
+
     full = "full"
     partial = "partial"
 
 
 class RolloutLossMask(str, Enum):
+    """``rollout.loss_mask``: which tokens of a partial trajectory are in the loss."""
+
     all = "all"
     latest = "latest"
 
 
 @dataclass
 class Repeat:
+    """``rollout.repeat``: repeat detection (section 2.6.2)."""
+
     detection: bool = default("rollout.repeat.detection")
     min_period: int = default("rollout.repeat.min_period")
     max_period: int = default("rollout.repeat.max_period")
@@ -111,6 +128,8 @@ class Repeat:
 
 @dataclass
 class Rollout:
+    """The ``rollout`` group: full or partial rollouts and repeat detection."""
+
     name: RolloutMode = RolloutMode.full
     segment_tokens: int | None = default("rollout.segment_tokens")
     max_iterations: int = default("rollout.max_iterations")
@@ -122,6 +141,8 @@ class Rollout:
 # ---------------------------------------------------------------------------------------------------- reward
 @dataclass
 class LengthPenalty:
+    """``reward.length_penalty``: the length reward of section 2.3.3 and what counts as correct."""
+
     weight: float = default("length_penalty.weight")
     warmup_steps: int = default("length_penalty.warmup_steps")
     ramp_steps: int = default("length_penalty.ramp_steps")
@@ -136,6 +157,8 @@ Verifier = Enum("Verifier", {name: name for name in VERIFIERS}, type=str)
 
 
 class MathExtraction(str, Enum):
+    """``reward.math.extraction``: where math-verify finds the completion's answer."""
+
     auto = "auto"
     boxed = "boxed"
     gsm8k = "gsm8k"
@@ -143,12 +166,16 @@ class MathExtraction(str, Enum):
 
 
 class Isolation(str, Enum):
+    """``reward.code.isolation``: how the code sandbox isolates a program."""
+
     allowlist = "allowlist"  # a root of the interpreter, its libraries and allow_paths only
     denylist = "denylist"  # the host's file system read-only, minus the trainer's directories
     none = "none"  # no namespaces (no network or file-system isolation)
 
 
 class Cgroup(str, Enum):
+    """``reward.code.cgroup``: whether a slot's memory and process limits use a cgroup (auto: where delegated)."""
+
     auto = "auto"
     require = "require"
     off = "off"
@@ -156,12 +183,16 @@ class Cgroup(str, Enum):
 
 @dataclass
 class MathVerifier:
+    """``reward.math``: the math verifier's settings."""
+
     extraction: MathExtraction | None = None  # None: data.answer_extraction
     timeout_seconds: float = 5.0
 
 
 @dataclass
 class CodeVerifier:
+    """``reward.code``: the code verifier's settings (the sandbox's limits and isolation)."""
+
     partial_credit: bool = True
     timeout_seconds: float = 5.0
     memory_mb: int = 512
@@ -173,6 +204,8 @@ class CodeVerifier:
 
 @dataclass
 class Reward:
+    """The ``reward`` group: which verifier scores a completion, its settings, and the length penalty."""
+
     name: str = "correctness"
     verifier: Verifier = Verifier.task
     math: MathVerifier = field(default_factory=MathVerifier)
@@ -183,6 +216,8 @@ class Reward:
 # ---------------------------------------------------------------------------------------------------- model
 @dataclass
 class Lora:
+    """``model.lora``: LoRA adapters through PEFT (the real-model configs)."""
+
     enabled: bool = False
     r: int = 16
     alpha: int = 32
@@ -192,6 +227,8 @@ class Lora:
 
 @dataclass
 class Model:
+    """The ``model`` group: a Hub id, a built-in demo model or a saved directory, and how its weights are held."""
+
     name: str = MISSING
     path: str | None = None
     dtype: str = "float32"
@@ -202,6 +239,8 @@ class Model:
 # ---------------------------------------------------------------------------------------------------- data
 @dataclass
 class Data:
+    """The ``data`` group: the built-in task, a Hub dataset or a JSONL file, its columns and its held-out split."""
+
     name: str = MISSING
     source: str = "demo_arithmetic"
     path: str | None = None
@@ -222,6 +261,8 @@ class Data:
 # ---------------------------------------------------------------------------------------------------- launcher
 @dataclass
 class Launcher:
+    """The ``launcher`` group: how many processes and which accelerate config the run is started with."""
+
     name: str = "local"
     num_processes: int = 1
     accelerate_config: str | None = None
@@ -230,6 +271,8 @@ class Launcher:
 # ---------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class Trainer:
+    """The ``trainer`` group: TRL's training, generation, logging and checkpoint fields as k15-train passes them."""
+
     max_steps: int = 1200
     learning_rate: float = 1e-4
     adam_beta1: float = 0.9
@@ -263,6 +306,8 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------------- host
 @dataclass
 class Host:
+    """The ``host`` group: which host runs the job (``k15_plugin.cli.hosts``), its dry run and its own flags."""
+
     name: str = "trl"
     dry_run: bool = False
     flags: dict[str, Any] = field(default_factory=dict)
@@ -270,6 +315,8 @@ class Host:
 
 @dataclass
 class K15TrainConfig:
+    """The whole composed ``k15-train`` config, one node per config group."""
+
     seed: int = 0
     algorithm: Any = MISSING
     reward: Reward = MISSING
@@ -301,6 +348,7 @@ SCHEMAS = {
 
 
 def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore under the name its YAML files start from."""
     cs = ConfigStore.instance()
     for (group, name), node in SCHEMAS.items():
         cs.store(group=group, name=name, node=node)

@@ -141,6 +141,7 @@ def _hydra_entry(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    """Console entry point ``k15-train``: check every override (one line, exit 2, on an error), then run the job."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, not the user's

@@ -59,12 +59,16 @@ ESTIMATORS = {"kimi_md": "dr_grpo", "grpo": "group_norm", "dr_grpo": "dr_grpo", 
 
 @dataclass
 class OpenRLHFPlan:
+    """One OpenRLHF run: its flags, the ``args.k15`` it attaches, which Hydra key each flag came from, and where the
+    run's data and reward files go."""
+
     argv: list[str]  # OpenRLHF's flags
     settings: OpenRLHFSettings  # args.k15
     sources: dict[str, str]  # flag -> the Hydra key it came from
     files_dir: Path  # where the run's data and reward files go
 
     def command(self) -> str:
+        """The run as one shell command line (what ``host.dry_run=true`` prints)."""
         return shlex.join([sys.executable, "-m", OPENRLHF_MODULE, *self.argv])
 
 
