@@ -323,7 +323,7 @@ def _no_hub(monkeypatch, tmp_path, offline=False):
 
 
 def _tiny_model(directory):
-    from k15_plugin.data.arithmetic import build_tokenizer, tiny_test_model
+    from k15_plugin.data.build.warm_start import build_tokenizer, tiny_test_model
 
     tokenizer = build_tokenizer()
     tiny_test_model(tokenizer).save_pretrained(directory)
