@@ -9,8 +9,14 @@ from k15_plugin.core.mirror_descent import (
     mirror_descent_terms,
     sequence_logps,
 )
+from k15_plugin.core.optimizer import clear_optimizer_state, zero_optimizer_state
 from k15_plugin.core.partial_rollouts import PartialRolloutBuffer
-from k15_plugin.core.prompt_sampler import CurriculumPromptSampler, PrioritizedPromptSampler, PromptSampler
+from k15_plugin.core.prompt_sampler import (
+    CurriculumPromptSampler,
+    PrioritizedPromptSampler,
+    PromptSampler,
+    build_prompt_sampler,
+)
 from k15_plugin.core.repeats import RepeatDetector, RepeatRule, first_repeat
 from k15_plugin.core.sampling import (
     CURRICULUM_SCHEDULES,
@@ -20,18 +26,22 @@ from k15_plugin.core.sampling import (
     curriculum_pool,
     prioritized_weights,
 )
+from k15_plugin.core.settings import K15Settings
 
 __all__ = [
     "CURRICULUM_SCHEDULES",
     "ESTIMATORS",
     "CurriculumPool",
     "CurriculumPromptSampler",
+    "K15Settings",
     "PartialRolloutBuffer",
     "PrioritizedPromptSampler",
     "PromptSampler",
     "RepeatDetector",
     "RepeatRule",
     "SuccessRateTracker",
+    "build_prompt_sampler",
+    "clear_optimizer_state",
     "curriculum_fraction",
     "curriculum_pool",
     "first_repeat",
@@ -43,4 +53,5 @@ __all__ = [
     "mirror_descent_terms",
     "prioritized_weights",
     "sequence_logps",
+    "zero_optimizer_state",
 ]
