@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from k15_plugin.data.jsonl import read_objects
 from k15_plugin.errors import K15Error
 from k15_plugin.jobs import (
     DEMO_MODEL,
@@ -64,15 +65,7 @@ def read_rows(args: argparse.Namespace) -> list[dict]:
         from datasets import load_dataset
 
         return [dict(row) for row in load_dataset(args.dataset, args.config_name, split=args.split)]
-    rows = []
-    with open(args.input, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise CurationError(f"{args.input}:{number}: not JSON ({err.msg})") from None
-    return rows
+    return read_objects(args.input, "--input", CurationError, allow_empty=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from k15_plugin.cli.hosts import HOSTS, get_host
 from k15_plugin.cli.inputs import check_inputs
 from k15_plugin.cli.resolve import check_sources
 from k15_plugin.cli.schema import check_known_keys, register_schemas
-from k15_plugin.errors import ConfigError
+from k15_plugin.errors import ConfigError, K15Error
 
 _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc", "--version")
 
@@ -150,7 +150,7 @@ def main() -> None:
         overrides = [a for a in argv if not a.startswith("-")]
         try:
             check_overrides(overrides)
-        except ConfigError as err:
+        except K15Error as err:  # ConfigError, and any other user-facing error of the checks
             print(f"k15-train: error: {err}", file=sys.stderr)
             sys.exit(2)
     _hydra_entry()

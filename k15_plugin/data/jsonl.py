@@ -33,9 +33,10 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from k15_plugin.errors import ConfigError
+from k15_plugin.errors import ConfigError, K15Error
 from k15_plugin.rewards.registry import plain
 
 ROW_EXAMPLE = '{"prompt": "What is 17 * 3?", "answer": "51"}'
@@ -278,3 +279,30 @@ def file_identity(path: str) -> tuple:
 def heldout_count(rows: int, heldout_size: int) -> int:
     """Rows the loader holds out of a single file of ``rows`` (``k15_plugin.data.tasks``)."""
     return min(heldout_size, rows // 5 or 1)
+
+
+def read_objects(
+    path: str | Path, option: str, error: type[K15Error] = K15Error, allow_empty: bool = False
+) -> list[dict]:
+    """The JSON objects of a JSONL file, for the offline commands (``k15-curate``, ``k15-long2short``), which check
+    the fields they need themselves. Blank lines are skipped; a missing file, a line that is not a JSON object, or a
+    file without rows (unless ``allow_empty``) raises ``error`` naming the file (``option`` is how the user named it)
+    and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{option} {path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{number}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise error(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if not rows and not allow_empty:
+        raise error(f"{option} {path}: the file has no rows")
+    return rows

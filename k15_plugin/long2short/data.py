@@ -3,12 +3,12 @@ and a scorer that judges completions as the plugin's rewards do."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from k15_plugin.data.jsonl import read_objects
 from k15_plugin.errors import K15Error
 
 
@@ -33,25 +33,8 @@ def model_dir(value: str, option: str) -> Path:
 
 # ----------------------------------------------------------------------------------------------------- JSONL
 def read_jsonl(path: str | Path, option: str) -> list[dict]:
-    """The objects of a JSONL file; a missing file or a bad line is one error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise Long2ShortError(f"{option} {path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise Long2ShortError(f"{path}:{number}: not JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise Long2ShortError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    if not rows:
-        raise Long2ShortError(f"{option} {path}: the file has no rows")
-    return rows
+    """The objects of a JSONL file; a missing file, a bad line or no rows is one error naming the file and line."""
+    return read_objects(path, option, Long2ShortError)
 
 
 def require_columns(rows: list[dict], path: str | Path, columns: Sequence[str]) -> None:
