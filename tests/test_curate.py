@@ -269,3 +269,23 @@ def test_sidecar_keeps_finished_records_across_reopen(tmp_path):
     assert again.done == {0: {"v": 1}, 2: {"v": 3}}
     again.remove()
     assert not (tmp_path / "o.jsonl.partial.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "--input {path}: no such file"),
+        ('{"prompt": "1+1=", "answer": "2"}\n[1, 2]\n', "{path}:2: expected a JSON object, got list"),
+        ('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n', "{path}:2: not JSON"),
+    ],
+)
+def test_a_bad_input_file_is_one_line_and_exit_2(tmp_path, capsys, content, message):
+    path = tmp_path / "in.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["filter", "--input", str(path), "--output", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("k15-curate: error: ") and message.format(path=path) in err[0]
+    assert not (tmp_path / "out.jsonl").exists()
