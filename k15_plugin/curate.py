@@ -170,6 +170,25 @@ def _model_defaults(args: argparse.Namespace, command: str) -> None:
         args.max_new_tokens = 4 if demo else (1024 if command == "difficulty" else 32)
 
 
+def _correct_counts(args, rows: list[dict], n: int) -> Callable[[list[int]], dict[int, int]]:
+    """``correct(indices)``: for each row index, how many of ``n`` samples of its prompt are scored correct
+    (reward >= ``--correct-threshold``); what both ``difficulty`` and ``easy-to-hack`` count."""
+    generator = Generator(
+        args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size, args.chat, args.seed
+    )
+    score = make_scorer(args.reward, generator.tokenizer, args.extraction)
+
+    def correct(indices: list[int]) -> dict[int, int]:
+        prompts = [_prompt(rows[i], args) for i in indices]
+        samples = generator.sample(prompts, n, args.seed + indices[0])
+        return {
+            i: int(sum(r >= args.correct_threshold for r in score(group, rows[i][args.answer_column])))
+            for i, group in zip(indices, samples, strict=True)
+        }
+
+    return correct
+
+
 def run_difficulty(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
     """``difficulty``: ``--n`` samples per prompt, scored; writes every row with ``pass_rate`` (share of samples with a
     reward >= ``--correct-threshold``) and ``difficulty = 1 - pass_rate``.
@@ -177,20 +196,10 @@ def run_difficulty(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> 
     Returns ``(complete, summary)``; ``(False, {})`` when ``--stop-after`` stopped it before the last prompt (nothing
     written yet). The summary counts the rows, the mean pass rate, and the unsolved and always-solved prompts.
     """
-    generator = Generator(
-        args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size, args.chat, args.seed
-    )
-    score = make_scorer(args.reward, generator.tokenizer, args.extraction)
+    correct = _correct_counts(args, rows, args.n)
 
     def work(indices: list[int]) -> dict[int, dict]:
-        prompts = [_prompt(rows[i], args) for i in indices]
-        samples = generator.sample(prompts, args.n, args.seed + indices[0])
-        results = {}
-        for i, group in zip(indices, samples, strict=True):
-            rewards = score(group, rows[i][args.answer_column])
-            pass_rate = sum(r >= args.correct_threshold for r in rewards) / len(rewards)
-            results[i] = {"pass_rate": pass_rate}
-        return results
+        return {i: {"pass_rate": count / args.n} for i, count in correct(indices).items()}
 
     finished = _process(args, rows, sidecar, work, max(1, args.batch_size // args.n), progress)
     if not finished:
@@ -215,19 +224,10 @@ def run_easy_to_hack(args, rows: list[dict], sidecar: Sidecar, progress: bool) -
     Returns ``(complete, summary)`` as :func:`run_difficulty` does; the summary counts the rows, the rows kept and
     those dropped as easy to hack.
     """
-    generator = Generator(
-        args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size, args.chat, args.seed
-    )
-    score = make_scorer(args.reward, generator.tokenizer, args.extraction)
+    correct = _correct_counts(args, rows, args.tries)
 
     def work(indices: list[int]) -> dict[int, dict]:
-        prompts = [_prompt(rows[i], args) for i in indices]
-        samples = generator.sample(prompts, args.tries, args.seed + indices[0])
-        results = {}
-        for i, group in zip(indices, samples, strict=True):
-            rewards = score(group, rows[i][args.answer_column])
-            results[i] = {"guessed": int(sum(r >= args.correct_threshold for r in rewards))}
-        return results
+        return {i: {"guessed": count} for i, count in correct(indices).items()}
 
     finished = _process(args, rows, sidecar, work, max(1, args.batch_size // args.tries), progress)
     if not finished:
