@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from verl.workers.config import PolicyLossConfig
 
-from k15_plugin.core.settings import K15Settings, check_value
+from k15_plugin.core.settings import K15Settings, check_value, default
 
 PREFIX = "algorithm.k15"
 
@@ -41,8 +41,8 @@ class K15PolicyLossConfig(PolicyLossConfig):
     """``PolicyLossConfig`` plus ``tau`` (KL weight, > 0) and ``length_normalize`` (divide each sequence
     log-probability by its token count; the paper sums, the default)."""
 
-    tau: float = 1.0
-    length_normalize: bool = False
+    tau: float = default("tau")
+    length_normalize: bool = default("length_normalize")
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
