@@ -16,7 +16,7 @@ from k15_plugin.core.settings import K15Settings, default, paths
 from k15_plugin.errors import ConfigError
 from k15_plugin.rewards.registry import plain
 
-DATA_SOURCES = ("demo_arithmetic", "hub", "jsonl")
+DATA_SOURCES = ("demo_arithmetic", "demo_chain", "hub", "jsonl")
 ANSWER_EXTRACTIONS = ("last_number", "gsm8k", "boxed")
 DTYPES = ("float32", "bfloat16", "float16")
 VLLM_MODES = ("colocate", "server")
@@ -103,6 +103,8 @@ _RANGES = [
     ("data.num_train", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("data.filler_max", lambda v: v >= 0, "an integer >= 0"),
     ("data.terms", lambda v: v in (2, 3), "2 (a+b=) or 3 (a+b+c=, worked answers allowed)"),
+    ("data.terms_min", lambda v: 2 <= v <= 8, "an integer in 2..8 (data=demo_chain)"),
+    ("data.terms_max", lambda v: 2 <= v <= 8, "an integer in 2..8 (data=demo_chain; the shipped model's positions)"),
     ("launcher.num_processes", lambda v: v >= 1, "an integer >= 1"),
 ]
 
@@ -160,6 +162,8 @@ def check_ranges(cfg: DictConfig) -> None:
         except ValueError as err:
             raise ConfigError(f"reward.code.{err}") from None
     d = cfg.data
+    if d.source == "demo_chain" and d.terms_min > d.terms_max:
+        raise ConfigError(f"data.terms_min={d.terms_min} is more than data.terms_max={d.terms_max}")
     if d.source == "demo_arithmetic" and d.terms == 3 and d.filler_max:
         raise ConfigError(
             f"data.filler_max={d.filler_max} applies to the two-term task only: set data.filler_max=0 with data.terms=3"

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from k15_plugin.data.builtin import DEMO_SOURCES
 from k15_plugin.data.jsonl import (
     DIFFICULTY,
     FileStats,
@@ -139,7 +140,7 @@ def check_data(cfg: DictConfig) -> None:
             f"loaders pass the difficulty as the `{DIFFICULTY}` column; name the field "
             f"{DIFFICULTY!r} in the data"
         )
-    if d.source == "demo_arithmetic":
+    if d.source in DEMO_SOURCES:
         from k15_plugin.data.tasks import demo_columns
         from k15_plugin.rewards.registry import check_columns
 

@@ -256,6 +256,8 @@ class Data:
     num_train: int | None = None
     filler_max: int = 0
     terms: int = 2
+    terms_min: int = 2
+    terms_max: int = 8
 
 
 # ---------------------------------------------------------------------------------------------------- launcher

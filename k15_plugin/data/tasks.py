@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from datasets import Dataset, load_dataset
 
-from k15_plugin.data.arithmetic import ArithmeticReward, evaluate_greedy, greedy_kwargs, make_datasets
+from k15_plugin.data.arithmetic import ArithmeticReward, evaluate_greedy, greedy_kwargs
+from k15_plugin.data.builtin import BUILTIN_TASKS, DEMO_SOURCES, task_name, task_options
 from k15_plugin.data.jsonl import RowFormat, file_identity, heldout_count, prompt_key, read_rows
 from k15_plugin.errors import ConfigError
 from k15_plugin.rewards.answer import AnswerMatchReward, extract_answer
@@ -38,23 +39,9 @@ class Task:
     evaluate: Callable[[Any, Any, Dataset], dict[str, float]]
 
 
-def arithmetic_difficulty(prompt: str) -> int:
-    """Carries needed by ``a+b=`` (0, 1 or 2): the demo task's difficulty label, for the curriculum sampler."""
-    a, b = (int(x) for x in prompt.rstrip("=").split("+"))
-    ones_carry = (a % 10 + b % 10) >= 10
-    tens_carry = (a // 10 + b // 10 + int(ones_carry)) >= 10
-    return int(ones_carry) + int(tens_carry)
-
-
 def _demo_rows(data, seed: int) -> tuple[Dataset, Dataset]:
-    if data.terms == 3:  # a+b+c= (k15_plugin.data.sum3); no difficulty labels
-        from k15_plugin.data.sum3 import make_sum3_datasets
-
-        return make_sum3_datasets(num_train=data.num_train, seed=seed, heldout_size=data.heldout_size)
-    train, heldout = make_datasets(
-        num_train=data.num_train, seed=seed, heldout_size=data.heldout_size, filler_max=data.filler_max
-    )
-    return train.add_column("difficulty", [arithmetic_difficulty(p) for p in train["prompt"]]), heldout
+    task = BUILTIN_TASKS[task_name(data)]
+    return task.rows(data.num_train, seed, data.heldout_size, **task_options(data))
 
 
 def demo_columns(data, seed: int) -> list[str]:
@@ -63,18 +50,21 @@ def demo_columns(data, seed: int) -> list[str]:
 
 
 def _demo_task(data, tokenizer, seed: int, reward=None) -> Task:
+    task = BUILTIN_TASKS[task_name(data)]
     train, heldout = _demo_rows(data, seed)
-    allow_filler, steps = data.filler_max > 0, data.terms == 3
-    max_new_tokens = None
-    if steps:
-        from k15_plugin.data.sum3 import MAX_NEW_TOKENS as max_new_tokens
+    budget = task.max_new_tokens(**task_options(data))
 
     def evaluate(model, tokenizer, rows):
         return evaluate_greedy(
-            model, tokenizer, rows, max_new_tokens=max_new_tokens, allow_filler=allow_filler, allow_steps=steps
+            model,
+            tokenizer,
+            rows,
+            max_new_tokens=budget,
+            allow_filler=task.allow_filler,
+            allow_steps=task.allow_steps,
         )
 
-    exact = ArithmeticReward(tokenizer, allow_filler=allow_filler, allow_steps=steps)
+    exact = ArithmeticReward(tokenizer, allow_filler=task.allow_filler, allow_steps=task.allow_steps)
     return Task(train, heldout, reward_funcs(reward, data, train.column_names, exact), evaluate)
 
 
@@ -170,7 +160,7 @@ def load_task(data, tokenizer, seed: int, max_new_tokens: int, reward=None) -> T
 
     ``reward`` is the composed ``reward`` config; None keeps the data's own checker (``verifier=task``).
     """
-    if data.source == "demo_arithmetic":
+    if data.source in DEMO_SOURCES:
         return _demo_task(data, tokenizer, seed, reward)
     return _loaded_task(data, seed, max_new_tokens, reward)
 
@@ -178,7 +168,7 @@ def load_task(data, tokenizer, seed: int, max_new_tokens: int, reward=None) -> T
 def task_rows(data, seed: int, max_new_tokens: int, reward=None) -> tuple[Dataset, Dataset]:
     """The train and held-out rows of :func:`load_task` (columns prompt, answer and, where given, difficulty and
     tests), without a tokenizer: for hosts that read the rows from files (OpenRLHF)."""
-    if data.source == "demo_arithmetic":
+    if data.source in DEMO_SOURCES:
         return _demo_rows(data, seed)
     task = _loaded_task(data, seed, max_new_tokens, reward)
     return task.train, task.heldout

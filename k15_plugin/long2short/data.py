@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from k15_plugin.data.builtin import BUILTIN_TASKS
 from k15_plugin.data.jsonl import read_objects
 from k15_plugin.errors import K15Error
 
@@ -48,8 +49,6 @@ def require_columns(rows: list[dict], path: str | Path, columns: Sequence[str]) 
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
-# The built-in tasks: their prompts (train or held-out split), their checker and their generation budget.
-BUILTIN_TASKS = ("demo_sum3", "demo_arithmetic", "demo_arithmetic_filler")
 
 
 @dataclass
@@ -76,17 +75,9 @@ def task_prompts(
     if task is not None:
         if task not in BUILTIN_TASKS:
             raise Long2ShortError(f"--task {task}: not one of {list(BUILTIN_TASKS)}")
-        if task == "demo_sum3":
-            from k15_plugin.data.sum3 import MAX_NEW_TOKENS, make_sum3_datasets
-
-            train, heldout = make_sum3_datasets(seed=seed)
-            budget = MAX_NEW_TOKENS
-        else:
-            from k15_plugin.data.arithmetic import make_datasets
-
-            filler = 6 if task == "demo_arithmetic_filler" else 0
-            train, heldout = make_datasets(seed=seed, filler_max=filler)
-            budget = 4 + filler
+        builtin = BUILTIN_TASKS[task]
+        train, heldout = builtin.rows(None, seed, None)
+        budget = builtin.max_new_tokens()
         ds = train if split == "train" else heldout
         rows = [{"prompt": p, "answer": a} for p, a in zip(ds["prompt"], ds["answer"], strict=True)]
         source = f"task {task} ({split} split, seed {seed})" if split == "train" else f"task {task} (held-out split)"
@@ -111,17 +102,14 @@ def make_scorer(prompts: Prompts, tokenizer, reward: str, extraction: str | None
     if prompts.builtin is not None and reward == "task":
         from k15_plugin.data.arithmetic import ArithmeticReward
 
-        checker = ArithmeticReward(
-            tokenizer,
-            allow_filler=prompts.builtin == "demo_arithmetic_filler",
-            allow_steps=prompts.builtin == "demo_sum3",
-        )
+        builtin = BUILTIN_TASKS[prompts.builtin]
+        checker = ArithmeticReward(tokenizer, allow_filler=builtin.allow_filler, allow_steps=builtin.allow_steps)
         return lambda texts, ids, rows: [checker.score(i, r["answer"]) for i, r in zip(ids, rows, strict=True)]
-    from k15_plugin.rewards.registry import scorer
+    from k15_plugin.rewards.registry import VERIFIERS, scorer
 
     spec: dict[str, Any] = {"verifier": reward}
     if extraction:
         spec["extraction"] = extraction
     score = scorer(spec)
-    label = "tests" if reward == "code" else "answer"
+    label = VERIFIERS[reward].column
     return lambda texts, ids, rows: [float(x) for x in score(list(texts), [r[label] for r in rows])]
