@@ -1,7 +1,7 @@
 """The files a run will read, checked before Hydra starts the job: training data, the model directory, a checkpoint.
 
 ``check_inputs`` runs in the CLI's pre-Hydra phase right after ``check_config`` (so before any model loads and before
-the run directory exists) and raises :class:`~k15_plugin.cli.build.ConfigError` with one line naming the file (with
+the run directory exists) and raises :class:`~k15_plugin.errors.ConfigError` with one line naming the file (with
 its line number for a bad row) or the Hydra key.
 
 The row format and the reader are :mod:`k15_plugin.data.jsonl`'s; this module only runs them over the files a

@@ -10,7 +10,7 @@ need no network. A Hugging Face Hub id (``model.name``, or ``data.path`` with ``
 
 The Hub reachable: the loaders fetch (or reuse the cache) as usual. The Hub unreachable but everything cached: the run
 goes on from the cache in offline mode (one warning line), so the loaders do not spend a minute retrying. Neither:
-:class:`~k15_plugin.cli.build.ConfigError` with one line naming the key and the offline ways (a local directory, or a
+:class:`~k15_plugin.errors.ConfigError` with one line naming the key and the offline ways (a local directory, or a
 filled cache with ``HF_HUB_OFFLINE=1``), where loading used to retry for a minute and end in a traceback.
 """
 
