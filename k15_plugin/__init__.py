@@ -1,7 +1,9 @@
-"""k15-plugin: the Kimi k1.5 RL recipe (arXiv 2501.12599) for TRL.
+"""k15-plugin: the Kimi k1.5 RL recipe (arXiv 2501.12599) for TRL, verl and OpenRLHF.
 
-``k15_plugin.core`` is importable with torch alone; the TRL trainers are loaded on first access so that
-``import k15_plugin`` stays cheap.
+``k15_plugin.core`` is importable with torch alone (the math and :class:`~k15_plugin.core.settings.K15Settings`); the
+TRL trainers below are loaded on first access so that ``import k15_plugin`` stays cheap. verl loads
+``k15_plugin.verl`` through its plugin entry point; OpenRLHF runs through ``k15-train host=openrlhf``. ARCHITECTURE.md
+maps the package.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Verifiable rewards for TRL (paper section 2.3): math answers checked by math-verify, code run in a sandbox.
+"""Verifiable rewards (paper section 2.3): math answers checked by math-verify, code run in a sandbox.
 
 Each factory returns a picklable callable class instance with a ``__name__`` (TRL logs rewards by it), called by TRL
 as ``f(prompts=, completions=, completion_ids=, **dataset_columns, trainer_state=, log_metric=, ...)``:
@@ -7,7 +7,9 @@ as ``f(prompts=, completions=, completion_ids=, **dataset_columns, trainer_state
     get_code_reward(partial_credit=True, timeout_seconds=5.0, ...)   # reads the `tests` column
 
 ``k15_plugin.rewards.answer.AnswerMatchReward`` is the dependency-free exact-match checker the CLI's ``task``
-verifier uses. The code sandbox itself is :mod:`k15_plugin.sandbox`; its public names are re-exported here.
+verifier uses. The code sandbox itself is :mod:`k15_plugin.sandbox`; its public names are re-exported here. Every
+caller picks a verifier by name through :mod:`k15_plugin.rewards.registry` (also the per-sample scorers of verl and
+OpenRLHF).
 """
 
 from __future__ import annotations
