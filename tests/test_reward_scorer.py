@@ -1,4 +1,4 @@
-"""The per-sample scorer (k15_plugin.rewards.registry.scorer) that OpenRLHF's reward file and verl's compute_score share."""
+"""The per-sample scorer (rewards.registry.scorer) that OpenRLHF's reward file and verl's compute_score share."""
 
 import json
 
