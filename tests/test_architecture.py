@@ -142,7 +142,7 @@ def test_every_host_option_has_an_entry_in_the_host_table():
 
     options = {p.stem for p in (PACKAGE.parent / "conf" / "host").glob("*.yaml")}
     assert options == set(HOSTS)
-    with pytest.raises(ConfigError, match=r"host=ray is not one of \['trl', 'openrlhf'\]"):
+    with pytest.raises(ConfigError, match=r"host=ray is not one of \['trl', 'openrlhf', 'verl'\]"):
         get_host("ray")
 
 

@@ -2,6 +2,7 @@
 
 Bad values go through ``k15-train``'s ``main`` in this process; the runs are real processes."""
 
+import importlib.util
 import io
 import json
 import os
@@ -68,6 +69,13 @@ def test_every_option_composes_and_checks(composer, group, tmp_path):
             from k15_plugin.cli.hosts.openrlhf import build_plan
 
             assert "--algo.advantage.estimator" in build_plan(cfg, tmp_path).argv
+            continue
+        if (group, option) == ("host", "verl"):  # verl's own validation: tests/test_verl_adapter.py (verl's env)
+            from k15_plugin.cli.hosts.verl import derived
+
+            name, tree, sources = derived(cfg, tmp_path)
+            assert name == "k15_md" and tree["data"]["train_batch_size"] == 16
+            assert sources["data.train_batch_size"] == "trainer.per_device_train_batch_size"
             continue
         if group == "experiment" and cfg.trainer.bf16:  # a GPU recipe: checked on this CPU machine without bf16
             cfg.trainer.use_cpu, cfg.trainer.bf16 = True, False
@@ -207,6 +215,14 @@ def test_host_openrlhf_without_openrlhf_says_so_once(tmp_path, monkeypatch, caps
     expected = "OpenRLHF is not installed: pip install 'k15-plugin[openrlhf]' (README: OpenRLHF)"
     assert_one_line(code, stderr, expected, tmp_path)
     assert stderr.strip() == f"k15-train: error: {expected}"  # once: it was "OpenRLHF OpenRLHF is not installed"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("verl") is not None, reason="verl is installed here")
+def test_host_verl_without_verl_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    code, stderr = main_before_the_job(["host=verl"], tmp_path, monkeypatch, capsys)
+    expected = "verl is not installed: pip install 'k15-plugin[verl]' (README: verl)"
+    assert_one_line(code, stderr, expected, tmp_path)
+    assert stderr.strip() == f"k15-train: error: {expected}"
 
 
 class _Terminal(io.StringIO):

@@ -4,8 +4,10 @@ Runs in the verl test environment (README: the verl test command); skipped where
 """
 
 import importlib.metadata
+import json
 import logging
 import re
+import shlex
 import subprocess
 import sys
 import types
@@ -18,7 +20,7 @@ import torch
 verl = pytest.importorskip("verl")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import OmegaConf, open_dict  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
@@ -634,3 +636,299 @@ def test_compute_score_loads_through_verls_custom_reward_function():
     score = get_custom_reward_fn(cfg)  # verl's own loader, with the reward_kwargs bound
     assert score(data_source="k15", solution_str="so the answer is \\boxed{\\frac{1}{2}}", ground_truth="0.5") == 1.0
     assert score(data_source="k15", solution_str="\\boxed{3}", ground_truth="0.5") == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# k15-train host=verl
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _k15_config(overrides=()):
+    """A composed k15-train config with host=verl."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from k15_plugin.cli.train import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", ["host=verl", *overrides])
+
+
+def _verl_config(plan):
+    """The plan's verl config, composed as verl's launcher composes it."""
+    with initialize_config_dir(config_dir=k15_verl.CONFIG_DIR, version_base=None):
+        return compose(config_name=plan.config_name, overrides=plan.overrides)
+
+
+# trainer shape: 32 completions per device x 2 micro-batches per rollout batch / 4 samples = 16 prompts per rollout
+# batch, 32 / 4 = 8 prompts per optimizer step; kimi_md's 2 passes: S = 4 optimizer steps per rollout batch
+SHAPE = [
+    "trainer.per_device_train_batch_size=32",
+    "trainer.steps_per_generation=2",
+    "trainer.gradient_accumulation_steps=1",
+    "trainer.num_generations=4",
+    "trainer.max_steps=10",
+    "trainer.learning_rate=3e-5",
+]
+
+
+def test_k15_train_dry_run_prints_a_command_verls_launcher_composes(tmp_path):
+    """`k15-train host=verl host.dry_run=true`: the printed command, run by verl's own launcher with `--cfg job`."""
+    from k15_plugin.cli.hosts.verl import RAW_TEMPLATE
+
+    run_dir = tmp_path / "run"
+    args = [
+        "host=verl",
+        "host.dry_run=true",
+        f"model.path={DEMO_MODEL}",
+        "algorithm.tau=0.3",
+        "sampler=curriculum",
+        "reward=length_penalty",
+        "data.num_train=64",
+        "data.heldout_size=16",
+        *SHAPE,
+        f"hydra.run.dir={run_dir}",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "k15_plugin.cli.train", *args], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if " -m verl.trainer.main_ppo " in x)
+    argv = shlex.split(line)
+    assert argv[1:7] == ["-m", "verl.trainer.main_ppo", "--config-dir", k15_verl.CONFIG_DIR, "--config-name", "k15_md"]
+    job = subprocess.run([*argv, "--cfg", "job"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert job.returncode == 0, job.stderr[-3000:]
+    cfg = OmegaConf.create(job.stdout)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    actor = resolved["actor_rollout_ref"]["actor"]
+    assert cfg.data.train_batch_size == 16 and actor["ppo_mini_batch_size"] == 8 and actor["ppo_epochs"] == 2
+    assert actor["ppo_micro_batch_size_per_gpu"] == 32 and cfg.actor_rollout_ref.rollout.n == 4
+    assert cfg.trainer.total_training_steps == 3  # 10 optimizer steps / 4 per rollout batch, rounded up
+    assert cfg.trainer.total_epochs == 3  # as many epochs as steps: the steps end the run, not verl's 30 epochs
+    assert actor["optim"]["lr"] == 3e-5 and actor["optim"]["betas"] == [0.9, 0.99]
+    assert cfg.algorithm.k15.tau == 0.3 and actor["policy_loss"]["tau"] == 0.3
+    sampler = cfg.algorithm.k15.sampler
+    assert (sampler.name, sampler.difficulty_column, sampler.switch_step) == (
+        "curriculum",
+        "extra_info.difficulty",
+        150,
+    )
+    assert cfg.algorithm.k15.length_penalty.weight > 0
+    assert cfg.reward.custom_reward_function.path == "pkg://k15_plugin.verl.rewards"
+    assert OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs) == {
+        "verifier": "task",
+        "extraction": "last_number",
+    }
+    model = cfg.actor_rollout_ref.model
+    assert model.path == str(DEMO_MODEL) and model.custom_chat_template == RAW_TEMPLATE
+    assert cfg.data.max_prompt_length == 60 and cfg.data.max_response_length == 4  # the demo model's 64 positions
+    assert cfg.data.train_files == str(run_dir / "verl" / "train.parquet")
+    assert (run_dir / "verl" / "train.parquet").is_file() and (run_dir / "verl" / "heldout.parquet").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["host"] == "verl" and summary["dry_run"] and summary["command"] == line
+
+
+@pytest.mark.parametrize("algorithm", ["kimi_md", "grpo", "dr_grpo", "rloo"])
+def test_dry_run_of_each_algorithm_composes_and_validates(algorithm, tmp_path, capsys):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+
+    from k15_plugin.cli.hosts import HOSTS
+    from k15_plugin.cli.hosts.verl import CONFIG_NAMES, build_plan, validate
+
+    k15 = _k15_config([f"algorithm={algorithm}", "host.dry_run=true", "data.num_train=16", "data.heldout_size=8"])
+    assert HOSTS["verl"].dry_run
+    summary = HOSTS["verl"].run(k15, tmp_path / "run")
+    printed = capsys.readouterr().out
+    assert summary["command"] in printed and summary["returncode"] is None and summary["algorithm"] == algorithm
+    plan = build_plan(k15, tmp_path / "run")
+    assert plan.config_name == CONFIG_NAMES[algorithm] and f"--config-name {plan.config_name}" in printed
+    validate(plan)
+    cfg = _verl_config(plan)
+    validate_config(cfg, need_reference_policy(cfg), need_critic(cfg))
+    estimator = {"kimi_md": "k15_md", "rloo": "k15_rloo"}.get(algorithm, "k15_grpo")
+    assert cfg.algorithm.adv_estimator == estimator
+    assert cfg.actor_rollout_ref.actor.ppo_epochs == k15.algorithm.num_iterations
+    # the demo: 128 completions per rollout batch of 16 prompts x 8, one optimizer step per pass
+    assert (cfg.data.train_batch_size, cfg.actor_rollout_ref.actor.ppo_mini_batch_size) == (16, 16)
+    assert cfg.trainer.total_training_steps == -(-k15.trainer.max_steps // k15.algorithm.num_iterations)
+    assert k15_settings(cfg.algorithm).reset_optimizer_each_iteration is (algorithm == "kimi_md")
+    if algorithm in ("grpo", "dr_grpo"):
+        assert cfg.algorithm.norm_adv_by_std_in_grpo is (algorithm == "grpo")
+        mode = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm"}[algorithm]
+        assert cfg.actor_rollout_ref.actor.loss_agg_mode == mode  # TRL's loss_type
+    assert (tmp_path / "run" / "verl" / "train.parquet").is_file()
+
+
+def test_reward_kwargs_of_every_verifier_reach_compute_score(tmp_path):
+    """The registry's spec, nested dicts and lists included, through Hydra's override syntax to verl's loader."""
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    from k15_plugin.cli.hosts.verl import build_plan
+    from k15_plugin.rewards.registry import spec_of
+
+    data = tmp_path / "code.jsonl"
+    data.write_text(json.dumps({"prompt": "echo", "tests": [{"input": "1", "output": "1"}]}) + "\n")
+    odd = tmp_path / "it's a dir"
+    odd.mkdir()
+    cases = {
+        "task": [],
+        "math": ["reward=math", "reward.math.extraction=boxed"],
+        "code": [
+            "reward=code",
+            "data=jsonl",
+            f"data.path={data}",
+            "data.chat=false",
+            f"reward.code.allow_paths=[{json.dumps(str(odd))}]",
+        ],
+    }
+    for verifier, overrides in cases.items():
+        k15 = _k15_config(overrides)
+        cfg = _verl_config(build_plan(k15, tmp_path))
+        got = OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs)
+        assert got == spec_of(k15.reward, k15.data), verifier
+        assert get_custom_reward_fn(cfg).args[1] == got  # verl binds them to compute_score
+    assert got["sandbox"]["allow_paths"] == [str(odd)]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["algorithm=dapo"], "algorithm=dapo does not run on host=verl (it runs on host=trl only)"),
+        (["algorithm=ppo"], "algorithm=ppo does not run on host=verl (host=openrlhf runs PPO with a critic)"),
+        (["rollout=partial"], "rollout: partial rollouts and repeat detection run on host=trl only"),
+        (["rollout.repeat.detection=true"], "rollout: partial rollouts and repeat detection run on host=trl only"),
+        (["model.lora.enabled=true"], "model.lora.enabled: k15-train does not map LoRA onto verl"),
+        (
+            ["trainer.steps_per_generation=2", "trainer.gradient_accumulation_steps=4"],
+            "trainer.steps_per_generation=2 must be a multiple of trainer.gradient_accumulation_steps=4 on verl",
+        ),
+        (
+            ["+host.flags.actor_rollout_ref.actor.ppo_mini_bach_size=4"],
+            "host.flags.actor_rollout_ref.actor.ppo_mini_bach_size: verl's config: Could not override",
+        ),
+        (
+            ["+host.flags.actor_rollout_ref.actor.loss_agg_mode=bogus"],
+            "host.flags.actor_rollout_ref.actor.loss_agg_mode: verl refuses the config: ",
+        ),
+        (
+            ["+host.flags.actor_rollout_ref.actor.ppo_mini_batch_size=64"],
+            "host.flags.actor_rollout_ref.actor.ppo_mini_batch_size: verl refuses the config: train_batch_size (16) "
+            "must be >= actor.ppo_mini_batch_size (64)",
+        ),
+        (
+            ["sampler=prioritized", "+host.flags.data.dataloader_num_workers=2"],
+            "host.flags.data.dataloader_num_workers: verl refuses the config: algorithm.k15.sampler.name=prioritized "
+            "needs data.dataloader_num_workers=0",
+        ),
+    ],
+)
+def test_k15_train_host_verl_refuses_in_one_line(args, expected, tmp_path, monkeypatch, capsys):
+    from cli_helpers import assert_one_line, main_before_the_job
+
+    code, stderr = main_before_the_job(["host=verl", *args], tmp_path, monkeypatch, capsys)
+    assert_one_line(code, stderr, expected, tmp_path)
+
+
+def test_free_verl_nodes_take_new_keys_from_host_flags(tmp_path):
+    from k15_plugin.cli.hosts.verl import build_plan, validate
+
+    k15 = _k15_config(
+        [
+            "+host.flags.actor_rollout_ref.rollout.engine_kwargs.vllm.enforce_eager=true",
+            "+host.flags.reward.custom_reward_function.reward_kwargs.extraction=gsm8k",
+            "+host.flags.trainer.val_before_train=false",
+        ]
+    )
+    plan = build_plan(k15, tmp_path)
+    assert "+actor_rollout_ref.rollout.engine_kwargs.vllm.enforce_eager=true" in plan.overrides
+    assert "trainer.val_before_train=false" in plan.overrides
+    validate(plan)
+    cfg = _verl_config(plan)
+    assert cfg.actor_rollout_ref.rollout.engine_kwargs.vllm.enforce_eager is True
+    assert cfg.reward.custom_reward_function.reward_kwargs.extraction == "gsm8k"  # the user's flag wins
+    assert plan.sources["reward.custom_reward_function.reward_kwargs.extraction"].startswith("host.flags.")
+
+
+def test_the_run_files_load_through_verls_dataset_and_trainer(tmp_path):
+    """The parquet files as verl's own trainer reads them: its tokenizer (with the raw-prompt template), RLHFDataset,
+    and the curriculum sampler reading ``extra_info.difficulty``."""
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    from k15_plugin.cli.hosts.verl import build_plan, write_files
+    from k15_plugin.data.tasks import task_rows
+
+    overrides = ["sampler=curriculum", "data.num_train=40", "data.heldout_size=10", *SHAPE]
+    k15 = _k15_config(overrides)
+    plan = build_plan(k15, tmp_path)
+    paths = write_files(k15, plan)
+    train, heldout = task_rows(k15.data, k15.seed, k15.trainer.max_completion_length, k15.reward)
+    cfg = _verl_config(plan)
+    with open_dict(cfg):
+        cfg.data.filter_overlong_prompts = True  # tokenizes every prompt through the chat template
+    trainer = get_trainer_cls(cfg.trainer.v1.trainer_mode)(cfg)
+    trainer._init_tokenizer()
+    trainer._init_dataloader()
+    dataset = trainer.train_dataset
+    assert len(dataset) == 40 and len(trainer.val_dataset) == len(heldout) == 10
+    tokenizer = trainer.tokenizer
+    for i in (0, 17):
+        item = dataset[i]
+        assert item["raw_prompt"] == [{"role": "user", "content": train[i]["prompt"]}]
+        assert item["reward_model"]["ground_truth"] == train[i]["answer"]
+        assert item["extra_info"]["difficulty"] == train[i]["difficulty"] and item["index"] == i
+        ids = tokenizer.apply_chat_template(item["raw_prompt"], add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert list(ids) == tokenizer(train[i]["prompt"])["input_ids"]  # the ids TRL generates from
+    torch.testing.assert_close(trainer.k15_sampler.difficulty, torch.tensor(train["difficulty"], dtype=torch.float64))
+    assert paths["heldout"].name == "heldout.parquet"
+
+
+def test_a_code_row_keeps_its_tests_as_the_label():
+    from k15_plugin.cli.hosts.verl import verl_rows
+    from k15_plugin.rewards.registry import scorer
+
+    tests = [{"input": "", "output": "1"}]
+    (row,) = verl_rows(
+        [{"prompt": [{"role": "user", "content": "print 1"}], "tests": tests}], "tests", "k15/x", "train"
+    )
+    assert row["prompt"] == [{"role": "user", "content": "print 1"}] and row["ability"] == "code"
+    assert json.loads(row["reward_model"]["ground_truth"]) == tests and "difficulty" not in row["extra_info"]
+    assert scorer({"verifier": "code", "sandbox": {"isolation": "none"}})  # parses a JSON label (registry)
+
+
+def test_the_run_starts_verls_launcher_and_reports_its_status(tmp_path, monkeypatch):
+    from k15_plugin.cli.hosts import verl as verl_host
+
+    calls = []
+
+    def fake_run(argv, cwd):
+        calls.append((argv, cwd))
+        return types.SimpleNamespace(returncode=len(calls) - 1)
+
+    monkeypatch.setattr(verl_host.subprocess, "run", fake_run)
+    k15 = _k15_config(["data.num_train=16", "data.heldout_size=8"])
+    summary = verl_host.run(k15, tmp_path / "run")
+    argv, cwd = calls[0]
+    assert cwd == tmp_path / "run" and argv[1:3] == ["-m", "verl.trainer.main_ppo"]
+    assert summary == {
+        "algorithm": "kimi_md",
+        "host": "verl",
+        "command": shlex.join(argv),
+        "returncode": 0,
+        "run_dir": str(tmp_path / "run"),
+    }
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    with pytest.raises(SystemExit) as failed:
+        verl_host.run(k15, tmp_path / "run")
+    assert failed.value.code == 1
+
+
+@pytest.mark.parametrize(
+    "value", ["plain", "1e-06", "true", "it's a path/x", "pkg://a.b", "", "{% if x %}{{ y['z'] }}{% endif %}"]
+)
+def test_hydra_values_come_back_as_written(value):
+    from k15_plugin.cli.hosts.verl import hydra_value
+
+    for written in (value, [value, 1.5], {"a": value, "b": [None, True, float("inf")]}):
+        cfg = compose_plugin("k15_md", [f"+reward.custom_reward_function.reward_kwargs.x={hydra_value(written)}"])
+        assert OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs)["x"] == written

@@ -204,7 +204,7 @@ def check_dataset_source(data: DictConfig) -> str:
 def check_sources(cfg: DictConfig) -> None:
     """The model and the dataset ``cfg`` names can be had (locally, from the cache or the Hub); one line otherwise.
 
-    Skipped for an OpenRLHF dry run, which loads nothing."""
+    Skipped for a dry run (host=openrlhf, host=verl), which loads nothing."""
     if cfg.host.dry_run:
         return
     check_model_source(cfg.model)

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from k15_plugin.cli.hosts import openrlhf, trl
+from k15_plugin.cli.hosts import openrlhf, trl, verl
 from k15_plugin.errors import ConfigError
 
 
@@ -41,6 +41,7 @@ class Host:
 HOSTS: dict[str, Host] = {
     "trl": Host(check=trl.check_config, check_all=None, run=trl.run),
     "openrlhf": Host(check=openrlhf.check, check_all=openrlhf.check_plans, run=openrlhf.run, dry_run=True),
+    "verl": Host(check=verl.check, check_all=None, run=verl.run, dry_run=True),
 }
 
 
