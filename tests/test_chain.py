@@ -70,3 +70,25 @@ def test_the_builtin_table_names_the_task_of_a_data_config():
     assert len(train) == 40 and set(train["difficulty"]) <= {3, 4, 5} and len(heldout) == 9
     assert BUILTIN_TASKS["demo_arithmetic"].max_new_tokens() == 4
     assert BUILTIN_TASKS["demo_arithmetic_filler"].max_new_tokens() == 10
+
+
+def test_shipped_chain_checkpoint_matches_its_record_and_the_regime():
+    """tiny_demo_chain: greedy held-out accuracy and length as recorded by its maker, right sometimes with headroom
+    (better on short chains than long ones), and long, variable-length sampled answers."""
+    from k15_plugin.data.arithmetic import DEMO_MODELS, evaluate_greedy, load_demo_checkpoint, read_warm_start_info
+
+    directory = DEMO_MODELS["tiny_demo_chain"]
+    model, tok = load_demo_checkpoint(directory)
+    info = read_warm_start_info(directory)
+    assert sum(f.stat().st_size for f in directory.iterdir()) < 3_000_000
+    _, heldout = make_chain_datasets(num_train=10)
+    measured = evaluate_greedy(model, tok, heldout, max_new_tokens=max_new_tokens(8), allow_steps=True)
+    assert measured["accuracy"] == pytest.approx(info["heldout"]["accuracy"], abs=0.01)
+    assert measured["mean_completion_tokens"] == pytest.approx(info["heldout"]["mean_tokens"], abs=0.1)
+    by_k = {int(k): v for k, v in info["heldout"]["accuracy_by_k"].items()}
+    assert 0.1 < measured["accuracy"] < 0.7
+    assert min(by_k[2], by_k[3]) > max(by_k[7], by_k[8])  # headroom grows with k
+    sampled = info["heldout"]["sampled"]
+    assert 20 <= sampled["mean_tokens"] <= 80 and sampled["longest_tenth_mean_tokens"] >= 2 * sampled["median_tokens"]
+    formats = sampled["formats"]
+    assert formats["direct"]["accuracy"] < formats["verbose"]["accuracy"]  # the work helps

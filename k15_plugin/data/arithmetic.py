@@ -90,6 +90,7 @@ DEMO_MODELS = {
     "tiny_demo_filler": DEMO_FILLER_CHECKPOINT_DIR,
     "tiny_demo_sum3_long": Path(__file__).resolve().parent / "demo_checkpoint_sum3_long",
     "tiny_demo_sum3_short": Path(__file__).resolve().parent / "demo_checkpoint_sum3_short",
+    "tiny_demo_chain": Path(__file__).resolve().parent / "demo_checkpoint_chain",
 }
 
 # Filler-count distributions of the warm start: "uniform" is 0..filler_max, "longtail" the mixture below.
