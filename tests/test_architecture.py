@@ -129,6 +129,8 @@ def test_adapters_never_import_each_other():
         "k15_plugin.rewards.math",
         "k15_plugin.rewards.registry",
         "k15_plugin.errors",
+        "k15_plugin.cli.hosts.tree",
+        "k15_plugin.data.chain",
     ],
 )
 def test_the_doc_examples_run(module):

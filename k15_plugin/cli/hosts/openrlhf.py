@@ -36,7 +36,6 @@ TRL's). The length penalty, sampler and k1.5 settings travel as ``args.k15``
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shlex
@@ -48,6 +47,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from k15_plugin.cli.build import check_ranges, k15_settings
+from k15_plugin.cli.hosts.tree import leaves, merged, set_dotted
 from k15_plugin.core.settings import RolloutSettings
 from k15_plugin.errors import ConfigError
 from k15_plugin.openrlhf.config import OpenRLHFSettings
@@ -72,33 +72,6 @@ class OpenRLHFPlan:
         return shlex.join([sys.executable, "-m", OPENRLHF_MODULE, *self.argv])
 
 
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[leaf] = value
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def settings_of(cfg: DictConfig) -> OpenRLHFSettings:
     """``args.k15`` for this run: the run's k1.5 settings (:func:`k15_plugin.cli.build.k15_settings`) and algorithm."""
     settings = k15_settings(cfg)
@@ -118,7 +91,7 @@ def _derived(cfg: DictConfig, files: Path) -> tuple[dict, dict[str, str]]:
     sources: dict[str, str] = {}
 
     def put(flag: str, value: Any, key: str) -> None:
-        _set(tree, flag, value)
+        set_dotted(tree, flag, value)
         sources[f"--{flag}"] = key
 
     a, t = cfg.algorithm, cfg.trainer
@@ -188,10 +161,10 @@ def build_plan(cfg: DictConfig, run_dir: str | os.PathLike) -> OpenRLHFPlan:
     files = Path(run_dir) / "openrlhf"
     tree, sources = _derived(cfg, files)
     user = OmegaConf.to_container(cfg.host.flags, resolve=True) or {}
-    for dotted in _dotted(user):
+    for dotted in leaves(user):
         sources[f"--{dotted}"] = f"host.flags.{dotted}"
-    merged = _merge(tree, user)
-    flat = _dotted(merged)
+    combined = merged(tree, user)
+    flat = leaves(combined)
     if flat.get("train.async_enable"):
         raise ConfigError("host.flags.train.async_enable: the plugin's trainer is OpenRLHF's synchronous one")
     if cfg.algorithm.name == "kimi_md" and float(flat.get("algo.kl.init_coef", 0) or 0) > 0:
@@ -203,7 +176,7 @@ def build_plan(cfg: DictConfig, run_dir: str | os.PathLike) -> OpenRLHFPlan:
         settings = settings_of(cfg)
     except ValueError as err:
         raise ConfigError(f"algorithm: {err}") from None
-    return OpenRLHFPlan(to_flags(merged), settings, sources, files)
+    return OpenRLHFPlan(to_flags(combined), settings, sources, files)
 
 
 def check(cfg: DictConfig) -> OpenRLHFPlan:

@@ -97,7 +97,6 @@ exact-token checker, which needs the token ids: on the demo task a right answer 
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.util
 import io
 import json
@@ -114,6 +113,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from k15_plugin.cli.build import check_ranges, hydra_key, k15_settings
+from k15_plugin.cli.hosts.tree import leaves, merged, set_dotted
 from k15_plugin.core.settings import K15Settings, RolloutSettings
 from k15_plugin.errors import ConfigError
 from k15_plugin.rewards.registry import VERIFIERS, plain, spec_of
@@ -206,33 +206,6 @@ def hydra_value(value: Any) -> str:
     if "\\" in text or "${" in text:
         raise ValueError(f"{text!r} has a backslash or an interpolation, which verl's command line would change")
     return "'" + text.replace("'", "\\'") + "'"
-
-
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[leaf] = value
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ the mapping
@@ -407,7 +380,7 @@ def derived(cfg: DictConfig, files: Path) -> tuple[str, dict, dict[str, str]]:
     sources: dict[str, str] = {}
 
     def put(key: str, value: Any, source: str) -> None:
-        _set(tree, key, value)
+        set_dotted(tree, key, value)
         sources[key] = source
 
     shape = batch_shape(cfg)
@@ -448,7 +421,7 @@ def derived(cfg: DictConfig, files: Path) -> tuple[str, dict, dict[str, str]]:
     spec = spec_of(cfg.reward, cfg.data)
     put("reward.custom_reward_function.path", REWARD_MODULE, "reward.verifier")
     put("reward.custom_reward_function.name", "compute_score", "reward.verifier")
-    for key, value in _leaves(spec).items():
+    for key, value in leaves(spec, empty_is_leaf=True).items():
         put(f"{REWARD_KWARGS}.{key}", value, _reward_source(cfg, spec["verifier"], key))
 
     put("data.train_batch_size", shape["train_batch_size"], "trainer.per_device_train_batch_size")
@@ -593,11 +566,11 @@ def build_plan(cfg: DictConfig, run_dir: str | os.PathLike) -> VerlPlan:
     config_name, tree, sources = derived(cfg, files)
     require_verl()
     user = OmegaConf.to_container(cfg.host.flags, resolve=True) or {}
-    for key in _leaves(user):
+    for key in leaves(user, empty_is_leaf=True):
         sources[key] = f"host.flags.{key}"
     base = _base_tree(config_name)
     overrides = []
-    for key, value in _leaves(_merge(tree, user)).items():
+    for key, value in leaves(merged(tree, user, empty_replaces=True), empty_is_leaf=True).items():
         try:
             overrides.append(_override(key, value, base))
         except ValueError as err:

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from k15_plugin.data.arithmetic import WARM_START_FILE, ArithmeticReward, greedy_kwargs, load_demo_checkpoint
-from k15_plugin.data.build.warm_start import build_model, build_tokenizer
+from k15_plugin.data.arithmetic import ArithmeticReward, greedy_kwargs
+from k15_plugin.data.build.warm_start import build_model, build_tokenizer, causal_lm_loss, save_measured, sft_batch
 from k15_plugin.data.chain import FORMATS, completion, make_chain_datasets, max_new_tokens, parse_prompt
 
 SEED = 0
@@ -56,19 +53,6 @@ def answer_format(text: str, prompt: str) -> str:
     if text.startswith(prompt):
         return "verbose"
     return "direct" if text.isdigit() else "steps"
-
-
-def _batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str]):
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
-    seqs, labels = [], []
-    for p, t in zip(prompt_ids, target_ids, strict=True):
-        t = [*t, tokenizer.eos_token_id]
-        seqs.append(p + t)
-        labels.append([-100] * len(p) + t)
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
-    return ids, torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
 
 
 @torch.no_grad()
@@ -140,9 +124,7 @@ def train(model, tokenizer, prompts: list[str], check_rows, args) -> tuple[int, 
     for step in range(1, args.max_steps + 1):
         rows = [prompts[rng.randrange(len(prompts))] for _ in range(BATCH)]
         targets = [completion(parse_prompt(p), rng.choices(names, weights)[0]) for p in rows]
-        ids, labels = _batch(tokenizer, rows, targets)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        loss = causal_lm_loss(model, *sft_batch(tokenizer, rows, targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -162,27 +144,13 @@ def train(model, tokenizer, prompts: list[str], check_rows, args) -> tuple[int, 
 
 
 def save(model, tokenizer, out: Path, info: dict, heldout) -> dict:
-    """Save to ``out`` (through ``<out>.tmp``, renamed into place) with a ``warm_start.json`` measured on the
-    checkpoint reloaded from disk; returns what that file holds."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.generation_config.max_new_tokens = max_new_tokens()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    reloaded, reloaded_tok = load_demo_checkpoint(tmp)
-    info = {
-        **info,
-        "heldout_size": len(heldout),
-        "heldout": measure(reloaded, reloaded_tok, heldout, samples=4),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
-    (tmp / WARM_START_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    for f in tmp.iterdir():
-        f.chmod(0o644)  # safetensors writes 0600; package data must be world-readable
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return info
+    """Save to ``out`` with a ``warm_start.json`` (:func:`~k15_plugin.data.build.warm_start.save_measured`): ``info``
+    plus :func:`measure` of the checkpoint reloaded from disk, with 4 samples per held-out prompt."""
+
+    def measured(reloaded, reloaded_tok) -> dict:
+        return {"heldout_size": len(heldout), "heldout": measure(reloaded, reloaded_tok, heldout, samples=4)}
+
+    return save_measured(model, tokenizer, out, info, measured, max_new_tokens())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from k15_plugin.data.arithmetic import WARM_START_FILE, evaluate_greedy, greedy_kwargs, load_demo_checkpoint
-from k15_plugin.data.build.warm_start import build_model, build_tokenizer
+from k15_plugin.data.arithmetic import evaluate_greedy, greedy_kwargs
+from k15_plugin.data.build.warm_start import build_model, build_tokenizer, causal_lm_loss, save_measured, sft_batch
 from k15_plugin.data.sum3 import (
     FORMATS,
     LONG_MIX,
@@ -51,19 +48,6 @@ def answer_format(text: str) -> str:
     return {2: "verbose", 1: "steps", 0: "direct"}.get(text.count("="), "other")
 
 
-def _batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str]):
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
-    seqs, labels = [], []
-    for p, t in zip(prompt_ids, target_ids, strict=True):
-        t = [*t, tokenizer.eos_token_id]
-        seqs.append(p + t)
-        labels.append([-100] * len(p) + t)
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
-    return ids, torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
-
-
 def train(model, tokenizer, prompts: list[str], mix: dict[str, float], steps: int, lr: float, seed: int) -> float:
     """Teacher forcing on ``prompt completion(format ~ mix) EOS``; returns the seconds it took."""
     rng = random.Random(seed)
@@ -82,9 +66,7 @@ def train(model, tokenizer, prompts: list[str], mix: dict[str, float], steps: in
     for step in range(steps):
         rows = [prompts[rng.randrange(len(prompts))] for _ in range(BATCH)]
         targets = [completion(*parse_prompt(p), rng.choices(names, weights)[0]) for p in rows]
-        ids, labels = _batch(tokenizer, rows, targets)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        loss = causal_lm_loss(model, *sft_batch(tokenizer, rows, targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -131,34 +113,20 @@ def sampled_formats(model, tokenizer, heldout, n: int = 8, seed: int = 0) -> dic
 
 
 def save(model, tokenizer, out: Path, info: dict, heldout) -> dict:
-    """Save ``model`` and ``tokenizer`` to ``out`` with a ``warm_start.json``; returns what that file holds.
+    """Save ``model`` and ``tokenizer`` to ``out`` with a ``warm_start.json``
+    (:func:`~k15_plugin.data.build.warm_start.save_measured`): ``info`` plus the held-out greedy accuracy and mean
+    completion tokens and the sampled formats, measured on the checkpoint reloaded from disk."""
 
-    ``info`` is extended with the held-out greedy accuracy and mean completion tokens, the sampled formats, the
-    parameter count and the versions, all measured on the checkpoint reloaded from disk (what a user of the files
-    gets). Written to ``<out>.tmp`` first and renamed over ``out``, so an interrupted build leaves no half checkpoint.
-    """
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.generation_config.max_new_tokens = MAX_NEW_TOKENS
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    reloaded, reloaded_tok = load_demo_checkpoint(tmp)  # measure what a user of the files gets
-    greedy = evaluate_greedy(reloaded, reloaded_tok, heldout, max_new_tokens=MAX_NEW_TOKENS, allow_steps=True)
-    info = {
-        **info,
-        "heldout_size": len(heldout),
-        "heldout_accuracy": greedy["accuracy"],
-        "heldout_mean_completion_tokens": round(greedy["mean_completion_tokens"], 4),
-        "sampled_formats": sampled_formats(reloaded, reloaded_tok, heldout),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
-    (tmp / WARM_START_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    for f in tmp.iterdir():
-        f.chmod(0o644)  # safetensors writes 0600; package data must be world-readable
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return info
+    def measure(reloaded, reloaded_tok) -> dict:
+        greedy = evaluate_greedy(reloaded, reloaded_tok, heldout, max_new_tokens=MAX_NEW_TOKENS, allow_steps=True)
+        return {
+            "heldout_size": len(heldout),
+            "heldout_accuracy": greedy["accuracy"],
+            "heldout_mean_completion_tokens": round(greedy["mean_completion_tokens"], 4),
+            "sampled_formats": sampled_formats(reloaded, reloaded_tok, heldout),
+        }
+
+    return save_measured(model, tokenizer, out, info, measure, MAX_NEW_TOKENS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,13 +49,18 @@ from k15_plugin.data.arithmetic import (
     LONGTAIL_SHORT,
     PAD,
     VOCAB,
+    WARM_START_FILE,
     evaluate_greedy,
+    load_demo_checkpoint,
 )
 
 __all__ = [
     "build_model",
     "build_tokenizer",
+    "causal_lm_loss",
     "sample_filler_counts",
+    "save_measured",
+    "sft_batch",
     "supervised_warm_start",
     "tiny_test_model",
 ]
@@ -157,21 +162,17 @@ def tiny_test_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaF
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _sft_batch(
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    answers: Sequence[str],
-    filler: Sequence[int],
+def sft_batch(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], targets: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``bos prompt [filler] answer eos`` ids and labels that score only the completion tokens.
+    """Right-padded ``bos prompt target eos`` ids and labels that score only the target's tokens and the EOS.
 
     Right padding is safe here: with a causal mask no real token attends to the padding that follows it, and RoPE
     only sees relative positions, so these logits equal those of left-padded generation.
     """
     # Tokenize through the tokenizer itself (BOS added by its post-processor) so training sees exactly what TRL feeds.
     prompt_batch = tokenizer(list(prompts))["input_ids"]
-    targets = [FILLER * k + a for a, k in zip(answers, filler, strict=True)]
-    completion_batch = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    completion_batch = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
     seqs, labels = [], []
     for prompt_ids, completion_ids in zip(prompt_batch, completion_batch, strict=True):
         completion_ids = [*completion_ids, tokenizer.eos_token_id]
@@ -181,6 +182,56 @@ def _sft_batch(
     input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
     label_ids = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
     return input_ids, label_ids
+
+
+def _sft_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    filler: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sft_batch` of ``[filler] answer`` targets (``filler[i]`` filler tokens before answer i)."""
+    return sft_batch(tokenizer, prompts, [FILLER * k + a for a, k in zip(answers, filler, strict=True)])
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``model`` over the labelled positions of :func:`sft_batch`'s batch."""
+    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+
+
+def save_measured(
+    model, tokenizer: PreTrainedTokenizerBase, out: Path, info: dict, measure, max_new_tokens: int
+) -> dict:
+    """Save ``model`` and ``tokenizer`` to ``out`` with a ``warm_start.json``; returns what that file holds.
+
+    ``info`` is extended with ``measure(model, tokenizer)`` (a dict), the parameter count and the versions, measured on
+    the checkpoint reloaded from disk (what a user of the files gets). Written to ``<out>.tmp`` first and renamed over
+    ``out``, so an interrupted build leaves no half checkpoint. ``max_new_tokens`` becomes the saved generation
+    budget.
+    """
+    import json
+    import platform
+    import shutil
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.generation_config.max_new_tokens = max_new_tokens
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    reloaded, reloaded_tok = load_demo_checkpoint(tmp)
+    info = {
+        **info,
+        **measure(reloaded, reloaded_tok),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    (tmp / WARM_START_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # safetensors writes 0600; package data must be world-readable
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return info
 
 
 def _bucketed_sft_loss(
@@ -352,9 +403,7 @@ def supervised_warm_start(
             loss = _bucketed_sft_loss(model, tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], filler)
         else:
             input_ids, labels = _sft_batch(tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], filler)
-            input_ids, labels = input_ids.to(device), labels.to(device)
-            logits = model(input_ids=input_ids).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+            loss = causal_lm_loss(model, input_ids.to(device), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
