@@ -21,8 +21,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from k15_plugin.rewards.columns import column_values
 from k15_plugin.rewards.math import completion_text
-from k15_plugin.rewards.registry import column_values
 from k15_plugin.sandbox import RunResult, Sandbox, SandboxConfig
 
 LANGUAGES = ("python",)

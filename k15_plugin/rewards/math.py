@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from k15_plugin.rewards.registry import column_values
+from k15_plugin.rewards.columns import column_values
 
 EXTRACTIONS = ("auto", "boxed", "gsm8k", "last_number")
 TIMEOUT_BACKENDS = ("auto", "process")
