@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -17,6 +18,20 @@ from k15_plugin.cli.progress import progress_bar
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "curves.png"
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` all at once (a temporary file beside it, renamed over it): never a half-written
+    file in the run directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """``<run dir>/summary.json``, written atomically."""
+    write_text_atomically(Path(run_dir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
 class RunFilesCallback(TrainerCallback):

@@ -202,15 +202,9 @@ def check_plans(plans: list[OpenRLHFPlan]) -> None:
         raise ConfigError(f"{key}: {said}" if key else said)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_files(cfg: DictConfig, plan: OpenRLHFPlan) -> None:
     """The data and reward files the plan's flags name."""
+    from k15_plugin.cli.run_files import write_text_atomically
     from k15_plugin.data.tasks import task_rows
 
     train, heldout = task_rows(cfg.data, cfg.seed, cfg.trainer.max_completion_length, cfg.reward)
@@ -220,9 +214,9 @@ def write_files(cfg: DictConfig, plan: OpenRLHFPlan) -> None:
             if "tests" in row and not isinstance(row["tests"], str):
                 row = {**row, "tests": json.dumps(row["tests"])}
             lines.append(json.dumps(row))
-        _write_atomic(plan.files_dir / name, "\n".join(lines) + "\n")
+        write_text_atomically(plan.files_dir / name, "\n".join(lines) + "\n")
     spec = json.dumps(spec_of(cfg.reward, cfg.data))
-    _write_atomic(
+    write_text_atomically(
         plan.files_dir / "reward_func.py",
         "# OpenRLHF reward file of this run (--reward.remote_url), written by k15-train\n"
         "from k15_plugin.openrlhf.rewards import make_reward_func\n\n"

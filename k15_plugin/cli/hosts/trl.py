@@ -8,7 +8,6 @@ config before anything loads, so TRL's own checks run then too, and an error nam
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -203,7 +202,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from transformers.trainer_callback import PrinterCallback
 
     from k15_plugin.cli.heldout import heldout_metrics
-    from k15_plugin.cli.run_files import SUMMARY_FILE, RunFilesCallback, write_plots
+    from k15_plugin.cli.run_files import RunFilesCallback, write_plots, write_summary
     from k15_plugin.data.tasks import load_task
 
     start = _process_start_time()
@@ -260,9 +259,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if is_main:
         write_plots(run_dir, before, after, state.global_step)
-        tmp = run_dir / (SUMMARY_FILE + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / SUMMARY_FILE)  # never a half-written summary
+        write_summary(run_dir, summary)
         print(
             f"held-out accuracy {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}% "
             f"({spec.algorithm}, {state.global_step} steps, {summary['wall_seconds']:.0f} s); run dir: {run_dir}",

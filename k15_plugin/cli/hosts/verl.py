@@ -694,18 +694,12 @@ def write_files(cfg: DictConfig, plan: VerlPlan) -> dict[str, Path]:
     return paths
 
 
-def _write_summary(run_dir: Path, summary: dict) -> None:
-    from k15_plugin.cli.run_files import SUMMARY_FILE
-
-    tmp = run_dir / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, run_dir / SUMMARY_FILE)
-
-
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Write the run's data files into ``<run dir>/verl/``, then start verl's ``main_ppo`` on them (cwd: the run
     directory, its output streamed) or, with ``host.dry_run=true``, print the command and start nothing. Returns the
     summary (also ``<run dir>/summary.json``); a failed verl run exits k15-train with verl's status."""
+    from k15_plugin.cli.run_files import write_summary
+
     run_dir = Path(run_dir).resolve()  # verl runs in the run directory: every path it gets is absolute
     plan = build_plan(cfg, run_dir)
     write_files(cfg, plan)
@@ -720,11 +714,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         print(f"# k15-train host=verl: the run's data is in {plan.files_dir}; verl's command line:")
         print(plan.command(), flush=True)
         summary["dry_run"] = True
-        _write_summary(run_dir, summary)
+        write_summary(run_dir, summary)
         return summary
     print(f"k15-train: starting verl ({plan.config_name}); run dir: {run_dir}", flush=True)
     summary["returncode"] = subprocess.run(plan.argv(), cwd=run_dir).returncode
-    _write_summary(run_dir, summary)
+    write_summary(run_dir, summary)
     if summary["returncode"] != 0:
         print(f"k15-train: verl exited with status {summary['returncode']}; run dir: {run_dir}", file=sys.stderr)
         raise SystemExit(summary["returncode"])
