@@ -277,11 +277,14 @@ def test_sidecar_keeps_finished_records_across_reopen(tmp_path):
         (None, "--input {path}: no such file"),
         ('{"prompt": "1+1=", "answer": "2"}\n[1, 2]\n', "{path}:2: expected a JSON object, got list"),
         ('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n', "{path}:2: not JSON"),
+        (b'{"prompt": "caf\xe9=", "answer": "2"}\n', "{path}:1: not valid UTF-8 (byte 0xe9"),
     ],
 )
 def test_a_bad_input_file_is_one_line_and_exit_2(tmp_path, capsys, content, message):
     path = tmp_path / "in.jsonl"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         main(["filter", "--input", str(path), "--output", str(tmp_path / "out.jsonl")])

@@ -194,6 +194,29 @@ def prompt_key(prompt: str) -> int:
     return int.from_bytes(hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def _text_lines(path: str | Path, name: str, error: type[K15Error]) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every non-blank line of ``path``, decoded as UTF-8 (a leading byte-order mark, as
+    some Windows editors write, dropped). A file that cannot be opened, or a line that is not UTF-8, raises ``error``
+    naming the file as ``name``."""
+    try:
+        handle = open(path, "rb")  # closed by the `with` below
+    except OSError as err:
+        raise error(f"{name}: cannot be read ({err.strerror})") from None
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise error(
+                    f"{name}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} "
+                    "of the line); save the file as UTF-8"
+                ) from None
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            if text.strip():
+                yield number, text
+
+
 def read_rows(
     path: str,
     key: str,
@@ -210,43 +233,27 @@ def read_rows(
     stats = FileStats() if stats is None else stats
     seen = set() if seen is None else seen
     exclude = exclude or set()
-    try:
-        handle = open(path, "rb")  # closed by the `with` below
-    except OSError as err:
-        raise ConfigError(f"{key}={path}: cannot be read ({err.strerror})") from None
     lines = 0
-    with handle:
-        for number, raw in enumerate(handle, 1):
-            where = f"{key}={path}:{number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ConfigError(
-                    f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} "
-                    "of the line); save the file as UTF-8"
-                ) from None
-            if number == 1:
-                text = text.removeprefix("\ufeff")  # a byte-order mark, as some Windows editors write
-            if not text.strip():
-                continue
-            lines += 1
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            row = parse_row(obj, where, fmt)
-            digest = prompt_key(row["prompt"])
-            if digest in seen:
-                stats.duplicates += 1
-                stats.duplicate_lines += [number] if len(stats.duplicate_lines) < 2 else []
-                continue
-            if digest in exclude:
-                stats.overlap += 1
-                stats.overlap_lines += [number] if len(stats.overlap_lines) < 2 else []
-                continue
-            seen.add(digest)
-            stats.rows += 1
-            yield row
+    for number, text in _text_lines(path, f"{key}={path}", ConfigError):
+        where = f"{key}={path}:{number}"
+        lines += 1
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        row = parse_row(obj, where, fmt)
+        digest = prompt_key(row["prompt"])
+        if digest in seen:
+            stats.duplicates += 1
+            stats.duplicate_lines += [number] if len(stats.duplicate_lines) < 2 else []
+            continue
+        if digest in exclude:
+            stats.overlap += 1
+            stats.overlap_lines += [number] if len(stats.overlap_lines) < 2 else []
+            continue
+        seen.add(digest)
+        stats.rows += 1
+        yield row
     if lines == 0:
         what = "is empty" if os.path.getsize(path) == 0 else "has only blank lines"
         raise ConfigError(f"{key}={path}: no rows (the file {what}); expected one JSON object per line")
@@ -285,24 +292,21 @@ def read_objects(
     path: str | Path, option: str, error: type[K15Error] = K15Error, allow_empty: bool = False
 ) -> list[dict]:
     """The JSON objects of a JSONL file, for the offline commands (``k15-curate``, ``k15-long2short``), which check
-    the fields they need themselves. Blank lines are skipped; a missing file, a line that is not a JSON object, or a
-    file without rows (unless ``allow_empty``) raises ``error`` naming the file (``option`` is how the user named it)
-    and the line."""
+    the fields they need themselves. Blank lines are skipped; a missing file, a line that is not UTF-8 or not a JSON
+    object, or a file without rows (unless ``allow_empty``) raises ``error`` naming the file (``option`` is how the
+    user named it) and the line."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{option} {path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise error(f"{path}:{number}: not JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise error(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for number, line in _text_lines(path, str(path), error):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise error(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     if not rows and not allow_empty:
         raise error(f"{option} {path}: the file has no rows")
     return rows
