@@ -199,13 +199,10 @@ def _model_config(cfg: DictConfig) -> tuple[dict | None, str]:
         return _read_config(DEMO_MODELS[m.name] / "config.json", "model.name", m.name), f"model.name={m.name}"
     if (Path(m.name) / "config.json").is_file():
         return _read_config(Path(m.name) / "config.json", "model.name", m.name), f"model.name={m.name}"
-    try:  # a Hub model already in the local cache; nothing is downloaded
-        from huggingface_hub import try_to_load_from_cache
+    from k15_plugin.cli.resolve import cached_config
 
-        cached = try_to_load_from_cache(m.name, "config.json")
-    except Exception:  # an odd name or cache: skip the comparison; loading will say what is wrong
-        cached = None
-    if isinstance(cached, str):
+    cached = cached_config(m.name)  # a Hub model already in the local cache; nothing is downloaded
+    if cached is not None:
         return _read_config(Path(cached), "model.name", m.name), f"model.name={m.name}"
     return None, f"model.name={m.name}"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from k15_plugin.cli.build import ConfigError
+from k15_plugin.errors import ConfigError
 
 HUB_TIMEOUT = 5.0  # seconds for the one metadata call; a reachable Hub answers in well under one
 WEIGHT_FILES = (
@@ -69,15 +69,21 @@ def datasets_cache() -> str:
     return str(datasets.config.HF_DATASETS_CACHE)
 
 
-def model_in_cache(repo_id: str) -> bool:
-    """The Hub cache holds ``repo_id``'s config.json and weights (what ``from_pretrained`` reads offline)."""
+def cached_config(repo_id: str) -> str | None:
+    """The path of ``repo_id``'s config.json in the Hub cache, or None; nothing is downloaded."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
         config = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache())
     except Exception:  # not a valid repo id, an unreadable cache: not there
-        return False
-    if not isinstance(config, str):
+        return None
+    return config if isinstance(config, str) else None
+
+
+def model_in_cache(repo_id: str) -> bool:
+    """The Hub cache holds ``repo_id``'s config.json and weights (what ``from_pretrained`` reads offline)."""
+    config = cached_config(repo_id)
+    if config is None:
         return False
     snapshot = Path(config).parent
     return any((snapshot / name).is_file() for name in WEIGHT_FILES) or any(snapshot.glob("*.safetensors"))
