@@ -17,8 +17,6 @@ from typing import Any
 
 from datasets import Dataset
 
-from k15_plugin.data.arithmetic import make_datasets
-
 
 def arithmetic_difficulty(prompt: str) -> int:
     """Carries needed by ``a+b=`` (0, 1 or 2): the demo task's difficulty label, for the curriculum sampler."""
@@ -49,6 +47,8 @@ class BuiltinTask:
 
 
 def _arithmetic_rows(num_train, seed, heldout_size, filler_max: int = 0, **_) -> tuple[Dataset, Dataset]:
+    from k15_plugin.data.arithmetic import make_datasets
+
     kwargs = {} if heldout_size is None else {"heldout_size": heldout_size}
     train, heldout = make_datasets(num_train=num_train, seed=seed, filler_max=filler_max, **kwargs)
     return train.add_column("difficulty", [arithmetic_difficulty(p) for p in train["prompt"]]), heldout
