@@ -25,27 +25,28 @@ VLLM_MODES = ("colocate", "server")
 # ------------------------------------------------------------------------------------------------ the k1.5 settings
 # Where each K15Settings path lives in k15-train's config tree: algorithm.<path> for the mirror-descent keys,
 # reward.length_penalty.* for the penalty (correct_threshold too), sampler.* and rollout.* as they are.
-_ALGORITHM_PATHS = ("tau", "log_z_estimator", "length_normalize", "reset_optimizer_each_iteration")
+ALGORITHM_PATHS = ("tau", "log_z_estimator", "length_normalize", "reset_optimizer_each_iteration")
 
 
 def hydra_key(path: str) -> str:
     """The k15-train key of a :class:`~k15_plugin.core.settings.K15Settings` path (``correct_threshold`` ->
     ``reward.length_penalty.correct_threshold``)."""
-    if path in _ALGORITHM_PATHS:
+    if path in ALGORITHM_PATHS:
         return f"algorithm.{path}"
     if path == "correct_threshold" or path.startswith("length_penalty."):
         return "reward.length_penalty." + path.rsplit(".", 1)[-1]
     return path
 
 
-def _flat_value(cfg: DictConfig, path: str) -> Any:
+def setting_value(cfg: DictConfig, path: str) -> Any:
+    """The value of the :class:`~k15_plugin.core.settings.K15Settings` path ``path`` in a composed k15-train config
+    (a sampler key the chosen sampler's group does not have: its default)."""
     if path == "rollout.segment_tokens":
         return _segment_tokens(cfg)
-    if path.startswith("sampler.") and OmegaConf.select(cfg, hydra_key(path)) is None and path != "sampler.name":
-        return default(path)  # a key the chosen sampler's group does not have
-    if path == "sampler.name":
-        return cfg.sampler.name
-    return plain(OmegaConf.select(cfg, hydra_key(path)))
+    value = OmegaConf.select(cfg, hydra_key(path))
+    if value is None and path.startswith("sampler."):
+        return default(path)
+    return plain(value)
 
 
 def _segment_tokens(cfg: DictConfig) -> int:
@@ -60,10 +61,9 @@ def _segment_tokens(cfg: DictConfig) -> int:
 def k15_settings(cfg: DictConfig) -> K15Settings:
     """The k1.5 settings of a composed k15-train config, checked; errors name the Hydra key. The algorithm's keys
     apply to ``algorithm=kimi_md`` only (the others keep the defaults: no tau, no optimizer reset)."""
-    values = {p: _flat_value(cfg, p) for p in paths() if p not in _ALGORITHM_PATHS}
-    if cfg.algorithm.name == "kimi_md":
-        values.update({p: OmegaConf.select(cfg, hydra_key(p)) for p in _ALGORITHM_PATHS})
-    else:
+    kimi = cfg.algorithm.name == "kimi_md"
+    values = {p: setting_value(cfg, p) for p in paths() if kimi or p not in ALGORITHM_PATHS}
+    if not kimi:
         values["reset_optimizer_each_iteration"] = False
     try:
         return K15Settings.from_paths(values).check(hydra_key)

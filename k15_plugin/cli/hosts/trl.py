@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from k15_plugin.cli.build import _ALGORITHM_PATHS, _flat_value, check_ranges, hydra_key
+from k15_plugin.cli.build import ALGORITHM_PATHS, check_ranges, hydra_key, setting_value
 from k15_plugin.errors import ConfigError
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
 
@@ -99,9 +99,9 @@ def _trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
     # The k1.5 settings (length penalty, sampler, partial rollouts, repeat detection) as TRL's flat fields.
     for name, field_ in _K15_FLAT.items():
         path = field_.metadata["k15_path"]
-        if path in _ALGORITHM_PATHS:
+        if path in ALGORITHM_PATHS:
             continue  # the algorithm's own keys (tau, ...) are copied by training_spec
-        kwargs[name] = _flat_value(cfg, path)
+        kwargs[name] = setting_value(cfg, path)
         fields[name] = hydra_key(path)
     return kwargs, fields
 
