@@ -31,6 +31,7 @@ partial rollouts (cutting long generations into segments) are for. Its model has
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ __all__ = [
     "MAX_OPERAND",
     "ArithmeticReward",
     "evaluate_greedy",
+    "generate_completions",
     "greedy_kwargs",
     "load_demo_checkpoint",
     "make_datasets",
@@ -264,6 +266,50 @@ class ArithmeticReward:
 
 
 @torch.no_grad()
+def generate_completions(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    num_samples: int = 1,
+    temperature: float | None = None,
+    prompts_per_batch: int = 100,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Completion token ids of each prompt, up to and including the first EOS (all ``max_new_tokens`` when it never
+    came), ``num_samples`` per prompt in prompt order (prompt i's at ``i * num_samples ..``).
+
+    Greedy with ``temperature=None``; else plain ancestral sampling at ``temperature`` (no top-k/top-p, nothing
+    reshaping the distribution), seeded with ``seed`` without touching the caller's global RNG (the draws also depend
+    on ``prompts_per_batch``). Prompts are left-padded with an attention mask, so ``generate`` derives position ids
+    from the mask, as a rollout sees them. The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    options = greedy_kwargs(tokenizer, max_new_tokens)
+    if temperature is not None:
+        options = {**options, "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    eos, out = tokenizer.eos_token_id, []
+    rng = torch.random.fork_rng(devices=[] if device.type == "cpu" else [device])
+    try:
+        with rng if temperature is not None else contextlib.nullcontext():
+            if temperature is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(prompts), prompts_per_batch):
+                batch = tokenizer(list(prompts[start : start + prompts_per_batch]), return_tensors="pt", padding=True)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                ids = model.generate(**batch, **options, num_return_sequences=num_samples)
+                # generate pads finished rows with PAD after EOS; keep up to and including the first EOS
+                for row in ids[:, batch["input_ids"].shape[1] :].tolist():
+                    out.append(row[: row.index(eos) + 1] if eos in row else row)
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
 def greedy_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> dict:
     """``generate`` options for plain greedy decoding of the policy, whatever the checkpoint's generation config says.
 
@@ -302,25 +348,10 @@ def evaluate_greedy(
     if max_new_tokens is None:
         max_new_tokens = _MAX_ANSWER_TOKENS + (6 if allow_filler else 0)
     reward = ArithmeticReward(tokenizer, allow_filler=allow_filler, allow_steps=allow_steps)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     prompts, answers = list(heldout_ds["prompt"]), list(heldout_ds["answer"])
-    correct, total_tokens = 0.0, 0
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model.generate(**batch, **greedy_kwargs(tokenizer, max_new_tokens))
-            completions = out[:, batch["input_ids"].shape[1] :].tolist()
-            for ids, ans in zip(completions, answers[start : start + batch_size], strict=True):
-                # generate pads finished rows with PAD after EOS; keep up to and including the first EOS.
-                if tokenizer.eos_token_id in ids:
-                    ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-                total_tokens += len(ids)
-                correct += reward.score(ids, ans)
-    finally:
-        model.train(was_training)
+    completions = generate_completions(model, tokenizer, prompts, max_new_tokens, prompts_per_batch=batch_size)
+    correct = sum(reward.score(ids, ans) for ids, ans in zip(completions, answers, strict=True))
+    total_tokens = sum(map(len, completions))
     n = max(len(prompts), 1)
     return {"accuracy": correct / n, "mean_completion_tokens": total_tokens / n}
 
@@ -350,40 +381,21 @@ def sample_completion_lengths(
     ``max_length``, and the settings used.
     """
     reward = ArithmeticReward(tokenizer, allow_filler=allow_filler)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     prompts, answers = list(heldout_ds["prompt"]), list(heldout_ds["answer"])
+    completions = generate_completions(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        num_samples=num_samples,
+        temperature=temperature,
+        prompts_per_batch=prompts_per_batch,
+        seed=seed,
+    )
     eos = tokenizer.eos_token_id
-    lengths: list[int] = []
-    truncated: list[bool] = []
-    correct = 0.0
-    try:
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            torch.manual_seed(seed)
-            for start in range(0, len(prompts), prompts_per_batch):
-                batch = tokenizer(prompts[start : start + prompts_per_batch], return_tensors="pt", padding=True)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                # greedy_kwargs with do_sample=False overridden: plain sampling, nothing reshaping the distribution.
-                options = {
-                    **greedy_kwargs(tokenizer, max_new_tokens),
-                    "do_sample": True,
-                    "temperature": temperature,
-                    "top_k": 0,
-                    "top_p": 1.0,
-                }
-                out = model.generate(**batch, **options, num_return_sequences=num_samples)
-                completions = out[:, batch["input_ids"].shape[1] :].tolist()
-                # generate repeats each prompt num_samples times in a row: row j belongs to prompt j // num_samples.
-                batch_answers = answers[start : start + prompts_per_batch]
-                for j, ids in enumerate(completions):
-                    stopped = eos in ids
-                    ids = ids[: ids.index(eos) + 1] if stopped else ids
-                    lengths.append(len(ids) if stopped else max_new_tokens)
-                    truncated.append(not stopped)
-                    correct += reward.score(ids, batch_answers[j // num_samples])
-    finally:
-        model.train(was_training)
+    truncated = [eos not in ids for ids in completions]
+    lengths = [max_new_tokens if cut else len(ids) for ids, cut in zip(completions, truncated, strict=True)]
+    correct = sum(reward.score(ids, answers[j // num_samples]) for j, ids in enumerate(completions))
     n = max(len(lengths), 1)
     long = [length >= long_threshold for length in lengths]
     groups = [long[i : i + num_samples] for i in range(0, len(long), num_samples)]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from k15_plugin.data.arithmetic import ArithmeticReward, greedy_kwargs
+from k15_plugin.data.arithmetic import ArithmeticReward, generate_completions
 from k15_plugin.data.build.warm_start import build_model, build_tokenizer, causal_lm_loss, save_measured, sft_batch
 from k15_plugin.data.chain import FORMATS, completion, make_chain_datasets, max_new_tokens, parse_prompt
 
@@ -55,31 +55,13 @@ def answer_format(text: str, prompt: str) -> str:
     return "direct" if text.isdigit() else "steps"
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], sample: bool, n: int = 1, seed: int = 0) -> list[list[int]]:
-    """Completion token ids (up to and including EOS) of each prompt, greedy or sampled at temperature 1, ``n`` each,
-    in prompt order (prompt i's samples at ``i * n .. i * n + n - 1``)."""
-    kwargs = greedy_kwargs(tokenizer, max_new_tokens())
-    if sample:
-        kwargs = {**kwargs, "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    out = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), 64):
-            batch = tokenizer(prompts[start : start + 64], return_tensors="pt", padding=True)
-            ids = model.generate(**batch, **kwargs, num_return_sequences=n)[:, batch["input_ids"].shape[1] :]
-            for row in ids.tolist():
-                out.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
-    return out
-
-
 def measure(model, tokenizer, rows, samples: int = 0) -> dict:
     """Greedy accuracy and tokens, overall and per k; with ``samples``, the sampled formats and lengths too."""
     was_training = model.training
     model.eval()
     reward = ArithmeticReward(tokenizer, allow_steps=True)
     prompts, answers, ks = list(rows["prompt"]), list(rows["answer"]), list(rows["difficulty"])
-    greedy = generate(model, tokenizer, prompts, sample=False)
+    greedy = generate_completions(model, tokenizer, prompts, max_new_tokens(), prompts_per_batch=64)
     scores = [reward.score(ids, a) for ids, a in zip(greedy, answers, strict=True)]
     out = {
         "accuracy": round(sum(scores) / len(scores), 4),
@@ -90,7 +72,9 @@ def measure(model, tokenizer, rows, samples: int = 0) -> dict:
         },
     }
     if samples:
-        sampled = generate(model, tokenizer, prompts, sample=True, n=samples)
+        sampled = generate_completions(
+            model, tokenizer, prompts, max_new_tokens(), num_samples=samples, temperature=1.0, prompts_per_batch=64
+        )
         lengths = sorted(map(len, sampled))
         formats: dict[str, list[float]] = {f: [] for f in FORMATS}
         for j, ids in enumerate(sampled):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from k15_plugin.data.arithmetic import evaluate_greedy, greedy_kwargs
+from k15_plugin.data.arithmetic import evaluate_greedy, generate_completions
 from k15_plugin.data.build.warm_start import build_model, build_tokenizer, causal_lm_loss, save_measured, sft_batch
 from k15_plugin.data.sum3 import (
     FORMATS,
@@ -85,27 +85,13 @@ def sampled_formats(model, tokenizer, heldout, n: int = 8, seed: int = 0) -> dic
     reward = ArithmeticReward(tokenizer, allow_steps=True)
     counts = {f: [0, 0.0] for f in (*FORMATS, "other")}
     prompts, answers = list(heldout["prompt"]), list(heldout["answer"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), 100):
-            batch = tokenizer(prompts[start : start + 100], return_tensors="pt", padding=True)
-            out = model.generate(
-                **batch,
-                **{
-                    **greedy_kwargs(tokenizer, MAX_NEW_TOKENS),
-                    "do_sample": True,
-                    "temperature": 1.0,
-                    "top_k": 0,
-                    "top_p": 1.0,
-                },
-                num_return_sequences=n,
-            )
-            for j, ids in enumerate(out[:, batch["input_ids"].shape[1] :].tolist()):
-                if tokenizer.eos_token_id in ids:
-                    ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-                fmt = answer_format(tokenizer.decode(ids, skip_special_tokens=True))
-                counts[fmt][0] += 1
-                counts[fmt][1] += reward.score(ids, answers[start + j // n])
+    samples = generate_completions(
+        model, tokenizer, prompts, MAX_NEW_TOKENS, num_samples=n, temperature=1.0, prompts_per_batch=100, seed=seed
+    )
+    for j, ids in enumerate(samples):
+        fmt = answer_format(tokenizer.decode(ids, skip_special_tokens=True))
+        counts[fmt][0] += 1
+        counts[fmt][1] += reward.score(ids, answers[j // n])
     total = sum(c for c, _ in counts.values())
     return {
         f: {"share": round(c / total, 4), "accuracy": round(s / c, 4) if c else None} for f, (c, s) in counts.items()
