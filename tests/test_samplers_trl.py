@@ -329,8 +329,16 @@ GRADUAL = {
         ({**PRIORITIZED, "num_iterations": 2}, False, 40, 3, 6),
         ({**PRIORITIZED, "num_iterations": 2, "ignore_data_skip": True}, False, 40, 3, 6),
         (PRIORITIZED, True, 8, 5, 8),  # 4 steps per epoch: resume in the second epoch
+        ({**PRIORITIZED, "prioritized_priority": "learnability"}, True, 40, 3, 6),
     ],
-    ids=["prioritized", "curriculum-gradual", "inside-rollout-batch", "ignore_data_skip", "second-epoch"],
+    ids=[
+        "prioritized",
+        "curriculum-gradual",
+        "inside-rollout-batch",
+        "ignore_data_skip",
+        "second-epoch",
+        "learnability",
+    ],
 )
 def test_resume_draws_exactly_the_uninterrupted_prompts(
     tmp_path, tokenizer, monkeypatch, overrides, by_completion, num_prompts, cut, num_steps
@@ -441,3 +449,14 @@ def test_uniform_keeps_trl_sampler_and_missing_difficulty_column_is_named(tmp_pa
     curriculum = _trainer(tmp_path, tokenizer, no_labels, reward, sampler_type="curriculum")
     with pytest.raises(ValueError, match=r"curriculum_difficulty_column='difficulty'.*\['prompt', 'k15_index'\]"):
         curriculum.get_train_dataloader()
+
+
+def test_prioritized_priority_reaches_the_sampler(tmp_path):
+    reward = RecordingReward(by_completion=True)
+    trainer = _trainer(
+        tmp_path, build_tokenizer(), _toy_dataset(8), reward, **PRIORITIZED, prioritized_priority="learnability"
+    )
+    sampler = trainer._get_train_sampler()
+    assert sampler.priority == "learnability"
+    sampler.tracker.update(torch.tensor([0, 1, 2]), torch.tensor([0.0, 0.5, 1.0]))
+    assert sampler.chunk_weights(0)[:4].tolist() == [0.05, 0.25, 0.05, 0.25]  # s(1 - s), floor 0.05, prior 0.5

@@ -167,3 +167,18 @@ def test_pool_never_empty_and_integer_labels():
 def test_curriculum_validation(difficulty, step, schedule, kwargs, match):
     with pytest.raises(ValueError, match=match):
         curriculum_pool(difficulty, step, schedule, **kwargs)
+
+
+def test_learnability_priority_matches_hand_values_and_draws_accordingly():
+    from k15_plugin.core.prompt_sampler import PrioritizedPromptSampler
+
+    rates = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    w = prioritized_weights(rates, 0.05, "learnability")
+    torch.testing.assert_close(w, torch.tensor([0.05, 0.1875, 0.25, 0.05], dtype=torch.float64))
+    torch.testing.assert_close(
+        prioritized_weights(rates, 0.05), torch.tensor([1.0, 0.75, 0.5, 0.05], dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="priority must be one of"):
+        prioritized_weights(rates, 0.05, "hardest")
+    sampler = PrioritizedPromptSampler(4, 2, floor=0.05, priority="learnability", seed=0)
+    assert sampler.chunk_weights(0).tolist() == [0.25] * 4  # prior 0.5 for rows not attempted yet

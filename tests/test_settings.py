@@ -37,7 +37,7 @@ def test_defaults_are_the_papers_with_the_extras_off():
 def test_paths_default_and_help_read_the_declaration():
     assert paths()[:2] == ["tau", "log_z_estimator"]
     assert "rollout.repeat.penalty" in paths() and "sampler.difficulty_column" in paths()
-    assert len(paths()) == len(set(paths())) == 27
+    assert len(paths()) == len(set(paths())) == 28
     assert default("sampler.floor") == 0.05 and default("rollout.prefill_batches") == -1
     assert "tau" in help_of("tau") and help_of("sampler.floor")
 
@@ -154,7 +154,7 @@ def test_hydra_schema_keys_are_settings_with_their_defaults():
             seen.add(key_of[key])
     for key, _ in _schema_leaves(schema.PrioritizedSampler, "sampler."):
         assert key == "sampler.name" or key in key_of, key
-    assert seen == set(paths()) - {"sampler.name", "sampler.prior", "sampler.floor"}
+    assert seen == set(paths()) - {"sampler.name", "sampler.prior", "sampler.floor", "sampler.priority"}
 
 
 def test_conf_yaml_of_the_k15_groups_uses_only_known_keys():
@@ -212,6 +212,7 @@ def test_the_math_and_samplers_default_to_the_settings_defaults():
     names = {
         "prior": "sampler.prior",
         "floor": "sampler.floor",
+        "priority": "sampler.priority",
         "schedule": "sampler.schedule",
         "switch_step": "sampler.switch_step",
         "hard_fraction": "sampler.hard_fraction",

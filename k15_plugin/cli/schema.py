@@ -83,6 +83,7 @@ class PrioritizedSampler:
 
     name: str = "prioritized"
     floor: float = default("sampler.floor")
+    priority: str = default("sampler.priority")
     prior: float = default("sampler.prior")
 
 

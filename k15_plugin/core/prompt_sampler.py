@@ -187,17 +187,19 @@ class PromptSampler(Sampler[int]):
 
 
 class PrioritizedPromptSampler(PromptSampler):
-    """Row i with probability proportional to max(1 - s_i, floor), s_i its success rate so far."""
+    """Row i with probability proportional to max(1 - s_i, floor) (or max(s_i (1 - s_i), floor) with ``priority``
+    ``"learnability"``), s_i its success rate so far."""
 
-    def __init__(self, num_problems: int, chunk_size: int, *, floor: float = 0.05, **kwargs):
+    def __init__(self, num_problems: int, chunk_size: int, *, floor: float = 0.05, priority: str = "failure", **kwargs):
         super().__init__(num_problems, chunk_size, **kwargs)
-        prioritized_weights(torch.zeros(1), floor)  # validates floor now rather than at the first draw
-        self.floor = floor
+        prioritized_weights(torch.zeros(1), floor, priority)  # validates them now rather than at the first draw
+        self.floor, self.priority = floor, priority
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:
-        """(P,) float64 weights max(1 - s_i, floor) from the success rates reported so far (``prior`` for rows not
-        attempted yet); ``chunk_number`` is unused: only the statistics change between chunks."""
-        return prioritized_weights(self.tracker.rates(), self.floor)  # (P,)
+        """(P,) float64 weights (:func:`~k15_plugin.core.sampling.prioritized_weights`) from the success rates reported
+        so far (``prior`` for rows not attempted yet); ``chunk_number`` is unused: only the statistics change between
+        chunks."""
+        return prioritized_weights(self.tracker.rates(), self.floor, self.priority)  # (P,)
 
 
 class CurriculumPromptSampler(PromptSampler):
@@ -248,7 +250,9 @@ def build_prompt_sampler(
     if options.name == "uniform":
         return None
     if options.name == "prioritized":
-        return PrioritizedPromptSampler(num_problems, chunk_size, seed=seed, prior=options.prior, floor=options.floor)
+        return PrioritizedPromptSampler(
+            num_problems, chunk_size, seed=seed, prior=options.prior, floor=options.floor, priority=options.priority
+        )
     if difficulty is None:
         raise ValueError("the curriculum sampler needs difficulty labels")
     return CurriculumPromptSampler(

@@ -4,7 +4,9 @@ Two ways to choose which problems the policy trains on:
 
 * **Prioritized sampling.** Track each problem's success rate s_i and draw problem i with probability proportional to
   1 - s_i, so the policy spends its samples where it still fails. A floor keeps solved problems (s_i = 1) in play,
-  and problems never attempted are credited a prior success rate.
+  and problems never attempted are credited a prior success rate. Beside the paper's priority, ``"learnability"``
+  weighs s_i (1 - s_i): most for problems solved half the time, least for those always or never solved, whose groups
+  of samples all score the same and so give no gradient to a group-baseline method.
 * **Curriculum sampling.** Order the problems by a difficulty label (higher is harder). ``"staged"`` is the paper's
   ablation: the whole set until a switch step, then only the hardest fraction. ``"gradual"`` widens an easy-first
   pool linearly from a start fraction to the whole set.
@@ -22,6 +24,7 @@ import warnings
 import torch
 
 CURRICULUM_SCHEDULES = ("staged", "gradual")
+PRIORITIES = ("failure", "learnability")  # prioritized sampling's weight of a success rate s: 1 - s or s(1 - s)
 
 # Slack for ceil(fraction * P): 0.7 * 10 is 7.000000000000001 in floating point and must give 7, not 8.
 _CEIL_EPS = 1e-9
@@ -131,24 +134,39 @@ class SuccessRateTracker:
         self.attempts = attempts.detach().cpu().to(torch.int64).clone()
 
 
-def prioritized_weights(rates: torch.Tensor, floor: float) -> torch.Tensor:
-    """Sampling weights of prioritized sampling: w_i = max(1 - s_i, floor).
+def prioritized_weights(rates: torch.Tensor, floor: float, priority: str = "failure") -> torch.Tensor:
+    """Sampling weights of prioritized sampling: w_i = max(1 - s_i, floor) (``priority="failure"``, the paper's) or
+    w_i = max(s_i (1 - s_i), floor) (``"learnability"``).
 
     Args:
         rates: (P,) success rates s_i in [0, 1].
         floor: smallest weight a problem keeps, in (0, 1], so solved problems are not starved.
+        priority: ``"failure"`` or ``"learnability"`` (:data:`PRIORITIES`).
 
     Returns:
         (P,) weights, same floating dtype as ``rates`` (float64 for integer input), not normalized: the probability of
         drawing problem i is w_i / sum_j w_j.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> prioritized_weights(torch.tensor([0.0, 0.5, 1.0]), 0.05)
+    tensor([1.0000, 0.5000, 0.0500])
+    >>> prioritized_weights(torch.tensor([0.0, 0.5, 0.9]), 0.05, "learnability")
+    tensor([0.0500, 0.2500, 0.0900])
+
+    ```
     """
     _check_fraction("floor", floor)
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {list(PRIORITIES)}, got {priority!r}")
     if not isinstance(rates, torch.Tensor) or rates.dim() != 1 or rates.numel() == 0:
         raise ValueError(f"rates must be a non-empty 1-D tensor, got {getattr(rates, 'shape', type(rates))}")
     s = rates.detach() if rates.dtype.is_floating_point else rates.detach().to(torch.float64)  # (P,)
     if not torch.isfinite(s).all() or (s < 0).any() or (s > 1).any():
         raise ValueError("rates must be finite success rates in [0, 1]")
-    return (1.0 - s).clamp(min=floor)  # (P,)
+    weight = 1.0 - s if priority == "failure" else s * (1.0 - s)  # (P,)
+    return weight.clamp(min=floor)  # (P,)
 
 
 def draw_chunk(

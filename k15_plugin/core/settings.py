@@ -25,7 +25,7 @@ from typing import Any
 
 from k15_plugin.core.mirror_descent import ESTIMATORS
 from k15_plugin.core.partial_rollouts import LOSS_MASKS
-from k15_plugin.core.sampling import CURRICULUM_SCHEDULES
+from k15_plugin.core.sampling import CURRICULUM_SCHEDULES, PRIORITIES
 
 SAMPLERS = ("uniform", "prioritized", "curriculum")
 # Old names still read from a mapping (verl's algorithm.k15 before the names were unified), with the new name.
@@ -111,6 +111,12 @@ class SamplerSettings:
         0.05,
         number(0, above=True, high=1),
         "Prioritized: smallest weight a prompt keeps (so solved ones still appear).",
+    )
+    priority: str = setting(
+        "failure",
+        one_of(PRIORITIES),
+        "Prioritized: a prompt's weight, failure (1 - s, the paper's) or learnability (s * (1 - s): prompts "
+        "sometimes solved, which alone give a gradient).",
     )
     difficulty_column: str = setting(
         "difficulty", NAME, "Curriculum: the dataset column with each prompt's difficulty (higher is harder)."

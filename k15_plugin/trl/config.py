@@ -48,6 +48,7 @@ class K15Options:
     length_penalty_correct_threshold: float = flat_field("correct_threshold")
     sampler_type: str = flat_field("sampler.name")
     prioritized_floor: float = flat_field("sampler.floor")
+    prioritized_priority: str = flat_field("sampler.priority")
     prioritized_prior: float = flat_field("sampler.prior")
     curriculum_difficulty_column: str = flat_field("sampler.difficulty_column")
     curriculum_schedule: str = flat_field("sampler.schedule")

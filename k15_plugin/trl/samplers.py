@@ -357,13 +357,15 @@ class K15RepeatSampler(Sampler[int]):
 
 
 class PrioritizedSampler(K15RepeatSampler):
-    """Prioritized sampling (section 2.3.4): problem i with probability proportional to max(1 - s_i, floor).
+    """Prioritized sampling (section 2.3.4): problem i with probability proportional to max(1 - s_i, floor), or
+    max(s_i (1 - s_i), floor) with ``priority="learnability"``.
 
     s_i is the cumulative success rate of problem i (``prior`` before its first attempt), read when the chunk is
     drawn (see the statistics lag in :class:`K15RepeatSampler`).
 
     Args:
         floor: smallest weight a problem keeps (TRL config: ``prioritized_floor``).
+        priority: ``"failure"`` (1 - s_i, the paper's) or ``"learnability"`` (TRL config: ``prioritized_priority``).
         Others: see :class:`K15RepeatSampler`.
     """
 
@@ -375,16 +377,17 @@ class PrioritizedSampler(K15RepeatSampler):
         repeat_count: int = 1,
         *,
         floor: float = 0.05,
+        priority: str = "failure",
         **kwargs,
     ):
         super().__init__(data_source, mini_repeat_count, batch_size, repeat_count, **kwargs)
-        prioritized_weights(torch.zeros(1), floor)  # validates floor now rather than at the first draw
-        self.floor = floor
+        prioritized_weights(torch.zeros(1), floor, priority)  # validates them now rather than at the first draw
+        self.floor, self.priority = floor, priority
 
     def chunk_weights(self, chunk_number: int) -> torch.Tensor:
-        """(P,) float64 weights max(1 - s_i, floor) from the success rates at the time of the draw; ``chunk_number``
-        is unused: only the statistics change between chunks."""
-        return prioritized_weights(self.tracker.rates(), self.floor)  # (P,)
+        """(P,) float64 weights (:func:`~k15_plugin.core.sampling.prioritized_weights`) from the success rates at the
+        time of the draw; ``chunk_number`` is unused: only the statistics change between chunks."""
+        return prioritized_weights(self.tracker.rates(), self.floor, self.priority)  # (P,)
 
 
 class CurriculumSampler(K15RepeatSampler):
@@ -492,7 +495,9 @@ class K15SamplerMixin:
             "prior": args.prioritized_prior,
         }
         if args.sampler_type == "prioritized":
-            sampler = PrioritizedSampler(dataset, floor=args.prioritized_floor, **common)
+            sampler = PrioritizedSampler(
+                dataset, floor=args.prioritized_floor, priority=args.prioritized_priority, **common
+            )
         elif args.sampler_type == "curriculum":
             sampler = CurriculumSampler(
                 dataset,
