@@ -142,10 +142,23 @@ def demo_task(seed: int = 0, filler: bool = False):
     return model, tokenizer, train, heldout, [ArithmeticReward(tokenizer, allow_filler=filler)]
 
 
-def write_json_line(obj: dict, save: bool = True, machine_info: str | None = None) -> None:
-    """The benchmark's last line: one JSON object (also saved as bench/results/<bench>.json unless ``save`` is off)."""
+def chain_task(seed: int = 0, heldout_size: int = 700, num_train: int = 10_000):
+    """The chained-addition task (``data=demo_chain``) from the shipped ``tiny_demo_chain``: model, tokenizer, train
+    (``num_train`` chains drawn with ``seed``, k in 2..8, a ``difficulty`` column = k), the fixed held-out set
+    (``heldout_size`` chains, the same number per k) and the reward (worked answers accepted)."""
+    from k15_plugin.data.arithmetic import DEMO_MODELS, ArithmeticReward, load_demo_checkpoint
+    from k15_plugin.data.chain import make_chain_datasets
+
+    model, tokenizer = load_demo_checkpoint(DEMO_MODELS["tiny_demo_chain"])
+    train, heldout = make_chain_datasets(num_train=num_train, seed=seed, heldout_size=heldout_size)
+    return model, tokenizer, train, heldout, [ArithmeticReward(tokenizer, allow_steps=True)]
+
+
+def write_json_line(obj: dict, save: bool = True, machine_info: str | None = None, name: str | None = None) -> None:
+    """The benchmark's last line: one JSON object (also saved as bench/results/<name>.json, ``name`` defaulting to the
+    object's ``bench``, unless ``save`` is off)."""
     obj = {**obj, "date": time.strftime("%Y-%m-%d"), "machine": machine_info or machine()}
     if save:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{obj['bench']}.json").write_text(json.dumps(obj, indent=2) + "\n")
+        (RESULTS / f"{name or obj['bench']}.json").write_text(json.dumps(obj, indent=2) + "\n")
     print(json.dumps(obj), flush=True)

@@ -34,11 +34,16 @@ import torch
                 "seeds",
             ],
         ),
+        (
+            "ablations --task demo_chain",
+            ["opmd_vs_rest", "k15_vs_grpo", "optimizer_reset", "prioritized_vs_uniform", "length_penalty", "task"],
+        ),
     ],
 )
 def test_benchmark_smoke(bench, keys, monkeypatch, capsys):
+    bench, *args = bench.split()
     module = importlib.import_module(f"bench.{bench}")
-    monkeypatch.setattr(sys, "argv", [f"bench.{bench}", "--smoke"])
+    monkeypatch.setattr(sys, "argv", [f"bench.{bench}", "--smoke", *args])
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")  # for the processes a benchmark starts
     try:
         module.main()
