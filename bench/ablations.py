@@ -4,7 +4,7 @@
                                          # per arm: ~45 min on 2 cores, 2 runs at a time
     python -m bench.ablations --quick    # 3 seeds everywhere, 40 rollout batches: ~10 min; the same arms
     python -m bench.ablations --smoke    # seconds; what the test suite runs
-    python -m bench.ablations --task demo_chain           # chained addition (tiny_demo_chain): 5 seeds, 40 rollout
+    python -m bench.ablations --task demo_chain           # chained addition (tiny_demo_chain): 5 seeds, 20 rollout
                                                           # batches per arm, 700 held-out chains (hours on 2 cores)
     python -m bench.ablations --task demo_chain --quick   # 2 seeds, 8 rollout batches, 140 held-out chains: ~20 min
 
@@ -497,7 +497,7 @@ def main() -> None:
     """Run (or resume) the ablations of ``--task``, write their tables, plots and JSON, print the JSON line last."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=list(TASK_ARMS), default="demo", help="demo (a+b=) or demo_chain")
-    parser.add_argument("--rollouts", type=int, help="rollout batches per arm (the sample budget); 80, chain 40")
+    parser.add_argument("--rollouts", type=int, help="rollout batches per arm (the sample budget); 80, chain 20")
     parser.add_argument("--eval-every", type=int, default=10, help="rollout batches between held-out evaluations")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--heldout", type=int, default=700, help="chain task: held-out chains (the same number per k)")
@@ -519,7 +519,7 @@ def main() -> None:
     torch.set_num_threads(1)
     chain = cli.task == "demo_chain"
     if cli.rollouts is None:
-        cli.rollouts = 40 if chain else 80
+        cli.rollouts = 20 if chain else 80
     if cli.target is None:
         cli.target = 0.33 if chain else 0.35
     if cli.more_seeds is None:
