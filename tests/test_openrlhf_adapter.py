@@ -34,6 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from k15_plugin.core import length_reward, mirror_descent_advantages, mirror_descent_terms
 from k15_plugin.core.settings import LengthPenaltySettings, SamplerSettings
+from k15_plugin.errors import ConfigError
 from k15_plugin.openrlhf import launch
 from k15_plugin.openrlhf import trainer as k15_trainer
 from k15_plugin.openrlhf.advantages import K15ExperienceMaker
@@ -533,6 +534,73 @@ def test_every_algorithm_composes_to_flags_openrlhf_accepts(tmp_path):
         assert plan.settings.algorithm == algorithm and plan.settings.sampler.name == "prioritized"
         assert plan.settings.length_penalty.weight > 0
     assert plans["kimi_md"].argv[plans["kimi_md"].argv.index("--train.max_epochs") + 1] == "2"
+
+
+def _plan(tmp_path, overrides):
+    from hydra import compose, initialize_config_dir
+
+    from k15_plugin.cli.hosts.openrlhf import build_plan
+    from k15_plugin.cli.train import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return build_plan(compose("config", ["host=openrlhf", *overrides]), tmp_path)
+
+
+def _flag(plan, flag):
+    return plan.argv[plan.argv.index(flag) + 1]
+
+
+def test_batch_sizes_follow_the_policy_ranks_openrlhf_starts(tmp_path):
+    """8 policy GPUs: the same per-device batch as on TRL, and shapes OpenRLHF's and DeepSpeed's start-up asserts pass
+    (before, the sizes came from launcher.num_processes: 8 prompts and 32 samples per step, 1/8 of the batch)."""
+    eight = [
+        "host.flags.actor.num_gpus_per_node=8",
+        "trainer.per_device_train_batch_size=32",
+        "trainer.num_generations=4",
+    ]
+    plan = _plan(tmp_path, eight)
+    assert _flag(plan, "--rollout.batch_size") == "64" and _flag(plan, "--train.batch_size") == "256"
+    n, prompts, micro = 4, 64, int(_flag(plan, "--rollout.micro_batch_size"))
+    assert n * prompts // micro >= 8  # OpenRLHF's launcher assertion
+    assert 256 // int(_flag(plan, "--train.micro_batch_size")) // 8 >= 1  # DeepSpeed's gradient accumulation
+    assert _parsed([plan.argv]) == [None]
+    one = _plan(tmp_path, ["trainer.per_device_train_batch_size=32", "trainer.num_generations=4"])
+    assert _flag(one, "--rollout.batch_size") == "8" and _flag(one, "--train.batch_size") == "32"
+    assert _flag(_plan(tmp_path, [*eight, "launcher=accelerate_ddp"]), "--train.batch_size") == "256"  # 8 = 8
+    with pytest.raises(ConfigError, match=r"^launcher.num_processes=8: OpenRLHF trains the policy on .* = 1 rank"):
+        _plan(tmp_path, ["launcher=accelerate_ddp"])
+    with pytest.raises(ConfigError, match=r"^host.flags.rollout.micro_batch_size|^trainer.per_device_train_batch_size"):
+        _plan(tmp_path, [*eight, "trainer.per_device_train_batch_size=4", "host.flags.rollout.micro_batch_size=16"])
+    with pytest.raises(ConfigError, match=r"train.batch_size=.* must be a multiple of train.micro_batch_size"):
+        _plan(tmp_path, [*eight, "host.flags.train.micro_batch_size=3"])
+
+
+def test_combinations_that_would_run_silently_wrong_are_refused(tmp_path):
+    dynamic = "+host.flags.algo.dynamic_filtering_enable=true"
+    with pytest.raises(ConfigError, match=r"^host.flags.algo.dynamic_filtering_enable with sampler=prioritized: "):
+        _plan(tmp_path, ["algorithm=grpo", "sampler=prioritized", dynamic])
+    assert "--algo.dynamic_filtering_enable" in _plan(tmp_path, ["algorithm=grpo", dynamic]).argv  # uniform: fine
+    with pytest.raises(ConfigError, match=r"^host.flags.algo.advantage.is_correction_level: algorithm=kimi_md"):
+        _plan(tmp_path, ["algorithm=kimi_md", "+host.flags.algo.advantage.is_correction_level=token"])
+    with pytest.raises(ConfigError, match=r"^host.flags.actor.policy_loss_type: algorithm=kimi_md"):
+        _plan(tmp_path, ["algorithm=kimi_md", "+host.flags.actor.policy_loss_type=gspo"])
+    assert _plan(tmp_path, ["algorithm=grpo", "+host.flags.algo.advantage.is_correction_level=token"]).argv
+
+
+def test_the_reward_file_refuses_a_query_without_its_prompt():
+    from k15_plugin.openrlhf.rewards import completion_of
+
+    assert completion_of("Q: 1+1= 2", "Q: 1+1=") == " 2" and completion_of(" 2", "") == " 2"
+    with pytest.raises(ValueError, match="cannot find the prompt"):
+        completion_of("Q:1+1= 2", "Q: 1+1=")  # decode(encode(prompt)) != prompt: scoring all of it would be wrong
+
+
+def test_the_reset_also_zeroes_a_zero3_backup_optimizer():
+    _, opt = _trained(torch.optim.AdamW, lr=0.1)
+    _, backup = _trained(torch.optim.AdamW, lr=0.1)
+    assert k15_trainer.reset_optimizer_moments(NS(optimizer=opt, backup_optimizer=backup)) == 12
+    for o in (opt, backup):
+        assert all(float(t.abs().sum()) == 0 for s in o.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def test_a_bad_openrlhf_flag_stops_k15_train_with_one_line(tmp_path, monkeypatch, capsys):

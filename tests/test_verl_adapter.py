@@ -525,6 +525,27 @@ def test_reset_optimizer_state_equals_a_fresh_optimizer():
     [
         (["actor_rollout_ref.actor.strategy=megatron"], "reset_optimizer_each_iteration=true is implemented for"),
         (["algorithm.k15.sampler.name=prioritized", "data.dataloader_num_workers=8"], "dataloader_num_workers=0"),
+        # Found by a review against verl 0.9.1: each ran silently wrong before.
+        (
+            ["algorithm.k15.sampler.name=prioritized", "algorithm.filter_groups.enable=true"],
+            "algorithm.filter_groups.enable=true with algorithm.k15.sampler.name=prioritized: the groups verl evicts",
+        ),
+        (
+            ["algorithm.k15.sampler.name=curriculum", "trainer.v1.sampler.sync_refill_failed_groups=true"],
+            "trainer.v1.sampler.sync_refill_failed_groups=true with algorithm.k15.sampler.name=curriculum",
+        ),
+        (["algorithm.rollout_correction.bypass_mode=true"], "algorithm.rollout_correction.bypass_mode=true with"),
+        (["algorithm.rollout_correction.rollout_rs=token_k1"], "algorithm.rollout_correction.rollout_rs=token_k1"),
+        (["trainer.v1.trainer_mode=colocate_async"], "reset_optimizer_each_iteration=true needs trainer.v1"),
+        (["trainer.use_v1=false"], "reset_optimizer_each_iteration=true needs trainer.v1.trainer_mode=k15_sync"),
+        (
+            [
+                "trainer.v1.trainer_mode=sync",
+                "algorithm.k15.reset_optimizer_each_iteration=false",
+                "algorithm.k15.sampler.name=prioritized",
+            ],
+            "algorithm.k15.sampler.name=prioritized needs trainer.v1.trainer_mode=k15_sync",
+        ),
     ],
 )
 def test_the_trainer_refuses_what_it_cannot_do(train_files, overrides, message):
@@ -533,6 +554,36 @@ def test_the_trainer_refuses_what_it_cannot_do(train_files, overrides, message):
     cfg = compose_plugin("k15_md", overrides)
     with pytest.raises(ValueError, match=re.escape(message)):
         check_config(cfg)
+
+
+def test_group_filtering_with_a_uniform_sampler_and_baselines_in_other_modes_pass(train_files):
+    from k15_plugin.verl.trainer import check_config
+
+    check_config(compose_plugin("k15_md", ["algorithm.filter_groups.enable=true"]))
+    check_config(
+        compose_plugin("k15_grpo", ["trainer.v1.trainer_mode=sync", "algorithm.rollout_correction.bypass_mode=true"])
+    )
+
+
+def test_estimators_outside_the_plugins_trainer_refuse_a_sampler_and_warn_of_the_reset():
+    from verl.trainer.ppo import core_algos
+
+    from k15_plugin.verl import advantages as k15_adv
+
+    k15_adv.set_trainer_step(None)
+    rewards = torch.zeros(4, 3)
+    rewards[[0, 2], -1] = 1.0
+    args = (rewards, torch.ones(4, 3), np.array(["a", "a", "b", "b"]))
+    cfg = OmegaConf.create({"k15": {"sampler": {"name": "prioritized"}, "reset_optimizer_each_iteration": False}})
+    for name in ("k15_md", "k15_grpo", "k15_rloo"):
+        with pytest.raises(ValueError, match=r"^algorithm.k15.sampler.name=prioritized needs trainer.v1"):
+            core_algos.get_adv_estimator_fn(name)(*args, config=cfg)
+    k15_adv._warned_reset = False
+    with pytest.warns(UserWarning, match="reset_optimizer_each_iteration=true has no effect"):
+        core_algos.get_adv_estimator_fn("k15_md")(*args, config=OmegaConf.create({"k15": {}}))
+    k15_adv.set_trainer_step(0)  # the plugin's trainer: no refusal
+    core_algos.get_adv_estimator_fn("k15_md")(*args, config=cfg)
+    k15_adv.set_trainer_step(None)
 
 
 def test_curriculum_without_the_difficulty_column_names_the_key(train_files):

@@ -35,22 +35,27 @@ def clear_optimizer_state(optimizer) -> int:
 def zero_optimizer_state(optimizer) -> int:
     """Zero, in place, every tensor of an optimizer's per-parameter state and its step counts (state and groups).
 
-    ``optimizer`` is a torch optimizer or a wrapper holding one as ``.optimizer`` (DeepSpeed's ZeRO optimizers). With
-    the moments and the step at 0 the next update is a freshly built optimizer's first. Returns the number of tensors
-    zeroed; raises ``TypeError`` when no torch optimizer is found.
+    ``optimizer`` is a torch optimizer or a wrapper holding one as ``.optimizer`` (DeepSpeed's ZeRO optimizers); a
+    ZeRO-3 wrapper's ``backup_optimizer`` (the torch optimizer of the sub-groups kept on the GPU under a partial
+    optimizer offload) is zeroed too. With the moments and the step at 0 the next update is a freshly built
+    optimizer's first. Returns the number of tensors zeroed; raises ``TypeError`` when no torch optimizer is found.
     """
     base = getattr(optimizer, "optimizer", optimizer)
     if not isinstance(base, torch.optim.Optimizer):
         raise TypeError(f"cannot reset the state of a {type(base).__name__}: not a torch optimizer")
+    backup = getattr(optimizer, "backup_optimizer", None) if base is not optimizer else None
     zeroed = 0
-    for state in base.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                value.zero_()
-                zeroed += 1
-            elif key == "step":
-                state[key] = 0
-    for group in base.param_groups:
-        if "step" in group:
-            group["step"] = 0
+    for each in (base, backup if isinstance(backup, torch.optim.Optimizer) else None):
+        if each is None:
+            continue
+        for state in each.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                    zeroed += 1
+                elif key == "step":
+                    state[key] = 0
+        for group in each.param_groups:
+            if "step" in group:
+                group["step"] = 0
     return zeroed

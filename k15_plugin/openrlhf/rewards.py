@@ -19,9 +19,20 @@ from k15_plugin.rewards.registry import scorer
 
 
 def completion_of(query: str, prompt: str) -> str:
-    """The response part of OpenRLHF's decoded prompt + response."""
-    at = query.rfind(prompt) if prompt else -1
-    return query[at + len(prompt) :] if at >= 0 else query
+    """The response part of OpenRLHF's decoded prompt + response: what follows the last copy of ``prompt``.
+
+    Raises ValueError when the prompt is not in the query (a tokenizer whose decode does not give the prompt back, or
+    a prompt OpenRLHF cut to ``data.max_len``): scoring the whole query would read the prompt as part of the answer.
+    """
+    if not prompt:
+        return query
+    at = query.rfind(prompt)
+    if at < 0:
+        raise ValueError(
+            f"the reward file cannot find the prompt {prompt[:60]!r} in OpenRLHF's decoded query {query[:60]!r}: the "
+            "tokenizer does not decode the prompt back to itself, or the prompt was cut (raise data.max_len)"
+        )
+    return query[at + len(prompt) :]
 
 
 def make_reward_func(spec: dict | None = None) -> Callable:

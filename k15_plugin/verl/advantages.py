@@ -11,10 +11,18 @@ runs that differ from ``k15_md`` only in the algorithm.
 
 The penalty's warm-up is in trainer steps, which verl does not pass to an estimator: the plugin's trainer
 (``trainer.v1.trainer_mode=k15_sync``) sets it before each advantage computation (:func:`set_trainer_step`). A
-warm-up or ramp without that trainer is refused rather than ignored.
+warm-up or ramp without that trainer is refused rather than ignored, and so is a non-uniform sampler (only that
+trainer draws prompts through it); the optimizer reset, on by default, is warned about once there.
+
+Groups are the rows of one ``uid``: one per prompt in single-turn runs. An agent loop that emits several outputs per
+conversation puts all of them into the uid's group (verl selects the final outputs for its own ``grpo`` estimator
+only), so the k1.5 baseline and the length penalty would see more than ``rollout.n`` rows per group: run these
+estimators single-turn.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -28,6 +36,7 @@ from k15_plugin.core import length_penalty_weight, length_reward, mirror_descent
 from k15_plugin.verl.config import k15_settings
 
 _trainer_step: int | None = None
+_warned_reset = False
 
 
 def set_trainer_step(step: int | None) -> None:
@@ -48,6 +57,25 @@ def groups_by_size(index) -> list[tuple[torch.Tensor, int]]:
     order = np.argsort(inverse, kind="stable")  # groups consecutive, rows in their original order within
     size_of_row = counts[inverse[order]]
     return [(torch.as_tensor(order[size_of_row == k], dtype=torch.long), int(k)) for k in sorted(set(counts.tolist()))]
+
+
+def check_trainer(options) -> None:
+    """Outside the plugin's trainer (no trainer step set): refuse a non-uniform sampler, warn once that the optimizer
+    reset does not happen."""
+    global _warned_reset
+    if _trainer_step is not None:
+        return
+    if options.sampler.name != "uniform":
+        raise ValueError(
+            f"algorithm.k15.sampler.name={options.sampler.name} needs trainer.v1.trainer_mode=k15_sync (and "
+            "trainer.use_v1=true): this trainer draws prompts its own way"
+        )
+    if options.reset_optimizer_each_iteration and not _warned_reset:
+        _warned_reset = True
+        warnings.warn(
+            "algorithm.k15.reset_optimizer_each_iteration=true has no effect outside trainer.v1.trainer_mode=k15_sync",
+            stacklevel=3,
+        )
 
 
 def penalty_weight(options) -> float:
@@ -87,6 +115,7 @@ def penalized_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Te
 def _with_length_penalty(token_level_rewards, response_mask, index, config) -> torch.Tensor:
     """token_level_rewards with each row's length reward added on its last response token."""
     options = k15_settings(config)
+    check_trainer(options)
     rewards, weight = penalized_rewards(token_level_rewards, response_mask, groups_by_size(index), options)
     if weight == 0:
         return token_level_rewards
@@ -106,6 +135,7 @@ def compute_k15_md_advantage(
 ):
     """r_j - tau log Z of the group, broadcast over the row's response tokens: (advantages, returns), each (N, T)."""
     options = k15_settings(config)
+    check_trainer(options)
     groups = groups_by_size(index)
     rewards, _ = penalized_rewards(token_level_rewards, response_mask, groups, options)  # (N,)
     advantages = torch.empty_like(rewards)

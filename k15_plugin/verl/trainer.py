@@ -33,9 +33,28 @@ from k15_plugin.verl.config import k15_settings
 RESETTABLE_STRATEGIES = ("fsdp", "fsdp2")
 
 
-def check_config(config) -> K15Settings:
-    """Refuse settings the trainer cannot honour, before any worker starts; returns the checked options."""
+def check_config(config, k15_sync: bool | None = None) -> K15Settings:
+    """Refuse settings the trainer cannot honour, before any worker starts; returns the checked options.
+
+    ``k15_sync``: whether the plugin's trainer runs (None: read ``trainer.use_v1`` and ``trainer.v1.trainer_mode``).
+    Any other verl trainer draws prompts and steps the optimizer its own way, so a non-uniform sampler or the
+    optimizer reset would be silently ignored there and is refused.
+    """
     options = k15_settings(config.algorithm)
+    if k15_sync is None:
+        trainer = config.get("trainer", {})
+        k15_sync = bool(trainer.get("use_v1", True)) and trainer.get("v1", {}).get("trainer_mode") == "k15_sync"
+    if not k15_sync:
+        if options.sampler.name != "uniform":
+            raise ValueError(
+                f"algorithm.k15.sampler.name={options.sampler.name} needs trainer.v1.trainer_mode=k15_sync and "
+                "trainer.use_v1=true: other verl trainers draw prompts their own way"
+            )
+        if options.reset_optimizer_each_iteration:
+            raise ValueError(
+                "algorithm.k15.reset_optimizer_each_iteration=true needs trainer.v1.trainer_mode=k15_sync and "
+                "trainer.use_v1=true: other verl trainers keep the optimizer state; set it to false there"
+            )
     strategy = config.actor_rollout_ref.actor.get("strategy", "fsdp")
     if options.reset_optimizer_each_iteration and strategy not in RESETTABLE_STRATEGIES:
         raise ValueError(
@@ -47,6 +66,32 @@ def check_config(config) -> K15Settings:
             f"algorithm.k15.sampler.name={options.sampler.name} needs data.dataloader_num_workers=0 (worker processes "
             "would draw prompts before the latest rewards are in, and resume would not be exact)"
         )
+    if options.sampler.name != "uniform":
+        filtering = bool((config.algorithm.get("filter_groups", None) or {}).get("enable", False))
+        v1 = config.get("trainer", {}).get("v1", {})
+        refill = bool((v1.get("sampler", None) or {}).get("sync_refill_failed_groups", False))
+        if filtering or refill:
+            key = "algorithm.filter_groups.enable" if filtering else "trainer.v1.sampler.sync_refill_failed_groups"
+            raise ValueError(
+                f"{key}=true with algorithm.k15.sampler.name={options.sampler.name}: the groups verl evicts (every "
+                "sample right or every sample wrong) never reach the sampler's statistics, and refills move its "
+                "schedule ahead of the trainer step; use sampler.name=uniform with group filtering"
+            )
+    loss_mode = config.actor_rollout_ref.actor.get("policy_loss", {}).get("loss_mode", None)
+    correction = config.algorithm.get("rollout_correction", None) or {}
+    if loss_mode == "k15_md":
+        if correction.get("bypass_mode", False):
+            raise ValueError(
+                "algorithm.rollout_correction.bypass_mode=true with policy_loss.loss_mode=k15_md: pi_i would become "
+                "the rollout engine's log-probs, and the squared term would pull the actor towards its numerics; "
+                "set it to false"
+            )
+        if correction.get("rollout_rs", None) is not None:
+            raise ValueError(
+                f"algorithm.rollout_correction.rollout_rs={correction.get('rollout_rs')} with policy_loss.loss_mode="
+                "k15_md: rejection rewrites the response mask, so the sequence log-probs and lengths would cover part "
+                "of each response; set it to null"
+            )
     return options
 
 
@@ -77,7 +122,7 @@ class K15SyncTrainer(PPOTrainerSync):
     def __init__(self, config):
         with open_dict(config):
             config.trainer.v1.trainer_mode = "sync"  # the registry key chose this class; verl branches on "sync"
-        self.k15 = check_config(config)
+        self.k15 = check_config(config, k15_sync=True)
         self.k15_sampler: PromptSampler | None = None
         self._k15_rows: dict[str, int] = {}  # uid -> dataset row, for the prompts fetched and not yet scored
         self._k15_resets = 0

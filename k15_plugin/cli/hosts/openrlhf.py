@@ -23,7 +23,10 @@ trainer.num_generations, max_completion_    ``rollout.n_samples_per_prompt``, ``
 length, temperature                         ``rollout.temperature``
 trainer.per_device_train_batch_size x       ``rollout.batch_size`` (prompts per rollout batch, the TRL
 steps_per_generation / num_generations      generation batch) and ``train.batch_size`` (samples per optimizer
-(x launcher.num_processes)                  step: per_device x gradient_accumulation_steps x processes)
+(x the policy's data-parallel ranks)        step: per_device x gradient_accumulation_steps x ranks); ranks =
+                                            ``actor.num_nodes`` x ``num_gpus_per_node`` / ``ds.ring_attn_size`` /
+                                            ``ds.tensor_parallel_size`` from ``host.flags`` (a ``launcher`` of more
+                                            than one process must name the same count)
 trainer.learning_rate, adam_beta1/2,        ``actor.adam.*``, ``actor.max_norm``, ``actor.lr_scheduler``
 weight_decay, max_grad_norm, lr_scheduler
 seed, trainer.save_steps, eval_steps        ``train.seed``, ``ckpt.save_steps``, ``eval.steps``
@@ -85,8 +88,17 @@ def settings_of(cfg: DictConfig) -> OpenRLHFSettings:
     )
 
 
-def _derived(cfg: DictConfig, files: Path) -> tuple[dict, dict[str, str]]:
-    """The flags k15-train's own keys imply, and which key each came from."""
+def policy_ranks(flags: dict) -> int:
+    """The policy's data-parallel ranks OpenRLHF starts for these (nested) flags: actor GPUs over the ring-attention
+    and tensor-parallel sizes, as its DeepSpeed strategy divides them."""
+    flat = leaves(flags)
+    gpus = int(flat.get("actor.num_nodes", 1)) * int(flat.get("actor.num_gpus_per_node", 1))
+    return max(1, gpus // int(flat.get("ds.ring_attn_size", 1)) // int(flat.get("ds.tensor_parallel_size", 1)))
+
+
+def _derived(cfg: DictConfig, files: Path, ranks: int) -> tuple[dict, dict[str, str]]:
+    """The flags k15-train's own keys imply (``ranks``: the policy's data-parallel ranks), and which key each came
+    from."""
     tree: dict = {}
     sources: dict[str, str] = {}
 
@@ -98,7 +110,8 @@ def _derived(cfg: DictConfig, files: Path) -> tuple[dict, dict[str, str]]:
     if a.name not in ESTIMATORS:
         raise ConfigError(
             f"algorithm={a.name} runs on host=trl only; on OpenRLHF use one of {', '.join(ESTIMATORS)} "
-            "(DAPO's dynamic sampling: algorithm=grpo host.flags.algo.dynamic_filtering_enable=true)"
+            "(DAPO's dynamic sampling: algorithm=grpo host.flags.algo.dynamic_filtering_enable=true, with "
+            "sampler=uniform)"
         )
     put("algo.advantage.estimator", ESTIMATORS[a.name], "algorithm")
     beta = float(a.get("beta", 0.0) or 0.0)
@@ -124,18 +137,17 @@ def _derived(cfg: DictConfig, files: Path) -> tuple[dict, dict[str, str]]:
         put("data.apply_chat_template", True, "data.chat")
     put("reward.remote_url", str(files / "reward_func.py"), "reward.verifier")
 
-    processes = int(cfg.launcher.num_processes)
-    completions = t.per_device_train_batch_size * processes * t.steps_per_generation
+    completions = t.per_device_train_batch_size * ranks * t.steps_per_generation
     if completions % t.num_generations:
         raise ConfigError(
-            f"trainer.per_device_train_batch_size x steps_per_generation x launcher.num_processes ({completions}) "
-            f"must be a multiple of trainer.num_generations ({t.num_generations})"
+            f"trainer.per_device_train_batch_size x steps_per_generation x the policy's {ranks} rank(s) "
+            f"({completions}) must be a multiple of trainer.num_generations ({t.num_generations})"
         )
     put("rollout.batch_size", completions // t.num_generations, "trainer.per_device_train_batch_size")
     put("rollout.n_samples_per_prompt", int(t.num_generations), "trainer.num_generations")
     put("rollout.max_new_tokens", int(t.max_completion_length), "trainer.max_completion_length")
     put("rollout.temperature", float(t.temperature), "trainer.temperature")
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * processes
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * ranks
     put("train.batch_size", int(per_step), "trainer.per_device_train_batch_size")
     put("train.seed", int(cfg.seed), "seed")
     put("actor.adam.lr", float(t.learning_rate), "trainer.learning_rate")
@@ -159,14 +171,42 @@ def _derived(cfg: DictConfig, files: Path) -> tuple[dict, dict[str, str]]:
 def build_plan(cfg: DictConfig, run_dir: str | os.PathLike) -> OpenRLHFPlan:
     """The OpenRLHF command line and ``args.k15`` of this run; raises :class:`ConfigError` (one line)."""
     files = Path(run_dir) / "openrlhf"
-    tree, sources = _derived(cfg, files)
     user = OmegaConf.to_container(cfg.host.flags, resolve=True) or {}
+    ranks = policy_ranks(user)
+    processes = int(cfg.launcher.num_processes)
+    if processes not in (1, ranks):
+        raise ConfigError(
+            f"launcher.num_processes={processes}: OpenRLHF trains the policy on host.flags.actor.num_nodes x "
+            f"num_gpus_per_node (over ds.ring_attn_size x ds.tensor_parallel_size) = {ranks} rank(s); set those "
+            "flags to the GPUs you have (launcher=local leaves the count to them)"
+        )
+    tree, sources = _derived(cfg, files, ranks)
     for dotted in leaves(user):
         sources[f"--{dotted}"] = f"host.flags.{dotted}"
     combined = merged(tree, user)
     flat = leaves(combined)
     if flat.get("train.async_enable"):
         raise ConfigError("host.flags.train.async_enable: the plugin's trainer is OpenRLHF's synchronous one")
+    _check_batches(flat, sources, ranks)
+    sampler = cfg.get("sampler", {}).get("name", "uniform")
+    if flat.get("algo.dynamic_filtering_enable") and sampler != "uniform":
+        raise ConfigError(
+            f"host.flags.algo.dynamic_filtering_enable with sampler={sampler}: the prompts it drops (every sample "
+            "right or every sample wrong) never reach the sampler's statistics and its replacements move the "
+            "schedule ahead of the trainer step; use sampler=uniform with dynamic filtering"
+        )
+    if cfg.algorithm.name == "kimi_md":
+        if flat.get("algo.advantage.is_correction_level", "off") != "off":
+            raise ConfigError(
+                f"{sources.get('--algo.advantage.is_correction_level')}: algorithm=kimi_md's loss applies no "
+                "train/rollout importance correction (its squared term anchors to the DeepSpeed actor's recompute); "
+                "keep algo.advantage.is_correction_level=off"
+            )
+        if flat.get("actor.policy_loss_type", "ppo") != "ppo":
+            raise ConfigError(
+                f"{sources.get('--actor.policy_loss_type')}: algorithm=kimi_md replaces the policy loss; "
+                "actor.policy_loss_type does not apply"
+            )
     if cfg.algorithm.name == "kimi_md" and float(flat.get("algo.kl.init_coef", 0) or 0) > 0:
         raise ConfigError(
             f"{sources.get('--algo.kl.init_coef', 'host.flags.algo.kl.init_coef')}: algorithm=kimi_md regularises "
@@ -177,6 +217,26 @@ def build_plan(cfg: DictConfig, run_dir: str | os.PathLike) -> OpenRLHFPlan:
     except ValueError as err:
         raise ConfigError(f"algorithm: {err}") from None
     return OpenRLHFPlan(to_flags(combined), settings, sources, files)
+
+
+def _check_batches(flat: dict, sources: dict[str, str], ranks: int) -> None:
+    """The batch shapes OpenRLHF's launcher and DeepSpeed assert at start-up, refused here with the key to change:
+    enough sample micro-batches for every rank, and whole micro-batches on every rank per optimizer step."""
+    n = int(flat.get("rollout.n_samples_per_prompt", 1))
+    prompts = int(flat.get("rollout.batch_size", 1))
+    micro = int(flat.get("rollout.micro_batch_size", 1))
+    if n * prompts // micro < ranks:
+        raise ConfigError(
+            f"{sources.get('--rollout.batch_size', 'host.flags.rollout.batch_size')}: {prompts} prompts x {n} "
+            f"samples make {n * prompts // micro} micro-batches of rollout.micro_batch_size={micro}, fewer than the "
+            f"policy's {ranks} ranks"
+        )
+    per_step, train_micro = int(flat.get("train.batch_size", 1)), int(flat.get("train.micro_batch_size", 1))
+    if per_step % (train_micro * ranks):
+        raise ConfigError(
+            f"{sources.get('--train.batch_size', 'host.flags.train.batch_size')}: train.batch_size={per_step} must "
+            f"be a multiple of train.micro_batch_size ({train_micro}) x the policy's {ranks} ranks"
+        )
 
 
 def check(cfg: DictConfig) -> OpenRLHFPlan:
