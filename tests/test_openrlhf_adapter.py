@@ -575,6 +575,18 @@ def test_batch_sizes_follow_the_policy_ranks_openrlhf_starts(tmp_path):
         _plan(tmp_path, [*eight, "host.flags.train.micro_batch_size=3"])
 
 
+def test_step_counted_settings_become_rollout_batches_as_on_verl(tmp_path):
+    """k15-train counts optimizer steps (TRL's); OpenRLHF's controller counts rollout batches: kimi_md's 2 passes make
+    2 optimizer steps per rollout batch, so a 5-step warm-up is 3 rollout batches (rounded up), as the verl door does."""
+    steps = ["reward=length_penalty", "reward.length_penalty.warmup_steps=5", "reward.length_penalty.ramp_steps=4"]
+    curriculum = ["sampler=curriculum", "sampler.switch_step=7", "sampler.ramp_steps=9"]
+    plan = _plan(tmp_path, ["algorithm=kimi_md", *steps, *curriculum])
+    lp, sampler = plan.settings.length_penalty, plan.settings.sampler
+    assert (lp.warmup_steps, lp.ramp_steps, sampler.switch_step, sampler.ramp_steps) == (3, 2, 4, 5)
+    one = _plan(tmp_path, ["algorithm=grpo", *steps]).settings.length_penalty  # 1 pass: unchanged
+    assert (one.warmup_steps, one.ramp_steps) == (5, 4)
+
+
 def test_combinations_that_would_run_silently_wrong_are_refused(tmp_path):
     dynamic = "+host.flags.algo.dynamic_filtering_enable=true"
     with pytest.raises(ConfigError, match=r"^host.flags.algo.dynamic_filtering_enable with sampler=prioritized: "):

@@ -109,6 +109,20 @@ _RANGES = [
 ]
 
 
+# k1.5 settings counted in steps: optimizer steps in k15-train (TRL), rollout batches on the Ray hosts (verl, OpenRLHF)
+STEP_SETTINGS = (
+    "length_penalty.warmup_steps",
+    "length_penalty.ramp_steps",
+    "sampler.switch_step",
+    "sampler.ramp_steps",
+)
+
+
+def in_rollout_batches(steps: int, per_batch: int) -> int:
+    """``steps`` optimizer steps (TRL's count) as rollout batches of ``per_batch`` optimizer steps, rounded up."""
+    return -(-int(steps) // per_batch)
+
+
 def check_ranges(cfg: DictConfig) -> None:
     """Check the values TRL or a host would accept silently or name badly (:data:`_RANGES`, and the rules that tie
     several keys together); raises :class:`~k15_plugin.errors.ConfigError` naming the Hydra key."""

@@ -43,13 +43,13 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from k15_plugin.cli.build import check_ranges, k15_settings
+from k15_plugin.cli.build import STEP_SETTINGS, check_ranges, in_rollout_batches, k15_settings
 from k15_plugin.cli.hosts.tree import leaves, merged, set_dotted
 from k15_plugin.core.settings import RolloutSettings
 from k15_plugin.errors import ConfigError
@@ -76,13 +76,28 @@ class OpenRLHFPlan:
 
 
 def settings_of(cfg: DictConfig) -> OpenRLHFSettings:
-    """``args.k15`` for this run: the run's k1.5 settings (:func:`k15_plugin.cli.build.k15_settings`) and algorithm."""
+    """``args.k15`` for this run: the run's k1.5 settings (:func:`k15_plugin.cli.build.k15_settings`) and algorithm.
+
+    The settings counted in steps (warm-up, ramps, the curriculum's switch) are optimizer steps in k15-train, as on
+    TRL; OpenRLHF's controller counts rollout batches, so they are divided by the optimizer steps per rollout batch
+    (``algorithm.num_iterations`` passes x ``steps_per_generation / gradient_accumulation_steps``), rounded up.
+    """
     settings = k15_settings(cfg)
     if settings.rollout != RolloutSettings():
         raise ConfigError(
             "rollout: partial rollouts and repeat detection run on host=trl only; use rollout=full without "
             "rollout.repeat.detection on OpenRLHF"
         )
+    t = cfg.trainer
+    per_batch = max(1, int(t.steps_per_generation) // int(t.gradient_accumulation_steps)) * int(
+        cfg.algorithm.num_iterations
+    )
+    converted = {}
+    for path in STEP_SETTINGS:
+        group, name = path.split(".")
+        node = converted.setdefault(group, getattr(settings, group))
+        converted[group] = replace(node, **{name: in_rollout_batches(getattr(node, name), per_batch)})
+    settings = replace(settings, **converted)
     return OpenRLHFSettings(
         algorithm=cfg.algorithm.name, **{f.name: getattr(settings, f.name) for f in fields(settings)}
     )

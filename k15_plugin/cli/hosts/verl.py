@@ -112,7 +112,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from k15_plugin.cli.build import check_ranges, hydra_key, k15_settings
+from k15_plugin.cli.build import STEP_SETTINGS, check_ranges, hydra_key, in_rollout_batches, k15_settings
 from k15_plugin.cli.hosts.tree import leaves, merged, set_dotted
 from k15_plugin.core.settings import K15Settings, RolloutSettings
 from k15_plugin.errors import ConfigError
@@ -134,13 +134,6 @@ LOSS_AGG_MODES = {
 }
 SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine"}
 LOGGERS = ("tensorboard", "wandb", "mlflow", "swanlab")
-# k1.5 settings counted in steps: optimizer steps in k15-train (TRL), rollout batches on verl
-STEP_SETTINGS = (
-    "length_penalty.warmup_steps",
-    "length_penalty.ramp_steps",
-    "sampler.switch_step",
-    "sampler.ramp_steps",
-)
 # the node the derived reward spec adds to verl's config (compute_score's keyword arguments)
 REWARD_KWARGS = "reward.custom_reward_function.reward_kwargs"
 # nodes of verl's config whose keys are free (a new key there is added with `+`, not refused as unknown)
@@ -209,11 +202,6 @@ def hydra_value(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the mapping
-def _steps(value: int, per_batch: int) -> int:
-    """Optimizer steps (TRL) as rollout batches (verl), rounded up."""
-    return -(-int(value) // per_batch)
-
-
 def batch_shape(cfg: DictConfig) -> dict[str, int]:
     """verl's batch sizes for the trainer's (TRL's) shape: ``train_batch_size`` and ``ppo_mini_batch_size`` (prompts),
     ``micro`` (samples per GPU per forward) and ``steps_per_batch`` (optimizer steps per rollout batch, S)."""
@@ -347,7 +335,7 @@ def _k15_keys(cfg: DictConfig, settings: K15Settings, per_batch: int, put) -> No
             if OmegaConf.select(cfg, key) is None:
                 key = path.split(".", 1)[0] if "." in path else "algorithm"  # a default the config does not hold
             if path in STEP_SETTINGS:
-                value = _steps(value, per_batch)
+                value = in_rollout_batches(value, per_batch)
             elif path == "sampler.difficulty_column":
                 value = f"extra_info.{value}"
             put(f"algorithm.k15.{path}", value, key)
@@ -444,7 +432,7 @@ def derived(cfg: DictConfig, files: Path) -> tuple[str, dict, dict[str, str]]:
         float(t.vllm_gpu_memory_utilization),
         "trainer.vllm_gpu_memory_utilization",
     )
-    steps = _steps(t.max_steps, per_batch)
+    steps = in_rollout_batches(t.max_steps, per_batch)
     put("trainer.total_training_steps", steps, "trainer.max_steps")
     put("trainer.total_epochs", steps, "trainer.max_steps")  # an epoch is >= 1 step: the steps end the run, as on TRL
 
@@ -460,12 +448,20 @@ def derived(cfg: DictConfig, files: Path) -> tuple[str, dict, dict[str, str]]:
             f"{list(SCHEDULERS)} on verl"
         )
     put(f"{optim}.lr_scheduler_type", SCHEDULERS[scheduler], "trainer.lr_scheduler_type")
-    put(f"{optim}.lr_warmup_steps", _steps(t.warmup_steps, per_batch), "trainer.warmup_steps")
+    put(f"{optim}.lr_warmup_steps", in_rollout_batches(t.warmup_steps, per_batch), "trainer.warmup_steps")
 
     put("trainer.n_gpus_per_node", int(cfg.launcher.num_processes), "launcher.num_processes")
-    put("trainer.save_freq", _steps(t.save_steps, per_batch) if t.save_steps > 0 else -1, "trainer.save_steps")
+    put(
+        "trainer.save_freq",
+        in_rollout_batches(t.save_steps, per_batch) if t.save_steps > 0 else -1,
+        "trainer.save_steps",
+    )
     put("trainer.max_actor_ckpt_to_keep", t.save_total_limit, "trainer.save_total_limit")
-    put("trainer.test_freq", _steps(t.eval_steps, per_batch) if t.eval_steps > 0 else -1, "trainer.eval_steps")
+    put(
+        "trainer.test_freq",
+        in_rollout_batches(t.eval_steps, per_batch) if t.eval_steps > 0 else -1,
+        "trainer.eval_steps",
+    )
     report = [str(r) for r in t.report_to]
     unknown = [r for r in report if r not in (*LOGGERS, "none")]
     if unknown:
