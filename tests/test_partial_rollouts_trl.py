@@ -269,6 +269,73 @@ def test_greedy_segments_reproduce_one_shot_greedy_generation(tmp_path, tokenize
             assert completion == expected, prompt
 
 
+class Snapshots(TrainerCallback):
+    """The weights after every optimizer step: ``weights[v]`` is policy version v, which generates at step v."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def _keep(self, state, model):
+        self.weights[state.global_step] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._keep(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._keep(state, model)
+
+
+@pytest.mark.parametrize("name", ["kimi_md", "rloo"])
+def test_behaviour_logprobs_are_the_generating_policys_processed_scores(tmp_path, tokenizer, dataset, name):
+    """transformers ``generate``, sampling with temperature, top-k and top-p: every generated token's stored log-prob
+    equals a recompute by the policy version its segment records (the weights after that many optimizer steps),
+    through the same temperature / top-k / top-p processing."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    snapshots = Snapshots()
+    trainer = _trainer(
+        name,
+        tmp_path,
+        tokenizer,
+        dataset,
+        Recorder(score=lambda ids: float(ids[0] % 2)),
+        [snapshots],
+        rollout_segment_tokens=2,
+        max_completion_length=6,
+        max_steps=4,
+        learning_rate=3e-2,
+        temperature=0.7,
+        top_k=6,
+        top_p=0.9,
+    )
+    emitted, emit = [], trainer._k15_buffer.emit
+    trainer._k15_buffer.emit = lambda count: emitted.extend(emit(count)) or emitted[-count:]
+    trainer.train()
+    process = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(6), TopPLogitsWarper(0.9)])
+    model = tiny_test_model(tokenizer, seed=0).eval()
+    versions, checked = set(), 0
+    members = [(g, m) for g in emitted for m in g.members] + [
+        (g, m) for g in trainer._k15_buffer.groups for m in g.members
+    ]
+    for group, member in members:
+        if not member.completion_ids:
+            continue
+        assert member.logprobs is not None and len(member.logprobs) == len(member.completion_ids)
+        ids = torch.tensor([group.prompt_ids + member.completion_ids])
+        start = len(group.prompt_ids)
+        for segment in member.segments:
+            model.load_state_dict(snapshots.weights[segment.version])
+            with torch.no_grad():
+                logits = model(ids).logits[0, start - 1 : -1].float()  # (C, V): position t predicts token t
+            scores = process(ids[:, :start], logits)  # the warpers act on each row (position) alike
+            expected = torch.log_softmax(scores, dim=-1).gather(1, ids[0, start:, None]).squeeze(1)
+            span = slice(segment.start, segment.start + segment.length)
+            torch.testing.assert_close(torch.tensor(member.logprobs[span]), expected[span], atol=1e-4, rtol=1e-4)
+            versions.add(segment.version)
+            checked += segment.length
+    assert checked and len(versions) >= 2  # tokens of several policy versions were checked
+
+
 def test_rloo_trains_on_continued_trajectories(tmp_path, tokenizer, dataset, monkeypatch):
     from trl import RLOOTrainer
 
@@ -321,6 +388,10 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, tokenizer, 
     checkpoint = tmp_path / "cut" / "checkpoint-3"
     saved = json.loads((checkpoint / PARTIAL_STATE_NAME).read_text())
     assert saved["buffer"]["groups"]  # something was in flight
+    groups = saved["buffer"]["groups"] + saved["last_emitted"]
+    members = [m for g in groups for m in g["members"] if m["completion_ids"]]
+    assert members and all(len(m["logprobs"]) == len(m["completion_ids"]) for m in members)  # behaviour log-probs
+    assert all(isinstance(lp, float) for m in members for lp in m["logprobs"])
 
     resumed_reward = Recorder()
     resumed = _trainer("kimi_md", tmp_path / "cut", tokenizer, dataset, resumed_reward, **common)

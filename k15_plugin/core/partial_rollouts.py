@@ -7,7 +7,8 @@ A member finishes at EOS, at ``max_completion_length`` tokens in all, or when it
 A group is *ready* only when all ``k`` members have finished, so the group baseline and the length penalty see whole
 groups; the oldest ready groups are emitted for training, first in, first out.
 
-The buffer holds plain Python data only (token ids, segments with the policy version that generated them, statuses)
+The buffer holds plain Python data only (token ids, segments with the policy version that generated them, each
+token's behaviour log-prob under that policy, statuses)
 and decides everything from that data, so every process of a multi-process run that applies the same results in the
 same order holds the same buffer; :meth:`PartialRolloutBuffer.state_dict` is what a checkpoint saves. How segments
 are generated (transformers ``generate``, vLLM) is the host adapter's business.
@@ -45,7 +46,8 @@ class Member:
     completion_ids: list[int] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     status: str = "running"
-    # Per completion token, the generating engine's log-prob of it (None where the engine gave none); None while no
+    # Per completion token, its behaviour log-prob: log mu_v(token) under the distribution the engine sampled it from
+    # (after temperature, top-k, top-p), v being its segment's version. None where the engine gave none; None while no
     # segment came with log-probs.
     logprobs: list[float | None] | None = None
 

@@ -25,12 +25,16 @@ Private TRL 1.16 methods used or overridden (pinned in pyproject.toml): ``_gener
 ``_generate_single_turn`` and ``_tokenize_prompts`` (called per round; replayed for RLOO), ``_calculate_rewards``
 (repeat column, see :mod:`k15_plugin.trl.trainer`), ``_save_checkpoint`` and ``_load_optimizer_and_scheduler`` (the
 buffer's state); attributes ``rollout_func``, ``generation_config``, ``generation_kwargs``,
-``vllm_generation.max_completion_length`` and ``vllm_generation.generation_kwargs``, ``_step``.
+``vllm_generation.max_completion_length`` and ``vllm_generation.generation_kwargs``, ``_step``. For the behaviour
+log-probs of every generated token, one round's generate call is observed through an instance attribute shadowing
+``vllm_generation.generate`` (TRL's engine wrapper; it returns them) or the unwrapped model's ``generate``
+(transformers; asked for ``output_scores``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import gather_object
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from k15_plugin.core.partial_rollouts import Group, PartialRolloutBuffer, groups_from_state, groups_to_state
 from k15_plugin.core.repeats import RepeatRule
@@ -252,7 +257,8 @@ class K15PartialRolloutMixin:
     def _k15_generate_round(self, work) -> tuple[list[tuple], tuple[int, int]]:
         """One round: every work item gets a segment. Items are split into calls (fresh prompts apart from continued
         prefixes on the transformers backend, where a call pads every row to its longest input), each call sharded
-        over the processes in equal contiguous slices; results are gathered so every process applies all of them."""
+        over the processes in equal contiguous slices; results are gathered so every process applies all of them.
+        Each segment comes with the behaviour log-probs of its tokens (:meth:`_k15_recording_logprobs`)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         if self.use_vllm:
             calls = [list(work)]
@@ -267,13 +273,17 @@ class K15PartialRolloutMixin:
             real = len(mine)
             mine = mine + [call[-1]] * (per_rank - real)  # equal slices on every process (vLLM TP, ZeRO-3 generate)
             prefixes = [w.prefix for w in mine]
-            with self._k15_segment_budget(max(w.budget for w in call)):
+            with self._k15_segment_budget(max(w.budget for w in call)), self._k15_recording_logprobs() as recorded:
                 if self._k15_returns_logprobs:
                     ids, logprobs = self._generate_single_turn(prefixes, None, {}, 1)
                 else:
                     ids, logprobs = self._generate_single_turn(prefixes, None, {}), None
             ids = [list(x) for x in ids[:real]]
-            logprobs = None if logprobs is None else [list(x) for x in logprobs[:real]]
+            if recorded:  # the engine's own log-probs of the sampled tokens, one per completion token
+                logprobs = recorded[0]
+            logprobs = (
+                None if logprobs is None else [list(lp[: len(x)]) for lp, x in zip(logprobs[:real], ids, strict=True)]
+            )
             steps = max((len(x) for x in ids), default=0)
             local.append((ids, logprobs, sum(map(len, ids)), len(mine) * steps))
         gathered = gather_object([local])  # one entry per process
@@ -329,6 +339,46 @@ class K15PartialRolloutMixin:
                     obj.pop(key, None)
                 else:
                     obj[key] = value
+
+    @contextlib.contextmanager
+    def _k15_recording_logprobs(self):
+        """Record the behaviour log-probs of the tokens sampled by the one generate call made inside: a list that
+        receives, per call, each row's log-probs of its sampled tokens (empty if no engine call was made).
+
+        * vLLM: the log-probs TRL's ``vllm_generation.generate`` returns (TRL asks vLLM for ``processed_logprobs``:
+          after temperature, top-k and top-p). Recorded here too because RLOO's ``_generate_single_turn`` drops them.
+        * transformers ``generate``: the scores of the sampled tokens after every logits processor and warper that
+          sampled them (``output_scores``), log-softmaxed, read one step at a time by :class:`SampledTokenLogprobs`,
+          which frees each step's scores once read.
+        """
+        recorded: list[list[list[float | None]]] = []
+        if self.use_vllm:
+            engine = self.vllm_generation
+            original = engine.generate
+
+            def generate(*args, **kwargs):
+                out = original(*args, **kwargs)
+                if out[2] is not None:  # (prompt ids, completion ids, logprobs (B, T, top), top token ids)
+                    recorded.append([[lp[0] for lp in seq] for seq in out[2]])
+                return out
+
+            target = engine
+        else:
+            model = self.accelerator.unwrap_model(self.model_wrapped)
+            original = model.generate
+
+            def generate(*args, **kwargs):
+                recorder = SampledTokenLogprobs()
+                criteria = StoppingCriteriaList([*(kwargs.pop("stopping_criteria", None) or ()), recorder])
+                config = copy.deepcopy(kwargs.pop("generation_config", None) or model.generation_config)
+                config.output_scores, config.return_dict_in_generate = True, True
+                out = original(*args, **kwargs, generation_config=config, stopping_criteria=criteria)
+                recorded.append(recorder.logprobs())
+                return out.sequences
+
+            target = model
+        with _instance_attribute(target, "generate", generate):
+            yield recorded
 
     def _k15_check_replicated(self) -> None:
         """Every process must hold the same buffer (all decisions are taken from it); fail loudly if not."""
@@ -401,3 +451,43 @@ class K15PartialRolloutMixin:
 
 
 _MISSING = object()
+
+
+class SampledTokenLogprobs(StoppingCriteria):
+    """A stopping criterion that never stops: at each step of a ``generate`` call with ``output_scores=True`` it reads
+    the log-prob of the token just sampled (the last column of ``input_ids``) under that step's processed scores (the
+    distribution it was sampled from: after temperature, top-k, top-p and every other processor), then frees those
+    scores, so a long generation keeps one step's (B, vocab) scores at a time instead of all of them."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []  # per step, (B,) log-probs of the sampled tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        """Record the newest token's log-prob; never stop (returns all False)."""
+        step = scores[-1]  # (B, V) processed scores of the step that sampled input_ids[:, -1]
+        logprobs = torch.log_softmax(step.float(), dim=-1).gather(1, input_ids[:, -1:]).squeeze(1)  # (B,)
+        self.steps.append(logprobs.cpu())
+        step.set_()  # read once: release its storage (generate keeps the tensor in its scores tuple)
+        return torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+
+    def logprobs(self) -> list[list[float]]:
+        """Per row, the log-probs of its generated tokens, one per step (rows trimmed after EOS are longer than their
+        completions: the caller cuts them to length)."""
+        if not self.steps:
+            return []
+        return torch.stack(self.steps, dim=1).tolist()  # (B, steps)
+
+
+@contextlib.contextmanager
+def _instance_attribute(obj, name: str, value):
+    """``obj.name = value`` for the duration of the block (an instance attribute shadowing the class's), then the
+    previous state back: the instance's own attribute if it had one, else none."""
+    previous = obj.__dict__.get(name, _MISSING)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if previous is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, previous)
