@@ -151,13 +151,18 @@ class RolloutSettings:
         0, integer(0), "Partial rollouts: new tokens per trajectory per rollout batch (0: full rollouts)."
     )
     max_iterations: int = setting(
-        0, integer(0), "Partial rollouts: rollout batches one trajectory may span (0: no limit)."
+        0,
+        integer(0),
+        "Partial rollouts: segments one trajectory may take, a length cap of max_iterations x segment_tokens tokens "
+        "that ends it as max_completion_length does (0: no limit).",
     )
     prefill_batches: int = setting(
         -1, integer(-1), "Partial rollouts: extra batches of prompts admitted at the start (-1: automatic)."
     )
     loss_mask: str = setting(
-        "all", one_of(LOSS_MASKS), f"Partial rollouts: tokens in the loss, one of {list(LOSS_MASKS)}."
+        "all",
+        one_of(LOSS_MASKS),
+        f"Partial rollouts: tokens in the loss, one of {list(LOSS_MASKS)} (latest: the current policy's only).",
     )
     repeat: RepeatSettings = field(default_factory=RepeatSettings)
 

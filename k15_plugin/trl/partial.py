@@ -17,7 +17,8 @@ How the batch reaches TRL (no TRL code is copied):
 
 * GRPO family: for the one call of ``_generate_and_score_completions``, ``self.rollout_func`` is a replay of the
   emitted rows (TRL's hook for custom rollouts; its ``env_mask`` becomes TRL's ``tool_mask``, which is how
-  ``rollout_loss_mask="latest"`` keeps earlier segments out of the loss, the token count and the importance ratio).
+  ``rollout_loss_mask="latest"`` keeps the tokens of older policies out of the loss, the token count and the
+  importance ratio).
 * RLOO: ``_tokenize_prompts`` and ``_generate_single_turn`` return the emitted rows during that call (RLOO has no
   ``rollout_func`` and no per-token loss mask, so only ``rollout_loss_mask="all"``).
 
@@ -206,7 +207,7 @@ class K15PartialRolloutMixin:
             metrics["k15/partial/rounds"].append(float(rounds))
             if slots:
                 metrics["k15/partial/slot_utilization"].append(useful / slots)
-        for name, value in buffer.metrics(emitted, self.state.global_step).items():
+        for name, value in buffer.metrics(emitted, self._k15_phase_step, self.args.rollout_loss_mask).items():
             metrics[f"k15/partial/{name}"].append(value)
         members = [m for g in emitted for m in g.members]
         metrics["k15/partial/trajectory_tokens"].append(sum(len(m.completion_ids) for m in members) / len(members))
@@ -249,7 +250,7 @@ class K15PartialRolloutMixin:
             row=group.row,
             prompt_ids=group.prompt_ids,
             completion_ids=list(member.completion_ids),
-            loss_mask=PartialRolloutBuffer.loss_mask(member, self.args.rollout_loss_mask),
+            loss_mask=PartialRolloutBuffer.loss_mask(member, self.args.rollout_loss_mask, self._k15_phase_step),
             logprobs=logprobs,
             status=member.status,
         )
