@@ -22,7 +22,7 @@ from k15_plugin.trl import (
     KimiMirrorDescentConfig,
     KimiMirrorDescentTrainer,
 )
-from k15_plugin.trl.partial import PARTIAL_STATE_NAME
+from k15_plugin.trl.partial import PARTIAL_STATE_NAME, TOKEN_WEIGHTS
 
 torch.set_num_threads(1)
 
@@ -138,7 +138,8 @@ def _outputs(trainer):
         out = original(inputs)
         members = [m for g in trainer._k15_last_emitted for m in g.members]
         versions = [PartialRolloutBuffer.token_versions(m) for m in members]
-        outputs.append({**out, "versions": versions, "step": trainer.state.global_step})
+        behaviour = [m.logprobs for m in members]
+        outputs.append({**out, "versions": versions, "behaviour": behaviour, "step": trainer.state.global_step})
         return out
 
     trainer._generate_and_score_completions = wrapped
@@ -285,12 +286,15 @@ class Snapshots(TrainerCallback):
         self.weights = {}
 
     def _keep(self, state, model):
+        """A copy of the weights as they are at ``state.global_step``."""
         self.weights[state.global_step] = {n: p.detach().clone() for n, p in model.state_dict().items()}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Version 0: the initial weights."""
         self._keep(state, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        """The version after each optimizer step."""
         self._keep(state, model)
 
 
@@ -343,6 +347,121 @@ def test_behaviour_logprobs_are_the_generating_policys_processed_scores(tmp_path
             versions.add(segment.version)
             checked += segment.length
     assert checked and len(versions) >= 2  # tokens of several policy versions were checked
+
+
+CORRECTED = [("kimi_md", {"num_iterations": 2}), ("grpo", {}), ("rloo", {})]  # pi_i: TRL's, recomputed, RLOO's
+
+
+def _gradient(trainer, inputs):
+    """The gradient of the trainer's loss on one micro-batch, as one flat vector."""
+    trainer.model.train()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(type(trainer)._compute_loss(trainer, trainer.model, inputs), params, allow_unused=True)
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
+    )
+
+
+@pytest.mark.parametrize(("name", "extra"), CORRECTED)
+def test_stale_tokens_are_weighted_by_the_truncated_ratio_of_pi_i_to_their_behaviour_policy(
+    tmp_path, tokenizer, dataset, name, extra
+):
+    """``token_is``: in every trained batch, a token from an older policy carries min(pi_i / mu, cap), pi_i being the
+    recompute by the policy of the batch's step (here from a snapshot of its weights) and mu the stored behaviour
+    log-prob; every other token carries 1. Then the loss: the weights act on its policy-gradient term only, and
+    linearly (weight 1 is no correction; weight 0 leaves what an advantage of 0 leaves: nothing, or for KimiMD the
+    squared term towards pi_i, unweighted)."""
+    snapshots, cap = Snapshots(), 1.5
+    trainer = _trainer(
+        name,
+        tmp_path,
+        tokenizer,
+        dataset,
+        Recorder(score=lambda ids: float(ids[0] % 2)),
+        [snapshots],
+        rollout_segment_tokens=2,
+        max_completion_length=6,
+        max_steps=4,
+        learning_rate=3e-2,
+        rollout_correction="token_is",
+        rollout_is_cap=cap,
+        **extra,
+    )
+    outputs = _outputs(trainer)
+    batches, compute_loss = [], trainer._compute_loss
+
+    def recording(model, inputs):
+        """The trainer's loss, each micro-batch kept."""
+        batches.append(inputs)
+        return compute_loss(model, inputs)
+
+    trainer._compute_loss = recording
+    trainer.train()
+    model = tiny_test_model(tokenizer, seed=0).eval()
+    stale = clipped = 0
+    for out in outputs:
+        weights = out[TOKEN_WEIGHTS]  # (B, C)
+        model.load_state_dict(snapshots.weights[out["step"]])
+        for i, (versions, behaviour) in enumerate(zip(out["versions"], out["behaviour"], strict=True)):
+            prompt = out["prompt_ids"][i][out["prompt_mask"][i].bool()]
+            completion = out["completion_ids"][i][: len(versions)]
+            with torch.no_grad():
+                logits = model(torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1 : -1]
+            pi_i = torch.log_softmax(logits.float(), dim=-1).gather(1, completion[:, None]).squeeze(1)
+            ratio = (pi_i - torch.tensor(behaviour)).exp()
+            old = torch.tensor(versions) < out["step"]
+            expected = torch.where(old, ratio.clamp(max=cap), torch.ones_like(ratio))
+            torch.testing.assert_close(weights[i, : len(versions)], expected, atol=2e-4, rtol=2e-4)
+            stale += int(old.sum())
+            clipped += int((old & (ratio > cap)).sum())
+    assert stale and clipped  # stale tokens were weighted, some of them at the cap
+    logs = [h for h in trainer.state.log_history if "k15/off_policy/ess" in h]
+    assert len(logs) == len(outputs)
+    for key in ("ess", "sequence_ess", "weight_ess", "outside_share", "zero_weight_share"):
+        assert all(0 <= h[f"k15/off_policy/{key}"] <= 1 for h in logs), key
+    assert min(h["k15/off_policy/ess"] for h in logs) < 1 and max(h["k15/off_policy/outside_share"] for h in logs) > 0
+
+    inputs = next(b for b in batches if (b[TOKEN_WEIGHTS] != 1).any())
+    w = inputs[TOKEN_WEIGHTS]
+    plain = {k: v for k, v in inputs.items() if k != TOKEN_WEIGHTS}
+    g_w, g_plain = _gradient(trainer, inputs), _gradient(trainer, plain)
+    g_ones = _gradient(trainer, {**inputs, TOKEN_WEIGHTS: torch.ones_like(w)})
+    g_zero = _gradient(trainer, {**inputs, TOKEN_WEIGHTS: torch.zeros_like(w)})
+    g_2w = _gradient(trainer, {**inputs, TOKEN_WEIGHTS: 2 * w})
+    g_no_advantage = _gradient(trainer, {**plain, "advantages": torch.zeros_like(inputs["advantages"])})
+    torch.testing.assert_close(g_ones, g_plain)
+    torch.testing.assert_close(g_zero, g_no_advantage)
+    torch.testing.assert_close(g_2w - g_no_advantage, 2 * (g_w - g_no_advantage), atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(g_w, g_plain)
+    if name == "kimi_md":
+        assert g_no_advantage.abs().max() > 0  # the squared term, untouched by the weights
+    else:
+        assert g_zero.abs().max() == 0
+
+
+@pytest.mark.parametrize(("iterations", "logged"), [(2, True), (1, False)])
+def test_without_a_correction_the_loss_is_unchanged_and_metrics_come_when_pi_i_is_free(
+    tmp_path, tokenizer, dataset, iterations, logged
+):
+    """``rollout_correction="none"``: no weights in the batch; the off-policy metrics are logged when TRL computes
+    pi_i anyway (several optimizer steps per rollout batch), not at the cost of a forward of their own."""
+    trainer = _trainer(
+        "kimi_md",
+        tmp_path,
+        tokenizer,
+        dataset,
+        Recorder(score=lambda ids: float(ids[0] % 2)),
+        rollout_segment_tokens=2,
+        max_completion_length=6,
+        max_steps=4,
+        num_iterations=iterations,
+    )
+    outputs = _outputs(trainer)
+    trainer.train()
+    assert outputs and all(TOKEN_WEIGHTS not in out for out in outputs)
+    logs = [h for h in trainer.state.log_history if "k15/off_policy/ess" in h]
+    assert bool(logs) == logged
+    assert all(h["k15/off_policy/weight_ess"] == 1.0 and h["k15/off_policy/zero_weight_share"] == 0 for h in logs)
 
 
 def test_rloo_trains_on_continued_trajectories(tmp_path, tokenizer, dataset, monkeypatch):
@@ -452,6 +571,9 @@ def test_resume_inside_a_rollout_batch_trains_that_batch_again(tmp_path, tokeniz
         ("rloo", {"rollout_segment_tokens": 4, "rollout_loss_mask": "latest"}, "not supported by RLOO"),
         ("grpo", {"rollout_segment_tokens": 4, "generation_kwargs": {"min_new_tokens": 2}}, "min_new_tokens"),
         ("grpo", {"repeat_detection": True, "use_vllm": True, "vllm_mode": "server"}, "vllm_mode='server'"),
+        ("grpo", {"rollout_correction": "token_is"}, "rollout_correction='token_is' corrects tokens of older"),
+        ("rloo", {"rollout_segment_tokens": 4, "rollout_correction": "clip"}, "rollout_correction must be one of"),
+        ("kimi_md", {"rollout_segment_tokens": 4, "rollout_is_cap": 1}, "rollout_is_cap must be a number > 1"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(tmp_path, tokenizer, dataset, name, overrides, message):
@@ -516,3 +638,8 @@ def test_two_processes_take_identical_decisions(tmp_path):
         prompts = a["prompts"] + b["prompts"]  # 12 rows: 3 groups of 4, the middle one on both processes
         assert len(prompts) == 12 and all(len(set(prompts[g : g + 4])) == 1 for g in range(0, 12, 4))
     assert any(len(c) > 4 for r in ranks for s in r["batches"] for c in s["completions"])
+    # the off-policy correction ran on every rollout batch, with the same gathered metrics on both processes
+    assert (
+        len(ranks[0]["off_policy_ess"]) == len(ranks[0]["batches"])
+        and ranks[0]["off_policy_ess"] == ranks[1]["off_policy_ess"]
+    )

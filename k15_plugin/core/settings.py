@@ -24,6 +24,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from k15_plugin.core.mirror_descent import ESTIMATORS
+from k15_plugin.core.off_policy import CORRECTIONS
 from k15_plugin.core.partial_rollouts import LOSS_MASKS
 from k15_plugin.core.sampling import CURRICULUM_SCHEDULES
 
@@ -163,6 +164,17 @@ class RolloutSettings:
         "all",
         one_of(LOSS_MASKS),
         f"Partial rollouts: tokens in the loss, one of {list(LOSS_MASKS)} (latest: the current policy's only).",
+    )
+    correction: str = setting(
+        "none",
+        one_of(CORRECTIONS),
+        f"Partial rollouts: off-policy correction of tokens from older policies, one of {list(CORRECTIONS)}.",
+    )
+    is_cap: float = setting(
+        2.0,
+        number(1, above=True),
+        "Partial rollouts: bound of the correction's ratio pi_i/mu: token_is truncates at it, the masks keep "
+        "[1/is_cap, is_cap].",
     )
     repeat: RepeatSettings = field(default_factory=RepeatSettings)
 
