@@ -18,8 +18,8 @@ same checkpoint and seeds:
 * ``fresh``: segments of 16 with ``rollout_prefill_batches=0``: each rollout batch generates round after round
   until its own groups have finished, so nothing is carried over (no stale tokens), but rows that finished early
   leave the later rounds;
-* ``latest`` (optional, ``--arms``): ``partial`` with ``rollout_loss_mask="latest"`` (loss on each trajectory's last
-  segment), for the choice of the default mask.
+* ``latest`` (optional, ``--arms``): ``partial`` with ``rollout_loss_mask="latest"`` (loss on the tokens the current
+  policy generated; it used to mean each trajectory's last segment), for the choice of the default mask.
 
 Runs go two at a time in their own processes (one core each), a seed's arms next to each other. Reported over the
 steady state (the first 8 rollout batches, where the partial arm fills its buffer, are timed separately): trained

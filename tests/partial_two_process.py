@@ -5,7 +5,8 @@
 (the test starts the two processes itself, with the environment torchrun would give them).
 
 Generation is scripted (the completion of "a+b=" is a function of a and b, continued by at most the segment budget
-per call), so what every process must receive is known; groups of 4 straddle the processes (6 rows each).
+per call, with made-up behaviour log-probs), so what every process must receive is known; groups of 4 straddle the
+processes (6 rows each). The ``token_is`` off-policy correction runs on both (its pi_i forward and metric gathers).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main(out: Path) -> None:
             end = prefix.index(EQUALS) + 1
             generated.append(list(prefix))
             out.append(target(prefix[:end])[len(prefix) - end : len(prefix) - end + budget])
-        return out, None
+        return out, [[-1.0 - 0.1 * (t % 3) for t in x] for x in out]  # behaviour log-probs, made up
 
     GRPOTrainer._generate_single_turn = scripted
     seen = []
@@ -75,6 +76,7 @@ def main(out: Path) -> None:
         num_generations=4,
         max_completion_length=12,
         rollout_segment_tokens=4,
+        rollout_correction="token_is",
         max_steps=4,
         logging_steps=1,
         save_strategy="no",
@@ -99,6 +101,7 @@ def main(out: Path) -> None:
         "completions_are_targets": [s["completions"] for s in seen] == expected,
         "generated_rows": len(generated),
         "final_buffer": trainer._k15_buffer.state_dict(),
+        "off_policy_ess": [h["k15/off_policy/ess"] for h in trainer.state.log_history if "k15/off_policy/ess" in h],
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 

@@ -106,13 +106,51 @@ def test_loss_mask_versions_and_metrics_by_hand():
     (group,) = buffer.emit(1)
     member = group.members[0]
     assert PartialRolloutBuffer.loss_mask(member, "all") == [1, 1, 1, 1, 1]
-    assert PartialRolloutBuffer.loss_mask(member, "latest") == [0, 0, 0, 0, 1]
+    assert PartialRolloutBuffer.loss_mask(member, "latest", 6) == [0, 0, 0, 0, 1]
     assert PartialRolloutBuffer.token_versions(member) == [3, 3, 5, 5, 6]
     metrics = buffer.metrics([group], version=6)
     assert metrics["segments_per_trajectory"] == 3.0 and metrics["oldest_token_age"] == 3.0
     assert metrics["stale_token_share"] == pytest.approx(4 / 5) and metrics["buffer_groups"] == 0.0
     with pytest.raises(ValueError, match="loss mask"):
         PartialRolloutBuffer.loss_mask(member, "first")
+    with pytest.raises(ValueError, match="current policy version"):
+        PartialRolloutBuffer.loss_mask(member, "latest")
+
+
+def _mixed_version_group():
+    """Member 0 finishes at version 0 (3 tokens); member 1 gets 4 tokens at version 0, 4 at version 2 and 2 at
+    version 4, ending in EOS; the group is emitted at version 4."""
+    buffer = PartialRolloutBuffer(group_size=2, segment_tokens=4, max_completion_length=12)
+    (uid,) = buffer.admit([([1], None)])
+    buffer.apply([(uid, 0, [5, 6, EOS], True), (uid, 1, [5, 6, 7, 8], False)], version=0)
+    buffer.emit(0)
+    buffer.apply([(uid, 1, [9, 10, 11, 12], False)], version=2)
+    buffer.emit(0)
+    buffer.apply([(uid, 1, [13, EOS], True)], version=4)
+    return buffer, buffer.emit(1)
+
+
+def test_latest_trains_the_current_policys_tokens_only():
+    """The paper's "only the current iteration requires on-policy computation [...] certain segments can be
+    excluded": under ``latest`` a token is trained only if the policy that trains on it generated it. A member that
+    finished in an earlier rollout batch trains nothing (it still counts in its group), and a last segment generated
+    several versions ago is not trained either."""
+    _, (group,) = _mixed_version_group()
+    finished_early, continued = group.members
+    assert PartialRolloutBuffer.loss_mask(finished_early, "latest", 4) == [0, 0, 0]
+    assert PartialRolloutBuffer.loss_mask(continued, "latest", 4) == [0] * 8 + [1, 1]
+    # a last segment from version 2, trained at version 5: stale, so not trained
+    assert PartialRolloutBuffer.loss_mask(continued, "latest", 5) == [0] * 10
+    assert PartialRolloutBuffer.loss_mask(continued, "all", 4) == [1] * 10
+
+
+def test_staleness_metrics_count_the_tokens_the_loss_trains():
+    buffer, emitted = _mixed_version_group()
+    everything = buffer.metrics(emitted, version=4)  # loss mask "all": 11 of the 13 tokens are from older policies
+    assert everything["stale_token_share"] == pytest.approx(11 / 13) and everything["oldest_token_age"] == 4.0
+    latest = buffer.metrics(emitted, version=4, loss_mask="latest")  # 2 trained tokens, both current
+    assert latest["stale_token_share"] == 0.0 and latest["oldest_token_age"] == 0.0
+    assert latest["segments_per_trajectory"] == everything["segments_per_trajectory"] == 2.0  # all segments
 
 
 def test_a_loop_across_segments_is_cut_where_the_whole_sequence_first_repeats():
@@ -169,18 +207,31 @@ def test_a_member_the_engine_cannot_continue_ends_instead_of_waiting_forever():
     assert buffer.work() == [] and buffer.emit(1)[0].members[0].status == "length"
 
 
-def test_max_iterations_cuts_a_member_instead_of_continuing_it():
-    buffer = PartialRolloutBuffer(group_size=2, segment_tokens=2, max_completion_length=10, max_iterations=2)
-    (uid,) = buffer.admit([([1], None)])
-    buffer.apply([(uid, 0, [5, 6], False), (uid, 1, [5, EOS], True)], version=0)
-    buffer.apply([(uid, 0, [7, 8], False)], version=0)  # a second round in the same phase: still one iteration
-    assert buffer.ready_groups == 0
-    buffer.emit(0)  # the phase ends
-    buffer.apply([(uid, 0, [9, 10], False)], version=1)  # second iteration
-    buffer.emit(0)
-    assert buffer.work() == []  # a third iteration is not allowed: cut at 6 tokens, counted as length-capped
-    (group,) = buffer.emit(1)
-    assert group.members[0].status == "length" and group.members[0].completion_ids == [5, 6, 7, 8, 9, 10]
+def test_max_iterations_is_a_length_cap_in_tokens_like_max_completion_length():
+    """``max_iterations`` m caps a trajectory at m segments, m * segment_tokens tokens: a member that reaches it
+    without EOS ends there as length-capped, exactly as if ``max_completion_length`` were m * segment_tokens, however
+    many rounds each phase runs (a cap in phases would fall at a length that depends on the buffer's schedule)."""
+    k, budget, length = 3, 2, 12
+    for seed in range(20):
+        script = _script(seed, 10, k, length)
+        rng = random.Random(seed)
+        schedule = [rng.randrange(0, 4) for _ in range(12)]  # rounds per phase (0: a phase that only emits)
+        runs = []
+        for buffer in (
+            PartialRolloutBuffer(k, budget, length, max_iterations=2),
+            PartialRolloutBuffer(k, budget, 2 * budget),
+        ):
+            buffer.admit([([100 + u, 101], {"index": u}) for u in range(10)])
+            for rounds in schedule:
+                for _ in range(rounds):
+                    if buffer.work():
+                        _round(buffer, script, version=buffer.phase)
+                buffer.emit(0)
+            while buffer.work():
+                _round(buffer, script, version=buffer.phase)
+            runs.append([(m.completion_ids, m.status) for g in buffer.groups for m in g.members])
+        assert runs[0] == runs[1], seed
+        assert all(len(ids) <= 2 * budget for ids, _ in runs[0])
 
 
 def test_engine_logprobs_follow_their_tokens_through_segments_and_cuts():

@@ -119,3 +119,6 @@ def test_partial_rollouts_and_repeat_detection_through_vllm(scenarios):
     assert any(s and s > 1 for s in r["segments_per_trajectory"]), r  # trajectories spanned several segments
     # TRL's importance ratio still reaches the loss (computed on the tokens of the current policy)
     assert all(v is not None and 0.5 < v < 2 for v in r["is_ratio_mean_per_step"]), r
+    # every generated token kept vLLM's behaviour log-prob, and the off-policy correction ran on every rollout batch
+    assert r["members"] and r["members_with_behaviour_logprobs"] == r["members"], r
+    assert all(v is not None and 0 < v <= 1 for v in r["off_policy_ess"]), r

@@ -4,8 +4,9 @@
 
 Run in its own process: TRL's colocate mode initialises torch.distributed for vLLM, once per process. The demo
 checkpoint (shipped, on disk) is what vLLM loads. Two rollout batches, so weights are synced into vLLM after training
-steps; the length penalty and the prioritized sampler are on. ``kimi_md_partial``: partial rollouts (2-token
-segments, up to 8 tokens in all) with repeat detection inside vLLM's generation.
+steps; the length penalty and the prioritized sampler are on. ``kimi_md_partial``: partial rollouts (4-token
+segments, up to 8 tokens in all) with repeat detection inside vLLM's generation and the ``token_is`` off-policy
+correction on vLLM's behaviour log-probs.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def partial(common, model, tokenizer, train, seconds) -> dict:
         repeat_max_period=2,
         repeat_min_count=2,
         repeat_min_span=2,
+        rollout_correction="token_is",
     )
     trainer = KimiMirrorDescentTrainer(
         model=model,
@@ -169,8 +171,17 @@ def partial(common, model, tokenizer, train, seconds) -> dict:
     trainer.train()
     seconds["train"] = time.perf_counter() - START - sum(seconds.values())
     logs = [h for h in trainer.state.log_history if "k15/partial/rounds" in h]
+    groups = trainer._k15_buffer.groups + trainer._k15_last_emitted
+    members = [m for g in groups for m in g.members if m.completion_ids]
     return {
         "algorithm": "kimi_md_partial",
+        # vLLM's processed log-probs kept for every token (continued members: several policy versions)
+        "members_with_behaviour_logprobs": sum(
+            m.logprobs is not None and len(m.logprobs) == len(m.completion_ids) and None not in m.logprobs
+            for m in members
+        ),
+        "members": len(members),
+        "off_policy_ess": [h.get("k15/off_policy/ess") for h in logs],
         "steps": trainer.state.global_step,
         "calls": calls,
         "params_changed": sum(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters()),

@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from k15_plugin.core.off_policy import CORRECTIONS
 from k15_plugin.core.settings import default
 from k15_plugin.rewards.registry import VERIFIERS
 
@@ -115,6 +116,10 @@ class RolloutLossMask(str, Enum):
     latest = "latest"
 
 
+# ``rollout.correction``: the off-policy correction of tokens from older policies (core.off_policy.CORRECTIONS).
+RolloutCorrection = Enum("RolloutCorrection", {c: c for c in CORRECTIONS}, type=str)
+
+
 @dataclass
 class Repeat:
     """``rollout.repeat``: repeat detection (section 2.6.2)."""
@@ -136,6 +141,8 @@ class Rollout:
     max_iterations: int = default("rollout.max_iterations")
     prefill_batches: int = default("rollout.prefill_batches")
     loss_mask: RolloutLossMask = RolloutLossMask.all
+    correction: RolloutCorrection = RolloutCorrection.none
+    is_cap: float = default("rollout.is_cap")
     repeat: Repeat = field(default_factory=Repeat)
 
 

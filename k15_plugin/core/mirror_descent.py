@@ -132,6 +132,7 @@ def mirror_descent_terms(
     advantages: torch.Tensor,
     tau: float,
     weights: torch.Tensor | None = None,
+    policy_seq_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two per-sample terms of the mirror-descent loss, for any subset of samples (e.g. a micro-batch).
 
@@ -143,6 +144,10 @@ def mirror_descent_terms(
         weights: optional (B,) importance weights pi_i(y_j|x) / mu(y_j|x) (constants) for samples drawn from a
             sampler mu other than pi_i (e.g. a vLLM engine whose numerics differ from the trainer's). Both terms are
             expectations over y ~ pi_i, so each sample's whole loss is weighted.
+        policy_seq_logps: optional (B,) sequence log-probs for the policy-gradient term only, in place of
+            ``seq_logps``: an off-policy correction passes ``sequence_logps(gradient_weighted(per_token_logps, w))``
+            (:mod:`k15_plugin.core.off_policy`), whose value is ``seq_logps`` and whose gradient weights each token;
+            the squared term keeps ``seq_logps`` and pi_i as its anchor.
 
     Returns:
         ``(policy_term, l2_term)``, each (B,): ``-w_j (r_j - b) logp_j`` and ``w_j tau/2 (logp_j - old_j)^2``.
@@ -151,7 +156,9 @@ def mirror_descent_terms(
     _check_1d("seq_logps", seq_logps)
     _check_1d("old_seq_logps", old_seq_logps, seq_logps.numel())
     _check_1d("advantages", advantages, seq_logps.numel())
-    policy_term = -advantages.detach() * seq_logps  # (B,)
+    if policy_seq_logps is not None:
+        _check_1d("policy_seq_logps", policy_seq_logps, seq_logps.numel())
+    policy_term = -advantages.detach() * (seq_logps if policy_seq_logps is None else policy_seq_logps)  # (B,)
     log_ratio = seq_logps - old_seq_logps.detach()  # (B,)  log pi_theta / pi_i, zero at the iteration's first update
     l2_term = 0.5 * tau * log_ratio.pow(2)  # (B,)
     if weights is not None:

@@ -2,12 +2,14 @@
 
 Each rollout phase (one k1.5 iteration) admits fresh groups of ``k`` samples of one prompt; every unfinished member of
 every buffered group then gets at most ``segment_tokens`` new tokens per round, continuing from prompt + tokens so far.
-A member finishes at EOS, at ``max_completion_length`` tokens in all, or when its new tokens complete a repeat
-(:mod:`k15_plugin.core.repeats`; it is cut at the first detection point; a member that reached EOS is not checked).
+A member finishes at EOS, at its length cap (``max_completion_length`` tokens in all, or ``max_iterations`` segments),
+or when its new tokens complete a repeat (:mod:`k15_plugin.core.repeats`; it is cut at the first detection point; a
+member that reached EOS is not checked).
 A group is *ready* only when all ``k`` members have finished, so the group baseline and the length penalty see whole
 groups; the oldest ready groups are emitted for training, first in, first out.
 
-The buffer holds plain Python data only (token ids, segments with the policy version that generated them, statuses)
+The buffer holds plain Python data only (token ids, segments with the policy version that generated them, each
+token's behaviour log-prob under that policy, statuses)
 and decides everything from that data, so every process of a multi-process run that applies the same results in the
 same order holds the same buffer; :meth:`PartialRolloutBuffer.state_dict` is what a checkpoint saves. How segments
 are generated (transformers ``generate``, vLLM) is the host adapter's business.
@@ -45,7 +47,8 @@ class Member:
     completion_ids: list[int] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     status: str = "running"
-    # Per completion token, the generating engine's log-prob of it (None where the engine gave none); None while no
+    # Per completion token, its behaviour log-prob: log mu_v(token) under the distribution the engine sampled it from
+    # (after temperature, top-k, top-p), v being its segment's version. None where the engine gave none; None while no
     # segment came with log-probs.
     logprobs: list[float | None] | None = None
 
@@ -91,8 +94,10 @@ class PartialRolloutBuffer:
         max_completion_length: the cap on a trajectory's tokens over all its segments. ``segment_tokens ==
             max_completion_length`` is one segment per trajectory (full rollouts, still with repeat detection).
         repeat_rule: stop a member whose completion ends in a loop (None: no repeat detection).
-        max_iterations: a member still running after segments from this many phases is cut (status ``length``)
-            instead of being continued in the next phase; None: only the length cap applies.
+        max_iterations: at most this many segments per member, so a length cap of ``max_iterations *
+            segment_tokens`` tokens (:attr:`length_cap`) below ``max_completion_length``; None: no such cap. A member
+            that reaches it without EOS ends there (status ``length``) exactly as one that reaches
+            ``max_completion_length``: a cap in tokens, the same whatever the number of rounds each phase runs.
     """
 
     def __init__(
@@ -116,6 +121,9 @@ class PartialRolloutBuffer:
         self.max_completion_length = max_completion_length
         self.repeat_rule = repeat_rule
         self.max_iterations = max_iterations
+        self.length_cap = max_completion_length  # tokens a member may have in all
+        if max_iterations is not None:
+            self.length_cap = min(max_completion_length, max_iterations * segment_tokens)
         self.groups: list[Group] = []  # in admission order
         self.phase = 0
         self.next_uid = 0
@@ -132,19 +140,17 @@ class PartialRolloutBuffer:
         return uids
 
     def work(self) -> list[Work]:
-        """Every unfinished member of every buffered group, oldest group first. A member that has already spanned
-        ``max_iterations`` phases and would need another is cut first (status ``length``)."""
-        if self.max_iterations is not None:
-            for g in self.groups:
-                for m in g.members:
-                    if not m.finished and m.segments and self.phase - m.segments[0].phase >= self.max_iterations:
-                        m.status = "length"
+        """Every unfinished member of every buffered group, oldest group first."""
+        for g in self.groups:
+            for m in g.members:
+                if not m.finished and len(m.completion_ids) >= self.length_cap:
+                    m.status = "length"  # only a buffer restored from a run with a longer cap gets here
         return [
             Work(
                 g.uid,
                 i,
                 g.prompt_ids + m.completion_ids,
-                min(self.segment_tokens, self.max_completion_length - len(m.completion_ids)),
+                min(self.segment_tokens, self.length_cap - len(m.completion_ids)),
                 len(m.completion_ids),
             )
             for g in self.groups
@@ -155,7 +161,8 @@ class PartialRolloutBuffer:
     def apply(self, results: Sequence[tuple], version: int) -> None:
         """Append each ``(uid, member, new_ids, ended_with_eos)`` or ``(uid, member, new_ids, ended_with_eos,
         logprobs)`` as a segment generated by policy ``version``; mark members finished (EOS, the length cap, a
-        repeat). Apply the same results in the same order on every process."""
+        repeat). Tokens beyond the length cap are dropped. Apply the same results in the same order on every
+        process."""
         by_uid = {g.uid: g for g in self.groups}
         touched = []
         for uid, index, new_ids, eos, *rest in results:
@@ -163,7 +170,7 @@ class PartialRolloutBuffer:
             member = by_uid[uid].members[index]
             if member.finished:
                 raise ValueError(f"group {uid} member {index} has already finished ({member.status})")
-            room = self.max_completion_length - len(member.completion_ids)
+            room = self.length_cap - len(member.completion_ids)
             new_ids = list(new_ids)[:room]
             start = len(member.completion_ids)
             if logprobs is not None or member.logprobs is not None:
@@ -179,7 +186,7 @@ class PartialRolloutBuffer:
             member.segments.append(Segment(start, len(new_ids), version, self.phase))
             if eos:
                 member.status = "eos"
-            elif len(member.completion_ids) >= self.max_completion_length or not new_ids:
+            elif len(member.completion_ids) >= self.length_cap or not new_ids:
                 member.status = "length"  # at the cap, or the engine could not continue it (its context is full)
             touched.append((member, start))
         if self.repeat_rule is not None:
@@ -231,25 +238,35 @@ class PartialRolloutBuffer:
 
     # -- what the loss and the logs need --------------------------------------------------------------------------
     @staticmethod
-    def loss_mask(member: Member, mode: str = "all") -> list[int]:
-        """Per completion token, 1 if the loss covers it: ``all`` tokens, or the ``latest`` segment only."""
+    def loss_mask(member: Member, mode: str = "all", version: int | None = None) -> list[int]:
+        """Per completion token, 1 if the loss covers it: ``all`` tokens, or (``latest``) only the tokens generated by
+        the current policy, ``version`` (the paper: only the current iteration is on-policy, earlier segments can be
+        excluded). Under ``latest`` a member that finished in an earlier phase trains no token, and neither does a
+        last segment generated by an older policy; both still count in their group (baseline, length penalty)."""
         if mode not in LOSS_MASKS:
             raise ValueError(f"loss mask must be one of {list(LOSS_MASKS)}, got {mode!r}")
-        if mode == "all" or not member.segments:
+        if mode == "all":
             return [1] * len(member.completion_ids)
-        last = member.segments[-1]
-        return [0] * last.start + [1] * last.length
+        if version is None:
+            raise ValueError("the 'latest' loss mask needs the current policy version")
+        return [int(v == version) for v in PartialRolloutBuffer.token_versions(member)]
 
     @staticmethod
     def token_versions(member: Member) -> list[int]:
         """Per completion token, the policy version that generated it."""
         return [s.version for s in member.segments for _ in range(s.length)]
 
-    def metrics(self, emitted: Sequence[Group], version: int) -> dict[str, float]:
-        """Buffer size, segments per trajectory, age of the oldest trained token (in policy versions), and the share
-        of trained tokens generated by older policies, over the ``emitted`` groups."""
+    def metrics(self, emitted: Sequence[Group], version: int, loss_mask: str = "all") -> dict[str, float]:
+        """Buffer size, segments per trajectory, and, over the tokens the loss trains (``loss_mask`` at policy
+        ``version``), the age of the oldest one (in policy versions) and the share generated by older policies, over
+        the ``emitted`` groups."""
         members = [m for g in emitted for m in g.members]
-        versions = [v for m in members for v in self.token_versions(m)]
+        versions = [
+            v
+            for m in members
+            for v, trained in zip(self.token_versions(m), self.loss_mask(m, loss_mask, version), strict=True)
+            if trained
+        ]
         return {
             "buffer_groups": float(len(self.groups)),
             "buffer_running_members": float(sum(not m.finished for g in self.groups for m in g.members)),

@@ -24,6 +24,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from k15_plugin.core.mirror_descent import ESTIMATORS
+from k15_plugin.core.off_policy import CORRECTIONS
 from k15_plugin.core.partial_rollouts import LOSS_MASKS
 from k15_plugin.core.sampling import CURRICULUM_SCHEDULES, PRIORITIES
 
@@ -157,13 +158,29 @@ class RolloutSettings:
         0, integer(0), "Partial rollouts: new tokens per trajectory per rollout batch (0: full rollouts)."
     )
     max_iterations: int = setting(
-        0, integer(0), "Partial rollouts: rollout batches one trajectory may span (0: no limit)."
+        0,
+        integer(0),
+        "Partial rollouts: segments one trajectory may take, a length cap of max_iterations x segment_tokens tokens "
+        "that ends it as max_completion_length does (0: no limit).",
     )
     prefill_batches: int = setting(
         -1, integer(-1), "Partial rollouts: extra batches of prompts admitted at the start (-1: automatic)."
     )
     loss_mask: str = setting(
-        "all", one_of(LOSS_MASKS), f"Partial rollouts: tokens in the loss, one of {list(LOSS_MASKS)}."
+        "all",
+        one_of(LOSS_MASKS),
+        f"Partial rollouts: tokens in the loss, one of {list(LOSS_MASKS)} (latest: the current policy's only).",
+    )
+    correction: str = setting(
+        "none",
+        one_of(CORRECTIONS),
+        f"Partial rollouts: off-policy correction of tokens from older policies, one of {list(CORRECTIONS)}.",
+    )
+    is_cap: float = setting(
+        2.0,
+        number(1, above=True),
+        "Partial rollouts: bound of the correction's ratio pi_i/mu: token_is truncates at it, the masks keep "
+        "[1/is_cap, is_cap].",
     )
     repeat: RepeatSettings = field(default_factory=RepeatSettings)
 

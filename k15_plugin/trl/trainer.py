@@ -10,7 +10,11 @@ Private TRL 1.16 methods overridden here (pinned in pyproject.toml):
   ``remove_unused_columns=True``.
 * ``_generate_and_score_completions`` (GRPOTrainer): replace TRL's advantages by r - b from the mirror-descent baseline,
   computed on the gathered generation batch before TRL shuffles and splits it; reset the optimizer per rollout batch.
-* ``_compute_loss`` (GRPOTrainer): the mirror-descent loss on sequence log-probs.
+* ``_compute_loss`` (GRPOTrainer): the mirror-descent loss on sequence log-probs; for ``K15GRPOTrainer``, TRL's loss
+  with the off-policy correction's per-token weights folded into (B, T) advantages (a shape TRL's loss accepts).
+* ``_compute_loss`` and ``_get_per_token_logps_and_entropies`` (RLOOTrainer): the off-policy correction's per-token
+  weights on the gradient of RLOO's sequence log-probs, and pi_i's per-token log-probs kept from RLOO's own
+  generation-time forward.
 * ``_get_train_sampler``, ``_save_checkpoint``, ``_load_optimizer_and_scheduler``: the plugin's samplers and their
   checkpointed state, see :mod:`k15_plugin.trl.samplers`.
 * Partial rollouts and repeat detection: see :mod:`k15_plugin.trl.partial`.
@@ -27,6 +31,7 @@ from trl import GRPOTrainer, RLOOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from k15_plugin.core import (
+    gradient_weighted,
     length_penalty_weight,
     length_reward,
     mirror_descent_advantages,
@@ -35,7 +40,7 @@ from k15_plugin.core import (
 )
 from k15_plugin.core.optimizer import clear_optimizer_state
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
-from k15_plugin.trl.partial import K15PartialRolloutMixin
+from k15_plugin.trl.partial import TOKEN_WEIGHTS, K15PartialRolloutMixin
 from k15_plugin.trl.samplers import K15SamplerMixin, check_sampler_dataset
 from k15_plugin.trl.vllm_cpu import keep_linear_weights_on_vllm_cpu
 
@@ -210,6 +215,17 @@ class K15GRPOTrainer(K15TrainerMixin, GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args: K15GRPOConfig | None = None, *rest, **kwargs):
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
 
+    def _compute_loss(self, model, inputs):
+        """TRL's loss; with partial rollouts' off-policy correction, each token's advantage multiplied by its weight
+        (a (B, T) advantage, which TRL's loss supports): for w >= 0, -min(c1 A w, c2 A w) = -w min(c1 A, c2 A), so
+        this is TRL's per-token policy loss times w, as its own vLLM importance weights are; a KL term to a reference
+        model (``beta``) stays unweighted."""
+        weights = inputs.get(TOKEN_WEIGHTS)  # (B, T) or None
+        if weights is not None:
+            advantages = inputs["advantages"]  # (B,)
+            inputs = {**inputs, "advantages": advantages.view(-1, 1) * weights}  # (B, T)
+        return super()._compute_loss(model, inputs)
+
 
 class K15RLOOTrainer(K15TrainerMixin, RLOOTrainer):
     """TRL's ``RLOOTrainer`` (its loss unchanged) with the plugin's length penalty and samplers, for comparisons."""
@@ -220,7 +236,43 @@ class K15RLOOTrainer(K15TrainerMixin, RLOOTrainer):
     _k15_config_suffix = "RLOO"
 
     def __init__(self, model, reward_funcs=None, args: K15RLOOConfig | None = None, *rest, **kwargs):
+        self._k15_loss_weights = None  # (B, T) during a _compute_loss call with an off-policy correction
+        self._k15_pi_i = None  # a list while _generate_and_score_completions runs: pi_i's per-token log-probs
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
+
+    def _generate_and_score_completions(self, inputs):
+        """RLOO's rollout, keeping the per-token log-probs of its first forward (pi_i, of which RLOO keeps only the
+        sequence sum) for the off-policy correction."""
+        self._k15_pi_i = []
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._k15_pi_i = None
+
+    def _k15_pi_i_logps(self, output: dict) -> torch.Tensor | None:
+        """pi_i's per-token log-probs from RLOO's own generation-time forward (always made)."""
+        return self._k15_pi_i[0] if self._k15_pi_i else None
+
+    def _compute_loss(self, model, inputs):
+        """RLOO's loss; with partial rollouts' off-policy correction, the per-token log-probs it sums carry each
+        token's weight on their gradient (:func:`k15_plugin.core.gradient_weighted`): the sequence log-prob, the
+        ratio to pi_i and its clipping keep their values, and the gradient of -A c1 logp becomes -A c1 sum_t w_t
+        grad log pi(y_t)."""
+        self._k15_loss_weights = inputs.get(TOKEN_WEIGHTS)  # (B, T) or None
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._k15_loss_weights = None
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        """RLOO's per-token log-probs; the first of a rollout is kept as pi_i, and during a corrected loss they carry
+        the correction's weights on their gradient."""
+        logps, *rest = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if self._k15_pi_i is not None and not self._k15_pi_i:
+            self._k15_pi_i.append(logps.detach())  # (B, T) RLOO's first forward of a rollout: the current policy
+        if self._k15_loss_weights is not None:
+            logps = gradient_weighted(logps, self._k15_loss_weights)  # (B, T)
+        return (logps, *rest)
 
 
 class KimiMirrorDescentTrainer(K15GRPOTrainer):
@@ -236,7 +288,9 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
     ``num_iterations * steps_per_generation / gradient_accumulation_steps`` optimizer steps; the squared term keeps
     the later ones close to pi_i, and the optimizer state is cleared before the first
     (``reset_optimizer_each_iteration``).
-    With vLLM generation, TRL's importance-sampling ratio pi_i / pi_vllm weights each sample's loss.
+    With vLLM generation, TRL's importance-sampling ratio pi_i / pi_vllm weights each sample's loss. With partial
+    rollouts, ``rollout_correction`` weights the policy-gradient term of tokens from older policies per token
+    (:mod:`k15_plugin.core.off_policy`); the squared term keeps pi_i as its anchor.
     """
 
     _tag_names = ["trl", "k15-plugin", "kimi-mirror-descent"]
@@ -359,8 +413,12 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
         old_seq_logps = sequence_logps(old_per_token_logps, mask, normalize)  # (B,)
         is_ratio = inputs.get("importance_sampling_ratio")  # (B, 1) pi_i / pi_vllm (sequence modes only, see config)
         weights = is_ratio.view(-1) if is_ratio is not None else None  # (B,)
+        token_weights = inputs.get(TOKEN_WEIGHTS)  # (B, C) partial rollouts' off-policy correction, or None
+        policy_seq_logps = None  # the policy-gradient term's log-probs: each stale token's gradient weighted
+        if token_weights is not None:
+            policy_seq_logps = sequence_logps(gradient_weighted(per_token_logps, token_weights), mask, normalize)
         policy_term, l2_term = mirror_descent_terms(
-            seq_logps, old_seq_logps, inputs["advantages"], self.args.tau, weights
+            seq_logps, old_seq_logps, inputs["advantages"], self.args.tau, weights, policy_seq_logps
         )  # (B,), (B,)
         # Micro-batches have equal sizes, so the mean over each, divided by the accumulation steps, sums to the mean
         # over the whole accumulated batch (DDP then averages over processes).
