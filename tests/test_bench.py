@@ -53,8 +53,9 @@ def test_benchmark_smoke(bench, keys, monkeypatch, capsys):
     assert last["bench"] == bench
     for key in keys:
         assert key in last, key
-    if bench == "gpu_step":  # the real k15-train run inside it went through
+    if bench == "gpu_step":  # the real k15-train run inside it went through, and every check of the run held
         assert last["k15_train"]["ok"], last["k15_train"]
+        assert last["ok"], last["checks"]
 
 
 def test_run_jobs_resumes_from_its_cache(tmp_path):

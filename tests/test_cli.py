@@ -291,6 +291,17 @@ def test_progress_bar_stays_on_a_terminal(tmp_path, monkeypatch):
     assert "\r" in written and "4/4" in written and "reward=0.5" in written
 
 
+def test_plots_are_skipped_in_one_line_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """The offline GPU check's machine has no matplotlib (bench/gpu_wheels.sh leaves it out): the run still ends."""
+    from k15_plugin.cli.run_files import write_plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    figures = {"accuracy": 0.5}
+    assert write_plots(tmp_path, figures, figures, 4) is None
+    assert capsys.readouterr().err == "k15-train: curves.png not written: matplotlib is not installed\n"
+    assert not (tmp_path / "curves.png").exists()
+
+
 def test_multirun_demo_writes_a_run_directory_per_algorithm(tmp_path):
     """A real ``k15-train -m`` process: kimi_md and GRPO side by side, each with its own complete run directory."""
     sweep = tmp_path / "sweep"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -99,9 +100,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def write_plots(run_dir: Path, before: dict, after: dict, max_steps: int) -> Path:
-    """Reward, held-out accuracy and completion length against step, in one PNG."""
-    import matplotlib
+def write_plots(run_dir: Path, before: dict, after: dict, max_steps: int) -> Path | None:
+    """Reward, held-out accuracy and completion length against step, in one PNG. None, with one line on standard
+    error, where matplotlib is not installed (the offline GPU check ships no matplotlib: bench/gpu_wheels.sh)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"k15-train: {PLOT_FILE} not written: matplotlib is not installed", file=sys.stderr)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
