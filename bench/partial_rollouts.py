@@ -18,8 +18,12 @@ same checkpoint and seeds:
 * ``fresh``: segments of 16 with ``rollout_prefill_batches=0``: each rollout batch generates round after round
   until its own groups have finished, so nothing is carried over (no stale tokens), but rows that finished early
   leave the later rounds;
-* ``latest`` (optional, ``--arms``): ``partial`` with ``rollout_loss_mask="latest"`` (loss on the tokens the current
-  policy generated; it used to mean each trajectory's last segment), for the choice of the default mask.
+* optional (``--arms``), ``partial`` with one option changed (:data:`VARIANTS`): ``latest``,
+  ``rollout_loss_mask="latest"`` (loss on the tokens the current policy generated; it used to mean each trajectory's
+  last segment), for the choice of the default mask; ``admission``, ``rollout_emit_order="admission"`` (batches in
+  the prompts' arrival order instead of the oldest finished groups); ``cap2_regenerate``, ``cap2_drop``,
+  ``cap2_mask``: a staleness cap of 2 optimizer steps (one rollout batch) with each ``rollout_stale_action``, for the
+  choice of the defaults.
 
 Runs go two at a time in their own processes (one core each), a seed's arms next to each other. Reported over the
 steady state (the first 8 rollout batches, where the partial arm fills its buffer, are timed separately): trained
@@ -44,7 +48,15 @@ from bench.common import RESULTS, build_trainer, machine, run_jobs, write_json_l
 # The measured setting, and the smoke test's (a few seconds: 2 prompts x 8 samples, 16 tokens in segments of 8).
 FULL = {"max_tokens": 64, "segment": 16, "rows": 128}
 SMOKE = {"max_tokens": 16, "segment": 8, "rows": 16}
-ARMS = ("full", "partial", "fresh", "latest")
+# Optional arms: partial rollouts with one option changed.
+VARIANTS = {
+    "latest": {"rollout_loss_mask": "latest"},
+    "admission": {"rollout_emit_order": "admission"},
+    "cap2_regenerate": {"rollout_max_staleness": 2, "rollout_stale_action": "regenerate"},
+    "cap2_drop": {"rollout_max_staleness": 2, "rollout_stale_action": "drop"},
+    "cap2_mask": {"rollout_max_staleness": 2, "rollout_stale_action": "mask"},
+}
+ARMS = ("full", "partial", "fresh", *VARIANTS)
 PASSES = 2  # optimizer steps per rollout batch (num_iterations, the k1.5 trainer's default)
 
 
@@ -59,7 +71,7 @@ def arm_options(arm: str, setting: dict) -> dict:
     options = {"rollout_segment_tokens": setting["segment"]}
     if arm == "fresh":  # nothing in flight between rollout batches: no stale tokens
         options["rollout_prefill_batches"] = 0
-    return {**options, "rollout_loss_mask": "latest"} if arm == "latest" else options
+    return {**options, **VARIANTS.get(arm, {})}
 
 
 LONG = 40  # tokens: a trajectory at least this long counts as long
@@ -259,12 +271,14 @@ def main() -> None:
         "rows_per_batch": setting["rows"],
         "seeds": cli.seeds,
     }
-    if "fresh" in arms:  # segments without carry-over
-        result["fresh"] = {
-            "throughput_ratio": ratio("trajectories_per_second", "fresh"),
-            "generation_throughput_ratio": ratio("generation_trajectories_per_second", "fresh"),
-            "accuracy_delta": round(accuracy["fresh"] - accuracy["full"], 4),
-            "accuracy_delta_per_seed": paired_deltas("fresh"),
+    for arm in arms:  # fresh (segments without carry-over) and the variants, each against full
+        if arm in ("full", "partial", "latest"):
+            continue
+        result[arm] = {
+            "throughput_ratio": ratio("trajectories_per_second", arm),
+            "generation_throughput_ratio": ratio("generation_trajectories_per_second", arm),
+            "accuracy_delta": round(accuracy[arm] - accuracy["full"], 4),
+            "accuracy_delta_per_seed": paired_deltas(arm),
         }
     if "latest" in arms:
         result["latest_minus_all_accuracy"] = round(accuracy["latest"] - accuracy["partial"], 4)

@@ -166,6 +166,13 @@ def _cli(args, cwd, timeout=1800):  # a slow, loaded 2-core machine: minutes of 
         (["rollout=partial", "rollout.correction=clip"], "rollout.correction"),
         (["rollout=partial", "rollout.is_cap=1"], "rollout.is_cap: rollout_is_cap must be a number > 1"),
         (["rollout.correction=token_is"], "rollout.correction: rollout_correction='token_is' corrects tokens"),
+        (["rollout=partial", "rollout.emit_order=newest"], "rollout.emit_order"),
+        (["rollout=partial", "rollout.stale_action=truncate"], "rollout.stale_action"),
+        (["rollout.max_staleness=2"], "rollout.max_staleness: rollout_max_staleness=2 acts on groups carried over"),
+        (
+            ["rollout=partial", "algorithm=rloo", "rollout.max_staleness=2", "rollout.stale_action=mask"],
+            "rollout_stale_action='mask' is not supported by RLOO",
+        ),
         (["algorithm=ppo"], "algorithm=ppo runs on OpenRLHF only"),
         (["host.dry_run=true"], "host.dry_run: only host=openrlhf"),
         (["host=openrlhf", "algorithm=dapo"], "algorithm=dapo runs on host=trl only"),

@@ -322,7 +322,7 @@ def test_behaviour_logprobs_are_the_generating_policys_processed_scores(tmp_path
         top_p=0.9,
     )
     emitted, emit = [], trainer._k15_buffer.emit
-    trainer._k15_buffer.emit = lambda count: emitted.extend(emit(count)) or emitted[-count:]
+    trainer._k15_buffer.emit = lambda count, *order: emitted.extend(emit(count, *order)) or emitted[-count:]
     trainer.train()
     process = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(6), TopPLogitsWarper(0.9)])
     model = tiny_test_model(tokenizer, seed=0).eval()
@@ -483,6 +483,84 @@ def test_rloo_trains_on_continued_trajectories(tmp_path, tokenizer, dataset, mon
     assert any(len(c) > 4 for _, _, cs in reward.batches for c in cs)
 
 
+@pytest.mark.parametrize("action", ["regenerate", "drop", "mask"])
+def test_admission_order_and_the_staleness_cap_in_training(tmp_path, tokenizer, dataset, scripted, action):
+    """``rollout_emit_order="admission"`` with a cap of 1 optimizer step and a pipeline deliberately deeper than the
+    cap allows (2 extra batches, 1 step per rollout batch): every rollout batch trains the oldest admitted groups, the
+    cap acts (regenerate / drop: no trained token is more than 1 step old; mask: older tokens are out of the loss),
+    completions are still whole targets, and the prioritized sampler counts each trained row once: a dropped group
+    never, its re-admitted prompt when it trains."""
+    from k15_plugin.trl.trainer import INDEX_COLUMN
+
+    reward = Recorder()
+    trainer = _trainer(
+        "kimi_md",
+        tmp_path,
+        tokenizer,
+        dataset,
+        reward,
+        rollout_segment_tokens=4,
+        rollout_prefill_batches=2,
+        rollout_emit_order="admission",
+        rollout_max_staleness=1,
+        rollout_stale_action=action,
+        sampler_type="prioritized",
+        max_steps=6,
+    )
+    buffer = trainer._k15_buffer
+    outputs, order_ok, dropped, trained_rows = _outputs(trainer), [], [], []
+    enforce, emit = buffer.enforce_staleness, buffer.emit
+
+    def recording_enforce(version):
+        before = {g.uid: g.row[INDEX_COLUMN] for g in buffer.groups}
+        counts = enforce(version)
+        dropped.extend(i for uid, i in before.items() if uid not in {g.uid for g in buffer.groups})
+        return counts
+
+    def recording_emit(count, order):
+        groups = emit(count, order)
+        order_ok.append(all(g.uid < h.uid for g in groups for h in buffer.groups))  # the oldest admitted ones
+        trained_rows.extend(g.row[INDEX_COLUMN] for g in groups for _ in g.members)
+        return groups
+
+    buffer.enforce_staleness, buffer.emit = recording_enforce, recording_emit
+    trainer.train()
+
+    assert len(outputs) == 6 and all(order_ok)
+    for (_, prompts, completions), out in zip(reward.batches, outputs, strict=True):
+        for ids, completion in zip(tokenizer(prompts)["input_ids"], completions, strict=True):
+            assert completion == target(ids)  # a regenerated member writes the same scripted target again
+        step, mask = out["step"], out.get("tool_mask")
+        for row, versions in enumerate(out["versions"]):
+            if action == "mask":
+                got = (mask[row] * out["completion_mask"][row]).tolist()[: len(versions)]
+                assert got == [int(v >= step - 1) for v in versions]
+            else:
+                assert all(v >= step - 1 for v in versions)
+    logs = [h for h in trainer.state.log_history if "k15/partial/oldest_token_age" in h]
+    assert all(h["k15/partial/oldest_token_age"] <= 1 for h in logs)
+    fired = {
+        "regenerate": "k15/partial/cap_regenerated_members",
+        "drop": "k15/partial/cap_requeued_groups",
+        "mask": "k15/partial/cap_masked_tokens",
+    }[action]
+    assert max(h[fired] for h in logs) > 0
+    attempts = trainer._k15_sampler.tracker.attempts
+    assert attempts.sum() == len(trained_rows) == 6 * 16
+    assert all(attempts[i] == trained_rows.count(i) for i in set(trained_rows))
+    assert bool(dropped) == (action == "drop")
+    assert any(i in trained_rows for i in dropped) or action != "drop"  # a re-admitted prompt trained later
+
+
+def test_the_automatic_prefill_stays_within_the_staleness_cap(tmp_path, tokenizer, dataset):
+    """12 / 4 - 1 = 2 extra batches without a cap; with a cap of 3 optimizer steps and 2 steps per rollout batch, a
+    group trained 2 rollout batches after its admission would be 4 steps old: 1 batch."""
+    common = dict(rollout_segment_tokens=4, num_iterations=2)
+    assert _trainer("kimi_md", tmp_path, tokenizer, dataset, Recorder(), **common)._k15_prefill_batches == 2
+    capped = _trainer("kimi_md", tmp_path, tokenizer, dataset, Recorder(), rollout_max_staleness=3, **common)
+    assert capped._k15_prefill_batches == 1
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -574,6 +652,15 @@ def test_resume_inside_a_rollout_batch_trains_that_batch_again(tmp_path, tokeniz
         ("grpo", {"rollout_correction": "token_is"}, "rollout_correction='token_is' corrects tokens of older"),
         ("rloo", {"rollout_segment_tokens": 4, "rollout_correction": "clip"}, "rollout_correction must be one of"),
         ("kimi_md", {"rollout_segment_tokens": 4, "rollout_is_cap": 1}, "rollout_is_cap must be a number > 1"),
+        ("grpo", {"rollout_max_staleness": 2}, "rollout_max_staleness=2 acts on groups carried over"),
+        ("grpo", {"rollout_emit_order": "admission"}, "rollout_emit_order='admission' acts on groups carried over"),
+        ("grpo", {"rollout_segment_tokens": 4, "rollout_emit_order": "newest"}, "rollout_emit_order must be one of"),
+        ("grpo", {"rollout_segment_tokens": 4, "rollout_max_staleness": -1}, "rollout_max_staleness must be an"),
+        (
+            "rloo",
+            {"rollout_segment_tokens": 4, "rollout_max_staleness": 2, "rollout_stale_action": "mask"},
+            "rollout_stale_action='mask' is not supported by RLOO",
+        ),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(tmp_path, tokenizer, dataset, name, overrides, message):

@@ -37,7 +37,7 @@ def test_defaults_are_the_papers_with_the_extras_off():
 def test_paths_default_and_help_read_the_declaration():
     assert paths()[:2] == ["tau", "log_z_estimator"]
     assert "rollout.repeat.penalty" in paths() and "sampler.difficulty_column" in paths()
-    assert len(paths()) == len(set(paths())) == 30
+    assert len(paths()) == len(set(paths())) == 33
     assert default("sampler.floor") == 0.05 and default("rollout.prefill_batches") == -1
     assert "tau" in help_of("tau") and help_of("sampler.floor")
 

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from k15_plugin.core.off_policy import CORRECTIONS
+from k15_plugin.core.partial_rollouts import EMIT_ORDERS, STALE_ACTIONS
 from k15_plugin.core.settings import default
 from k15_plugin.rewards.registry import VERIFIERS
 
@@ -118,6 +119,9 @@ class RolloutLossMask(str, Enum):
 
 # ``rollout.correction``: the off-policy correction of tokens from older policies (core.off_policy.CORRECTIONS).
 RolloutCorrection = Enum("RolloutCorrection", {c: c for c in CORRECTIONS}, type=str)
+# ``rollout.emit_order`` and ``rollout.stale_action`` (core.partial_rollouts.EMIT_ORDERS, STALE_ACTIONS).
+RolloutEmitOrder = Enum("RolloutEmitOrder", {o: o for o in EMIT_ORDERS}, type=str)
+RolloutStaleAction = Enum("RolloutStaleAction", {a: a for a in STALE_ACTIONS}, type=str)
 
 
 @dataclass
@@ -143,6 +147,9 @@ class Rollout:
     loss_mask: RolloutLossMask = RolloutLossMask.all
     correction: RolloutCorrection = RolloutCorrection.none
     is_cap: float = default("rollout.is_cap")
+    emit_order: RolloutEmitOrder = RolloutEmitOrder.ready
+    max_staleness: int = default("rollout.max_staleness")
+    stale_action: RolloutStaleAction = RolloutStaleAction.regenerate
     repeat: Repeat = field(default_factory=Repeat)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from k15_plugin.core.mirror_descent import ESTIMATORS
 from k15_plugin.core.off_policy import CORRECTIONS
-from k15_plugin.core.partial_rollouts import LOSS_MASKS
+from k15_plugin.core.partial_rollouts import EMIT_ORDERS, LOSS_MASKS, STALE_ACTIONS
 from k15_plugin.core.sampling import CURRICULUM_SCHEDULES, PRIORITIES
 
 SAMPLERS = ("uniform", "prioritized", "curriculum")
@@ -181,6 +181,25 @@ class RolloutSettings:
         number(1, above=True),
         "Partial rollouts: bound of the correction's ratio pi_i/mu: token_is truncates at it, the masks keep "
         "[1/is_cap, is_cap].",
+    )
+    emit_order: str = setting(
+        "ready",
+        one_of(EMIT_ORDERS),
+        f"Partial rollouts: which groups a rollout batch trains, one of {list(EMIT_ORDERS)} (ready: the oldest "
+        "finished ones; admission: the oldest admitted ones, generating until they have finished).",
+    )
+    max_staleness: int = setting(
+        0,
+        integer(0),
+        "Partial rollouts: the staleness cap, in policy versions (optimizer steps): a token generated more than this "
+        "many versions before the rollout batch that trains it is handled by stale_action (0: no cap).",
+    )
+    stale_action: str = setting(
+        "regenerate",
+        one_of(STALE_ACTIONS),
+        f"Partial rollouts: what happens to a trajectory holding a token beyond max_staleness, one of "
+        f"{list(STALE_ACTIONS)} (regenerate it from the prompt; drop its group and re-admit the prompt; mask the old "
+        "tokens out of the loss).",
     )
     repeat: RepeatSettings = field(default_factory=RepeatSettings)
 

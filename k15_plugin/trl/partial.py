@@ -4,23 +4,26 @@ A rollout batch (one k1.5 iteration) admits the fresh groups TRL hands over into
 :class:`~k15_plugin.core.PartialRolloutBuffer` that every process holds identically; then, round after round, every
 unfinished trajectory of the buffer gets at most ``rollout_segment_tokens`` new tokens, continued from prompt + tokens
 so far with TRL's own generation (transformers ``generate`` or vLLM colocate), until enough *whole* groups have
-finished; the oldest finished groups are what TRL then scores and trains on, as if it had generated them itself. The
-rest stays in the buffer and is continued in the next rollout batch, under the newer policy.
+finished; those groups (``rollout_emit_order``: the oldest finished ones, or the oldest admitted ones) are what TRL
+then scores and trains on, as if it had generated them itself. The rest stays in the buffer and is continued in the
+next rollout batch, under the newer policy. With ``rollout_max_staleness``, each rollout batch first applies the
+staleness cap (``rollout_stale_action``) to what the buffer holds.
 
 Each rollout batch admits as many groups as it trains, so the buffer only holds groups in flight if it starts with
 some: the first rollout batch also admits ``rollout_prefill_batches`` extra batches of prompts (by default
-``max_completion_length / rollout_segment_tokens - 1``, the most a steady state can have in flight), drawn from the
-training set as the sampler would draw them at step 0. Without them every rollout batch would have to wait for its
-own longest trajectory, which is exactly what partial rollouts avoid.
+``max_completion_length / rollout_segment_tokens - 1``, the most a steady state can have in flight; with a staleness
+cap, no more than the cap lets a group wait: ``rollout_max_staleness`` / optimizer steps per rollout batch), drawn
+from the training set as the sampler would draw them at step 0. Without them every rollout batch would have to wait
+for its own longest trajectory, which is exactly what partial rollouts avoid.
 
 How the batch reaches TRL (no TRL code is copied):
 
 * GRPO family: for the one call of ``_generate_and_score_completions``, ``self.rollout_func`` is a replay of the
   emitted rows (TRL's hook for custom rollouts; its ``env_mask`` becomes TRL's ``tool_mask``, which is how
-  ``rollout_loss_mask="latest"`` keeps the tokens of older policies out of the loss, the token count and the
-  importance ratio).
+  ``rollout_loss_mask="latest"`` and ``rollout_stale_action="mask"`` keep tokens of older policies out of the loss,
+  the token count and the importance ratio).
 * RLOO: ``_tokenize_prompts`` and ``_generate_single_turn`` return the emitted rows during that call (RLOO has no
-  ``rollout_func`` and no per-token loss mask, so only ``rollout_loss_mask="all"``).
+  ``rollout_func`` and no per-token loss mask, so only ``rollout_loss_mask="all"``, and no ``stale_action="mask"``).
 
 Private TRL 1.16 methods used or overridden (pinned in pyproject.toml): ``_generate_and_score_completions`` (wrapped),
 ``_generate_single_turn`` and ``_tokenize_prompts`` (called per round; replayed for RLOO), ``_calculate_rewards``
@@ -114,6 +117,9 @@ class K15PartialRolloutMixin:
             prefill = self.max_completion_length // segment - 1
             if a.rollout_max_iterations:
                 prefill = min(prefill, a.rollout_max_iterations - 1)
+            if a.rollout_max_staleness:  # a group trained d rollout batches after its admission is d x S steps old
+                steps_per_batch = a.steps_per_generation * self.num_iterations / a.gradient_accumulation_steps
+                prefill = min(prefill, int(a.rollout_max_staleness // steps_per_batch))
         self._k15_prefill_batches = prefill
         if prefill and not hasattr(self.train_dataset, "__len__"):
             raise ValueError(
@@ -126,6 +132,8 @@ class K15PartialRolloutMixin:
             self.max_completion_length,
             repeat_rule_of(a),
             a.rollout_max_iterations or None,
+            a.rollout_max_staleness,
+            a.rollout_stale_action,
         )
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -147,7 +155,7 @@ class K15PartialRolloutMixin:
                     "completion_ids": [r.completion_ids for r in replay],
                     "logprobs": [r.logprobs for r in replay] if self.use_vllm else None,
                 }
-                if mask_mode != "all":
+                if mask_mode != "all" or self._k15_buffer.mask_staleness:
                     out["env_mask"] = [r.loss_mask for r in replay]
                 return out
 
@@ -194,26 +202,33 @@ class K15PartialRolloutMixin:
             if sampler is not None:
                 sampler._pending_duplicate = None
         else:
+            order = self.args.rollout_emit_order
+            # The staleness cap before anything is admitted or generated (a dropped group's prompt goes back in
+            # first); the version stays the same over this rollout batch's rounds, so what it emits keeps the cap.
+            capped = buffer.enforce_staleness(self.state.global_step)
             rows = [g[0] for g in groups]
             if buffer.phase == 0 and not buffer.groups:  # a fresh start: fill the pipeline first
                 rows = self._k15_prefill_rows(len(groups), list(rows[0])) + rows
             prompt_ids, _, _ = self._tokenize_prompts([row["prompt"] for row in rows])
             buffer.admit([(list(ids), row) for ids, row in zip(prompt_ids, rows, strict=True)])
             rounds, useful, slots = 0, 0, 0
-            while buffer.ready_groups < len(groups):
+            while buffer.needs_round(len(groups), order, rounds):
                 work = buffer.work()
                 if not work:
                     raise RuntimeError("partial rollouts: no trajectory left to continue but too few groups ready")
                 results, stats = self._k15_generate_round(work)
                 buffer.apply(results, version=self.state.global_step)
                 rounds, useful, slots = rounds + 1, useful + stats[0], slots + stats[1]
-            emitted = buffer.emit(len(groups))
+            emitted = buffer.emit(len(groups), order)
             self._k15_last_emitted = emitted
             self._k15_phase_step = self.state.global_step
             self._k15_check_replicated()
             metrics["k15/partial/rounds"].append(float(rounds))
             if slots:
                 metrics["k15/partial/slot_utilization"].append(useful / slots)
+            if buffer.max_staleness:
+                for name, value in capped.items():
+                    metrics[f"k15/partial/{name}"].append(value)
         for name, value in buffer.metrics(emitted, self._k15_phase_step, self.args.rollout_loss_mask).items():
             metrics[f"k15/partial/{name}"].append(value)
         members = [m for g in emitted for m in g.members]
@@ -261,7 +276,9 @@ class K15PartialRolloutMixin:
             row=group.row,
             prompt_ids=group.prompt_ids,
             completion_ids=list(member.completion_ids),
-            loss_mask=PartialRolloutBuffer.loss_mask(member, self.args.rollout_loss_mask, self._k15_phase_step),
+            loss_mask=PartialRolloutBuffer.loss_mask(
+                member, self.args.rollout_loss_mask, self._k15_phase_step, self._k15_buffer.mask_staleness
+            ),
             logprobs=logprobs,
             status=member.status,
             versions=versions,
