@@ -19,9 +19,10 @@ Every command shows a progress bar, records each finished prompt in an append-on
 ``<output>.partial.jsonl`` (keyed by the prompt's index in the input) and, rerun after an interruption with the same
 arguments, skips what it has already done. The output is written at the end in one piece (a temporary file in the
 same directory, then ``os.replace``), and the sidecar is removed. Generation uses vLLM when it is importable and a
-GPU is present, else batched ``transformers.generate`` (left padding); the sidecar, the generation and the atomic
-write are :mod:`k15_plugin.jobs`, shared with ``k15-long2short``. Scoring uses :class:`MathReward` (default)
-or, for the built-in demo model (``--model tiny_demo``), the demo task's :class:`ArithmeticReward`.
+GPU is present, else batched ``transformers.generate`` (left padding); ``--backend vllm`` also runs on vLLM's CPU
+build, and the summary names the backend used. The sidecar, the generation and the atomic write are
+:mod:`k15_plugin.jobs`, shared with ``k15-long2short``. Scoring uses :class:`MathReward` (default) or, for the
+built-in demo model (``--model tiny_demo``), the demo task's :class:`ArithmeticReward`.
 """
 
 from __future__ import annotations
@@ -170,9 +171,10 @@ def _model_defaults(args: argparse.Namespace, command: str) -> None:
         args.max_new_tokens = 4 if demo else (1024 if command == "difficulty" else 32)
 
 
-def _correct_counts(args, rows: list[dict], n: int) -> Callable[[list[int]], dict[int, int]]:
-    """``correct(indices)``: for each row index, how many of ``n`` samples of its prompt are scored correct
-    (reward >= ``--correct-threshold``); what both ``difficulty`` and ``easy-to-hack`` count."""
+def _correct_counts(args, rows: list[dict], n: int) -> tuple[Callable[[list[int]], dict[int, int]], str]:
+    """``(correct, backend)``: ``correct(indices)`` gives, for each row index, how many of ``n`` samples of its prompt
+    are scored correct (reward >= ``--correct-threshold``), what both ``difficulty`` and ``easy-to-hack`` count;
+    ``backend`` is the generator's (``vllm`` or ``transformers``)."""
     generator = Generator(
         args.model, args.backend, args.temperature, args.max_new_tokens, args.batch_size, args.chat, args.seed
     )
@@ -186,7 +188,7 @@ def _correct_counts(args, rows: list[dict], n: int) -> Callable[[list[int]], dic
             for i, group in zip(indices, samples, strict=True)
         }
 
-    return correct
+    return correct, generator.backend
 
 
 def run_difficulty(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:
@@ -194,9 +196,10 @@ def run_difficulty(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> 
     reward >= ``--correct-threshold``) and ``difficulty = 1 - pass_rate``.
 
     Returns ``(complete, summary)``; ``(False, {})`` when ``--stop-after`` stopped it before the last prompt (nothing
-    written yet). The summary counts the rows, the mean pass rate, and the unsolved and always-solved prompts.
+    written yet). The summary names the generation backend and counts the rows, the mean pass rate, and the unsolved
+    and always-solved prompts.
     """
-    correct = _correct_counts(args, rows, args.n)
+    correct, backend = _correct_counts(args, rows, args.n)
 
     def work(indices: list[int]) -> dict[int, dict]:
         return {i: {"pass_rate": count / args.n} for i, count in correct(indices).items()}
@@ -211,6 +214,7 @@ def run_difficulty(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> 
     write_atomically(Path(args.output), out)
     rates = [r["pass_rate"] for r in out]
     return True, {
+        "backend": backend,
         "rows": len(out),
         "mean_pass_rate": sum(rates) / max(len(rates), 1),
         "unsolved": sum(r == 0 for r in rates),
@@ -224,7 +228,7 @@ def run_easy_to_hack(args, rows: list[dict], sidecar: Sidecar, progress: bool) -
     Returns ``(complete, summary)`` as :func:`run_difficulty` does; the summary counts the rows, the rows kept and
     those dropped as easy to hack.
     """
-    correct = _correct_counts(args, rows, args.tries)
+    correct, backend = _correct_counts(args, rows, args.tries)
 
     def work(indices: list[int]) -> dict[int, dict]:
         return {i: {"guessed": count} for i, count in correct(indices).items()}
@@ -234,7 +238,12 @@ def run_easy_to_hack(args, rows: list[dict], sidecar: Sidecar, progress: bool) -
         return False, {}
     kept = [row for i, row in enumerate(rows) if sidecar.done[i]["guessed"] == 0]
     write_atomically(Path(args.output), kept)
-    return True, {"rows": len(rows), "kept": len(kept), "dropped_easy_to_hack": len(rows) - len(kept)}
+    return True, {
+        "backend": backend,
+        "rows": len(rows),
+        "kept": len(kept),
+        "dropped_easy_to_hack": len(rows) - len(kept),
+    }
 
 
 def run_filter(args, rows: list[dict], sidecar: Sidecar, progress: bool) -> tuple[bool, dict]:

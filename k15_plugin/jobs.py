@@ -5,7 +5,8 @@ where it stopped, write their output in one piece at the end and report in the s
 pieces they share live here:
 
 * :class:`Generator` -- ``n`` samples per prompt with vLLM when it is importable and a GPU is present, else batched
-  ``transformers.generate`` (left padding); :data:`DEMO_MODEL` names the built-in demo checkpoint;
+  ``transformers.generate`` (left padding); ``--backend vllm`` also on vLLM's CPU build; :data:`DEMO_MODEL` names
+  the built-in demo checkpoint;
 * :class:`Sidecar` -- the append-only, fsync'd ``<output>.partial.jsonl`` of finished prompts, keyed by index;
 * :func:`run_chunks` -- the unfinished indices in chunks, each result saved before the next, with a progress bar;
 * :func:`write_atomically` -- JSONL written to a temporary file in the same directory, then ``os.replace``;
@@ -171,7 +172,8 @@ def add_generation_arguments(parser, batch_size: int, batch_help: str) -> None:
         "--backend",
         choices=list(BACKENDS),
         default="auto",
-        help="auto: vLLM when importable and a GPU is present, else transformers",
+        help="auto: vLLM when importable and a GPU is present (never for tiny_demo), else transformers; vllm: also on "
+        "vLLM's CPU build",
     )
     parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     parser.add_argument("--chat", action="store_true", help="send string prompts as a user chat message")
@@ -193,15 +195,22 @@ class Generator:
         self.temperature, self.max_new_tokens, self.batch_size = temperature, max_new_tokens, batch_size
         self.chat, self.seed = chat, seed
         use_vllm = backend == "vllm" or (backend == "auto" and model != DEMO_MODEL and _vllm_usable())
-        if model == DEMO_MODEL:
+        if use_vllm:
+            from vllm import LLM
+
+            from k15_plugin.data.arithmetic import DEMO_CHECKPOINT_DIR
+            from k15_plugin.trl.vllm_cpu import run_vllm_cpu_eagerly
+
+            if run_vllm_cpu_eagerly():
+                # vLLM's CPU build: the engine core in this process, so the eager switch reaches it and a script that
+                # calls the command without a __main__ guard does not fail spawning it
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            self.llm = LLM(model=str(DEMO_CHECKPOINT_DIR) if model == DEMO_MODEL else model, seed=seed)
+            self.tokenizer = self.llm.get_tokenizer()
+        elif model == DEMO_MODEL:
             from k15_plugin.data.arithmetic import load_demo_checkpoint
 
             self.model, self.tokenizer = load_demo_checkpoint()
-        elif use_vllm:
-            from vllm import LLM
-
-            self.llm = LLM(model=model, seed=seed)
-            self.tokenizer = self.llm.get_tokenizer()
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -210,7 +219,7 @@ class Generator:
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
             if torch.cuda.is_available():
                 self.model.to("cuda")
-        self.backend = "vllm" if use_vllm and model != DEMO_MODEL else "transformers"
+        self.backend = "vllm" if use_vllm else "transformers"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.backend == "transformers":

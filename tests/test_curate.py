@@ -1,6 +1,10 @@
 """``k15-curate`` (paper section 2.1): each command end to end on the demo model, resuming, the curriculum hand-off."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +62,7 @@ def test_difficulty_end_to_end(arithmetic_jsonl, tmp_path):
     out = tmp_path / "rated.jsonl"
     summary = curate(_difficulty(arithmetic_jsonl, out, "--n", "4"))
     assert summary["complete"] and summary["processed"] == 6 and summary["resumed"] == 0
+    assert summary["backend"] == "transformers"  # auto: the demo model never goes to vLLM without --backend vllm
     rows = _read(out)
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in _read(arithmetic_jsonl)]  # order and columns kept
     for row in rows:
@@ -65,6 +70,53 @@ def test_difficulty_end_to_end(arithmetic_jsonl, tmp_path):
         assert row["pass_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 samples
         assert row["difficulty"] == pytest.approx(1.0 - row["pass_rate"])
     assert not (tmp_path / "rated.jsonl.partial.jsonl").exists()  # the sidecar goes once the output is written
+
+
+@pytest.mark.xdist_group("vllm_cpu")  # with the other vLLM engines, on one pytest-xdist worker
+def test_difficulty_through_vllm_cpu(tmp_path):
+    """``--backend vllm`` on vLLM's CPU build, the shipped demo checkpoint, 16 prompts x 8 samples. Two identical runs,
+    each in its own process as the command runs (both at once), give the same labels: the samples are seeded per
+    chunk, which resuming relies on. The labels are sane: multiples of 1/8, difficulty = 1 - pass_rate, and a mean
+    pass rate within 0.15 of the transformers backend's on the same prompts (the same model and sampling; vLLM
+    computes in bf16, and the two draw different samples). Fails, not skips, when vLLM is missing."""
+    train, _ = make_datasets(num_train=16, seed=3)
+    inp = _write(tmp_path / "prompts.jsonl", list(train))
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    options = ("--n", "8", "--batch-size", "64")
+    outs = [tmp_path / "vllm_a.jsonl", tmp_path / "vllm_b.jsonl"]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "k15_plugin.curate", *_difficulty(inp, out, *options, "--backend", "vllm")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for out in outs
+    ]
+    try:
+        reference = curate(_difficulty(inp, tmp_path / "hf.jsonl", *options, "--backend", "transformers"))
+        results = [run.communicate(timeout=1200) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    for run, (stdout, stderr) in zip(runs, results, strict=True):
+        assert run.returncode == 0, stderr[-4000:]
+        summary = json.loads(stdout.strip().splitlines()[-1])
+        assert summary["backend"] == "vllm" and summary["complete"] and summary["processed"] == 16, summary
+    first, second = (_read(out) for out in outs)
+    assert first == second  # seeded
+    assert [r["prompt"] for r in first] == [r["prompt"] for r in train]
+    for row in first:
+        assert row["pass_rate"] * 8 == int(row["pass_rate"] * 8)
+        assert row["difficulty"] == pytest.approx(1.0 - row["pass_rate"])
+    mean = sum(r["pass_rate"] for r in first) / 16
+    assert reference["backend"] == "transformers"
+    assert 0 < mean < 1 and abs(mean - reference["mean_pass_rate"]) <= 0.15, (mean, reference)
 
 
 def test_difficulty_with_the_math_reward(arithmetic_jsonl, tmp_path):

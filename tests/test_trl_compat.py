@@ -29,6 +29,16 @@ side is known it is asserted exactly:
   (also with the plugin's ``length_penalty_weight > 0``) and those rows get zero advantage.
 * MoE models (tiny Qwen3-MoE, tiny GPT-OSS): every trainer trains and logs ``aux_loss`` (the router load-balancing
   loss TRL adds when ``router_aux_loss_coef`` applies).
+* ``environment_factory`` (TRL's experimental environments; "md" and "grpo", ``RLOOTrainer`` takes none), on the
+  tool tokenizer below, generation mocked as TRL's tests mock it: ``test_train_with_environment_factory`` and
+  ``test_train_with_environment_owned_data`` (no ``train_dataset``) train with ``sampler_type="uniform"``; with
+  ``"prioritized"``/``"curriculum"`` they are refused at construction (TRL's rows are then identical placeholders and
+  the environment picks each problem); ``test_train_with_environment_owned_reward`` (``get_reward``, no reward
+  function) trains too. ``test_train_with_multiple_environments`` trains with both samplers: uniform
+  sampling matches TRL's numbers exactly; the prioritized sampler draws other rows in another order, which TRL's
+  layout-bound mock cannot answer, so there the mock answers each row from its environment and routing is checked
+  (the test's docstring has the finding). These scenarios were read from a newer stored snapshot of TRL's main
+  (commit f2cd577) and checked against the installed 1.16.0's ``environment_factory`` code.
 
 Skipped by design (not collected; the reason for each):
 
@@ -45,7 +55,6 @@ Skipped by design (not collected; the reason for each):
 * PEFT/LoRA (``test_train_moe_peft_model``, ``test_liger_kernel_with_peft*``; ``test_train_peft_config`` is
   below, collected where peft is installed: the README's test command installs it with mergekit).
 * GPU-only generation paths: ``use_transformers_continuous_batching``, bitsandbytes quantization, Hub kernels.
-* ``environment_factory`` scenarios: experimental TRL API built on Hub chat templates with tool parsing.
 * ``dataloader_num_workers>0`` (``test_train_multiple_dataloader_workers``,
   ``test_iterable_dataset_forces_num_workers_zero``, ``test_iterable_eval_keeps_map_style_train_workers``): worker
   processes are slow to spawn and the test machines have two shared cores; the plugin does not touch the workers.
@@ -56,6 +65,9 @@ Skipped by design (not collected; the reason for each):
   ``TestGRPORolloutDispatch``/``rollout_func``, ``test_prepare_input_called_with_correct_data``,
   ``test_entropy_bonus_flows_gradients``, ``test_entropy_bonus_scale``, the luspo/vespo/sequence-level warnings):
   they exercise TRL functions the plugin does not override; the options themselves are covered as training scenarios.
+* ``test_train_with_unknown_environment_raises`` (TRL's own check inside generation, which the plugin does not touch)
+  and the mixes of environment-owned and function rewards (``test_environment_owned_reward_coexists_with_reward_funcs``,
+  ``..._mixed_environments``: TRL's reward columns, which the plugin counts as task rewards like any other).
 * Async tools (``test_train_with_tools[async_multiply_tool]``): the sync tool below exercises the same trainer code.
   ``test_train_with_tools`` itself runs for "md" and "grpo" (``RLOOTrainer`` takes no tools) with a byte-level
   tokenizer built in code and TRL's Qwen3 chat template (whose tool calls TRL parses), generation mocked as TRL's own
@@ -645,8 +657,10 @@ def multiply_tool(a: int, b: int) -> int:
     return a * b
 
 
-def _tool_tokenizer(tools) -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer built in code, with TRL's Qwen3 chat template, so TRL can render and parse tool calls."""
+def _tool_tokenizer(*tool_sets) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in code, with TRL's Qwen3 chat template, so TRL can render and parse tool calls.
+
+    ``tool_sets``: the tools each prompt can be rendered with (one list per environment)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -661,16 +675,13 @@ def _tool_tokenizer(tools) -> PreTrainedTokenizerFast:
     tokenizer.add_tokens(["<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_response>", "</tool_response>"])
     tokenizer.chat_template = qwen3_chat_template
     # The system block that lists the tools is ~600 bytes: one token for it keeps the prompts short.
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tools=tools, tokenize=False)
-    tokenizer.add_tokens([rendered.split("<|im_start|>user")[0]])
+    for tools in tool_sets:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tools=tools, tokenize=False)
+        tokenizer.add_tokens([rendered.split("<|im_start|>user")[0]])
     return tokenizer
 
 
-@pytest.mark.parametrize("kind", ["md", "grpo"])
-def test_train_with_tools(tmp_path, kind, monkeypatch):
-    """``test_train_with_tools``: per group of 4, two valid tool calls, one with a wrong argument name (the tool call
-    fails), one plain answer; the tool results go back to the model, which answers "Done!"."""
-    tokenizer = _tool_tokenizer([multiply_tool])
+def _tool_model(tokenizer):
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -683,7 +694,25 @@ def test_train_with_tools(tmp_path, kind, monkeypatch):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = _seeded(lambda: AutoModelForCausalLM.from_config(config))
+    return _seeded(lambda: AutoModelForCausalLM.from_config(config))
+
+
+def _encoder(tokenizer):
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _padded(rows, pad_id, input_ids):
+    width = max(map(len, rows))
+    rows = [row + [pad_id] * (width - len(row)) for row in rows]
+    return torch.cat([input_ids, torch.tensor(rows, device=input_ids.device)], dim=1)
+
+
+@pytest.mark.parametrize("kind", ["md", "grpo"])
+def test_train_with_tools(tmp_path, kind, monkeypatch):
+    """``test_train_with_tools``: per group of 4, two valid tool calls, one with a wrong argument name (the tool call
+    fails), one plain answer; the tool results go back to the model, which answers "Done!"."""
+    tokenizer = _tool_tokenizer([multiply_tool])
+    model = _tool_model(tokenizer)
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} times 4?"}] for i in range(8)]})
     trainer = _trainer(
         kind,
@@ -694,9 +723,7 @@ def test_train_with_tools(tmp_path, kind, monkeypatch):
         trainer_kwargs={"processing_class": tokenizer, "tools": [multiply_tool]},
     )
 
-    def encode(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
+    encode = _encoder(tokenizer)
     call = '<tool_call>\n{{"name": "multiply_tool", "arguments": {{"a": 3, "{}": 4}}}}\n</tool_call><|im_end|>'
     first = [
         encode(call.format("b")),
@@ -710,14 +737,265 @@ def test_train_with_tools(tmp_path, kind, monkeypatch):
     def fake_generate(input_ids=None, attention_mask=None, **kwargs):
         after_tool = bool((input_ids == tool_response).any())  # second turn: only the rows that called the tool
         rows = [done if after_tool else first[i % len(first)] for i in range(input_ids.size(0))]
-        width = max(map(len, rows))
-        rows = [row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows]
-        return torch.cat([input_ids, torch.tensor(rows, device=input_ids.device)], dim=1)
+        return _padded(rows, tokenizer.pad_token_id, input_ids)
 
     monkeypatch.setattr(trainer.model, "generate", fake_generate)
     logs = _train(trainer, keys=("tools/call_frequency", "tools/failure_frequency"))
     assert logs[0]["tools/call_frequency"] == pytest.approx(3 / 4)
     assert logs[0]["tools/failure_frequency"] == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# environment_factory (TRL 1.16, experimental): environments as tools, environment-owned data, several environments
+# ----------------------------------------------------------------------------------------------------------------------
+
+ENV_KINDS = ("md", "grpo")  # RLOOTrainer takes no environment_factory
+INCREMENT_CALL = '<tool_call>\n{"name": "increment", "arguments": {"step": 1}}\n</tool_call><|im_end|>'
+SHOUT_CALL = '<tool_call>\n{"name": "shout", "arguments": {"text": "hi"}}\n</tool_call><|im_end|>'
+
+
+class CounterEnvironment:
+    """TRL's ``DummyEnvironment``: a counter the model increments through its one tool."""
+
+    def reset(self, **kwargs):
+        self._counter = 0
+
+    def increment(self, step: int) -> int:
+        """
+        Increment the internal counter.
+
+        Args:
+            step: Value to add to the counter.
+
+        Returns:
+            The updated counter value.
+        """
+        self._counter += step
+        return self._counter
+
+
+class ScoringCounterEnvironment(CounterEnvironment):
+    """TRL's environment that owns the reward: the final counter."""
+
+    def get_reward(self) -> float:
+        return float(self._counter)
+
+
+class GuessTheWordEnvironment:
+    """TRL's environment that owns the data: ``reset()`` returns the prompt."""
+
+    def reset(self, **kwargs):
+        return "Guess the 5-letter word."
+
+
+def _env_trainer(
+    kind, tmp_path, tokenizer, environment_factory, train_dataset=None, reward_funcs=(distinct_chars,), **overrides
+):
+    return TRAINERS[kind][1](
+        model=_tool_model(tokenizer),
+        reward_funcs=list(reward_funcs) or None,  # None: the environment owns the reward
+        args=_args(kind, tmp_path, **overrides),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        environment_factory=environment_factory,
+    )
+
+
+@pytest.fixture
+def _experimental(monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+@pytest.mark.usefixtures("_experimental")
+@pytest.mark.parametrize("kind", ENV_KINDS)
+@pytest.mark.parametrize("owned_reward", [False, True], ids=["reward_func", "environment_owned_reward"])
+def test_train_with_environment_factory(tmp_path, kind, owned_reward, monkeypatch):
+    """``test_train_with_environment_factory``: no dataset, one environment per rollout; per group of 3, a valid
+    ``increment`` call, a call to a tool that does not exist, and a plain answer. Trains with TRL's own sampler.
+    ``test_train_with_environment_owned_reward``: the same with no reward function, the environment's
+    ``get_reward()`` (the final counter: 1, 0, 0) scores the rollouts."""
+    environment = ScoringCounterEnvironment if owned_reward else CounterEnvironment
+    tokenizer = _tool_tokenizer([environment().increment])
+    trainer = _env_trainer(
+        kind,
+        tmp_path,
+        tokenizer,
+        environment,
+        reward_funcs=() if owned_reward else (distinct_chars,),
+        per_device_train_batch_size=3,
+        num_generations=3,
+        max_steps=2,  # TRL: required when the environment owns the data; two batches of the one placeholder row
+        max_completion_length=128,
+    )
+    encode = _encoder(tokenizer)
+    first = [
+        encode(INCREMENT_CALL),
+        encode(INCREMENT_CALL.replace("increment", "decrement").replace("1", "2")),
+        encode("I won't increment<|im_end|>"),
+    ]
+    done = encode("Done!<|im_end|>")
+    tool_response = tokenizer.convert_tokens_to_ids("<tool_response>")
+
+    def fake_generate(input_ids=None, attention_mask=None, **kwargs):
+        after_tool = bool((input_ids == tool_response).any())
+        rows = [done if after_tool else first[i % len(first)] for i in range(input_ids.size(0))]
+        return _padded(rows, tokenizer.pad_token_id, input_ids)
+
+    monkeypatch.setattr(trainer.model, "generate", fake_generate)
+    logs = _train(trainer, keys=("tools/call_frequency", "tools/failure_frequency"))
+    assert [log["tools/call_frequency"] for log in logs] == pytest.approx([2 / 3] * 2)
+    assert [log["tools/failure_frequency"] for log in logs] == pytest.approx([1 / 2] * 2)
+    assert [env._counter for env in trainer.environments] == [1, 0, 0]  # only the valid call counted
+    if owned_reward:
+        assert [log["rewards/ScoringCounterEnvironment/mean"] for log in logs] == pytest.approx([1 / 3] * 2)
+
+
+@pytest.mark.usefixtures("_experimental")
+@pytest.mark.parametrize("kind", ENV_KINDS)
+def test_train_with_environment_owned_data(tmp_path, kind, monkeypatch):
+    """``test_train_with_environment_owned_data``: no dataset, and ``reset()`` returns the prompt; completions of
+    three lengths scored by their length. Trains with TRL's own sampler."""
+    tokenizer = _tool_tokenizer()
+    trainer = _env_trainer(
+        kind,
+        tmp_path,
+        tokenizer,
+        GuessTheWordEnvironment,
+        reward_funcs=[lambda completions, **kwargs: [float(len(c[-1]["content"])) for c in completions]],
+        per_device_train_batch_size=3,
+        num_generations=3,
+        max_steps=2,
+        max_completion_length=16,  # bytes: "DoneDoneDone!" and the end of turn
+    )
+    encode = _encoder(tokenizer)
+    rows = [encode("Done" * k + "!<|im_end|>") for k in (1, 2, 3)]
+    seen = []
+
+    def fake_generate(input_ids=None, attention_mask=None, **kwargs):
+        seen.extend(tokenizer.batch_decode(input_ids))
+        return _padded([rows[i % 3] for i in range(input_ids.size(0))], tokenizer.pad_token_id, input_ids)
+
+    monkeypatch.setattr(trainer.model, "generate", fake_generate)
+    _train(trainer)
+    assert len(seen) == 6 and all("<|im_start|>user\nGuess the 5-letter word.<|im_end|>" in p for p in seen)
+
+
+@pytest.mark.parametrize("kind", ENV_KINDS)
+@pytest.mark.parametrize("sampler_type", ["prioritized", "curriculum"])
+@pytest.mark.parametrize("environment", [CounterEnvironment, GuessTheWordEnvironment], ids=lambda e: e.__name__)
+def test_environment_owned_data_refuses_plugin_samplers(tmp_path, kind, sampler_type, environment):
+    """The two scenarios above with the plugin's samplers. Without a ``train_dataset`` TRL feeds identical empty
+    placeholder rows and the environment's ``reset()`` picks each problem, so there is nothing to prioritize or order
+    by difficulty (before, training ended in ``KeyError: 'k15_index'``): refused when the trainer is built."""
+    with pytest.raises(ValueError) as info:
+        _env_trainer(kind, tmp_path, _tool_tokenizer(), environment, max_steps=1, sampler_type=sampler_type)
+    _assert_refusal(info.value, ("sampler_type",))
+    assert str(info.value).startswith(f"sampler_type={sampler_type!r} needs a train_dataset")
+
+
+@pytest.mark.usefixtures("_experimental")
+@pytest.mark.parametrize("kind", ENV_KINDS)
+@pytest.mark.parametrize("sampler_type", ["uniform", "prioritized"])
+def test_train_with_multiple_environments(tmp_path, kind, sampler_type, monkeypatch):
+    """``test_train_with_multiple_environments``: a dict ``environment_factory``; each row's ``environment`` field picks
+    its environment, whose tools are the only ones its prompt lists and its calls reach.
+
+    Uniform sampling matches TRL exactly: with ``shuffle_dataset=False`` the batch is [counter, counter, echo, echo],
+    TRL's mock answers the first row of each group with that environment's tool call, both calls succeed.
+
+    Why the prioritized sampler's run differs from TRL's (``tools/failure_frequency`` 0.5 against 0.0 there): it
+    draws other rows in another order (it ignores ``shuffle_dataset``; seed 0 draws row 11, an echo row, then row 6,
+    a counter row), while TRL's mock hard-codes the uniform layout. Its ``increment`` call then lands on an echo row
+    and its ``shout`` call on a counter row; each environment exposes only its own tool, so both calls fail ("Tool
+    increment not found."): failure frequency 1.0 in this one-step run. That is the sampler's legitimate choice, not
+    broken routing: every row got the environment its ``environment`` field names. So here the mock answers each row
+    from the environment its prompt shows, and the run must route every call right. One real defect was found on the
+    way and fixed: the sampler's ``k15_index`` column reached ``reset(**row)`` (a ``reset`` taking only the dataset's
+    fields failed with a TypeError); it now travels beside the rows and still feeds the sampler.
+    """
+    resets = {"counter": [], "echo": []}
+    calls = {"increment": [], "shout": []}
+
+    class Counter:
+        def reset(self, **kwargs):
+            resets["counter"].append(kwargs)
+            return "Count."
+
+        def increment(self, step: int) -> int:
+            """
+            Increment the internal counter.
+
+            Args:
+                step: Value to add to the counter.
+            """
+            calls["increment"].append(step)
+            return step
+
+    class Echo:
+        def reset(self, **kwargs):
+            resets["echo"].append(kwargs)
+            return "Echo."
+
+        def shout(self, text: str) -> str:
+            """
+            Shout the given text.
+
+            Args:
+                text: Text to shout.
+            """
+            calls["shout"].append(text)
+            return text.upper()
+
+    tokenizer = _tool_tokenizer([Counter().increment], [Echo().shout])
+    dataset = Dataset.from_dict({"environment": ["counter", "echo"] * 8})
+    trainer = _env_trainer(
+        kind,
+        tmp_path,
+        tokenizer,
+        {"counter": Counter, "echo": Echo},
+        train_dataset=dataset,
+        per_device_train_batch_size=4,  # 2 prompts x 2 generations
+        num_generations=2,
+        shuffle_dataset=False,
+        max_completion_length=128,
+        sampler_type=sampler_type,
+    )
+    assert [t.__name__ for t in trainer._env_tools["counter"]] == ["increment"]
+    assert [t.__name__ for t in trainer._env_tools["echo"]] == ["shout"]
+    encode = _encoder(tokenizer)
+    answers = {  # (tool call, plain answer) per environment; the first row of each group calls the tool
+        "counter": (encode(INCREMENT_CALL), encode("I won't<|im_end|>")),
+        "echo": (encode(SHOUT_CALL), encode("Done!<|im_end|>")),
+    }
+    done = encode("Done!<|im_end|>")
+    tool_response = tokenizer.convert_tokens_to_ids("<tool_response>")
+
+    def fake_generate(input_ids=None, attention_mask=None, **kwargs):
+        if (input_ids == tool_response).any():
+            rows = [done] * input_ids.size(0)
+        elif sampler_type == "uniform":  # TRL's mock: the layout [counter, counter, echo, echo]
+            rows = [answers[name][i % 2] for i, name in enumerate(["counter", "counter", "echo", "echo"])]
+        else:
+            shown = ["counter" if "Count.<|im_end|>" in p else "echo" for p in tokenizer.batch_decode(input_ids)]
+            rows = [answers[name][i % 2] for i, name in enumerate(shown)]
+        return _padded(rows, tokenizer.pad_token_id, input_ids)
+
+    monkeypatch.setattr(trainer.model, "generate", fake_generate)
+    logs = _train(trainer, keys=("tools/call_frequency", "tools/failure_frequency"))
+    assert logs[0]["tools/call_frequency"] == pytest.approx(2 / 4)
+    assert logs[0]["tools/failure_frequency"] == 0.0
+    # the rows' own fields only: `environment` is TRL's control field, `k15_index` the plugin's
+    assert all(kwargs == {} for kwargs in resets["counter"] + resets["echo"])
+    if sampler_type == "uniform":
+        assert trainer._batch_environments == ["counter", "counter", "echo", "echo"]
+        assert calls == {"increment": [1], "shout": ["hi"]}
+        return
+    chunk = trainer._k15_sampler._records[0].tolist()  # the 2 rows the sampler drew for this batch
+    drawn = [dataset[i]["environment"] for i in chunk]
+    assert trainer._batch_environments == [name for name in drawn for _ in range(2)]
+    assert len(calls["increment"]) == drawn.count("counter") and len(calls["shout"]) == drawn.count("echo")
+    attempts = trainer._k15_sampler.tracker.attempts
+    assert attempts[chunk].tolist() == [2, 2] and int(attempts.sum()) == 4  # the row index still reached the sampler
 
 
 # ----------------------------------------------------------------------------------------------------------------------

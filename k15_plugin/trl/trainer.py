@@ -10,6 +10,8 @@ Private TRL 1.16 methods overridden here (pinned in pyproject.toml):
   ``remove_unused_columns=True``.
 * ``_generate_and_score_completions`` (GRPOTrainer): replace TRL's advantages by r - b from the mirror-descent baseline,
   computed on the gathered generation batch before TRL shuffles and splits it; reset the optimizer per rollout batch.
+  (GRPOTrainer, RLOOTrainer): with an ``environment_factory``, carry the sampler's row index beside the rows, so
+  the environment's ``reset(**row)`` sees only the dataset's own fields.
 * ``_compute_loss`` (GRPOTrainer): the mirror-descent loss on sequence log-probs; for ``K15GRPOTrainer``, TRL's loss
   with the off-policy correction's per-token weights folded into (B, T) advantages (a shape TRL's loss accepts).
 * ``_compute_loss`` and ``_get_per_token_logps_and_entropies`` (RLOOTrainer): the off-policy correction's per-token
@@ -93,6 +95,14 @@ class K15TrainerMixin(K15PartialRolloutMixin, K15SamplerMixin):
                 f"{type(self).__name__} needs a {self._k15_config_class.__name__} (it carries the plugin's options), "
                 f"got {type(args).__name__}"
             )
+        if train_dataset is None and args.sampler_type != "uniform":
+            # TRL 1.16 trains without a dataset only when an environment_factory owns the data: its rows are then
+            # identical empty placeholders and reset() picks each problem, so there is nothing to prioritize or order.
+            raise ValueError(
+                f"sampler_type={args.sampler_type!r} needs a train_dataset: without one (environment_factory owning "
+                "the data) TRL feeds identical placeholder rows and the environment's reset() picks each problem; "
+                "pass the problems as a train_dataset (reset(**row) receives each row) or use sampler_type='uniform'"
+            )
         if train_dataset is not None and args.sampler_type != "uniform":
             check_sampler_dataset(args.sampler_type, train_dataset)
             # The sampler's statistics are keyed by dataset row; the row index travels with the batch as a column
@@ -141,12 +151,27 @@ class K15TrainerMixin(K15PartialRolloutMixin, K15SamplerMixin):
             self.reward_weights = torch.cat([self.reward_weights, torch.zeros(1)])
         self._k15_gathered_rewards = None
         self._k15_scorable = None
+        self._k15_row_index = None
 
     # Overrides GRPOTrainer/RLOOTrainer._set_signature_columns_if_needed: keep the row index the sampler reads.
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self._k15_sampler_type() != "uniform" and INDEX_COLUMN not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, INDEX_COLUMN]
+
+    # Overrides GRPOTrainer/RLOOTrainer._generate_and_score_completions (outermost of the plugin's wrappers but the
+    # mirror-descent one): TRL passes every field of a row to the environment's reset(**row), and the sampler's row
+    # index is the plugin's bookkeeping, not a field of the user's data. With an environment_factory it travels
+    # beside the rows instead (reward functions then do not receive it either).
+    def _generate_and_score_completions(self, inputs):
+        if getattr(self, "environment_factories", None) is None or INDEX_COLUMN not in inputs[0]:
+            return super()._generate_and_score_completions(inputs)
+        self._k15_row_index = [x[INDEX_COLUMN] for x in inputs]
+        rows = [{k: v for k, v in x.items() if k != INDEX_COLUMN} for x in inputs]
+        try:
+            return super()._generate_and_score_completions(rows)
+        finally:
+            self._k15_row_index = None
 
     def _k15_group_std_scaling(self) -> bool:
         return getattr(self.args, "scale_rewards", "none") == "group"
@@ -200,7 +225,8 @@ class K15TrainerMixin(K15PartialRolloutMixin, K15SamplerMixin):
         if self._k15_skip_sampler_update:
             self._k15_skip_sampler_update = False  # a re-emitted rollout batch after a resume: already counted
         elif training and sampler is not None:
-            local_index = torch.tensor([x[INDEX_COLUMN] for x in inputs], device=device)  # (B,)
+            row_index = self._k15_row_index or [x[INDEX_COLUMN] for x in inputs]
+            local_index = torch.tensor(row_index, device=device)  # (B,)
             sampler.update(gather(local_index).cpu(), correct.cpu(), scored=scorable.cpu())
         self._k15_gathered_rewards = rewards_per_func
         self._k15_scorable = scorable

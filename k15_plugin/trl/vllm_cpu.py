@@ -32,16 +32,39 @@ logger = logging.getLogger(__name__)
 _PATCHED_ATTR = "_k15_keeps_weights"
 
 
-def keep_linear_weights_on_vllm_cpu() -> bool:
-    """Install the keep-the-weights dispatch if vLLM is installed and runs on CPU; True when it is in place.
-
-    Call it before the vLLM engine is built (the dispatch runs while the model loads). Idempotent.
-    """
+def _on_vllm_cpu() -> bool:
+    """True when vLLM is installed and runs on its CPU platform."""
     if importlib.util.find_spec("vllm") is None:
         return False
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
+    return current_platform.is_cpu()
+
+
+def run_vllm_cpu_eagerly() -> bool:
+    """On vLLM's CPU platform, skip torch.compile/inductor (see the module docstring); True when vLLM runs on CPU.
+
+    ``VLLM_CPU_CI_ENV=1`` unless the user set it, and the plain sampling helper in place of the compiled one. Call it
+    before the engine is built, in the process that runs the model. Idempotent. Also used by the offline commands'
+    vLLM backend (:class:`k15_plugin.jobs.Generator`).
+    """
+    if not _on_vllm_cpu():
+        return False
+    if os.environ.setdefault("VLLM_CPU_CI_ENV", "1") == "1":  # read when the engine's config is built
+        import vllm.v1.sample.ops.topk_topp_sampler as sampler_ops
+
+        compiled = sampler_ops.compiled_random_sample
+        sampler_ops.compiled_random_sample = getattr(compiled, "_torchdynamo_orig_callable", compiled)
+    return True
+
+
+def keep_linear_weights_on_vllm_cpu() -> bool:
+    """Install the keep-the-weights dispatch if vLLM is installed and runs on CPU; True when it is in place.
+
+    Call it before the vLLM engine is built (the dispatch runs while the model loads). Idempotent. Also runs the
+    model eagerly (:func:`run_vllm_cpu_eagerly`).
+    """
+    if not _on_vllm_cpu():
         return False
     import vllm.model_executor.layers.utils as layer_utils
 
@@ -57,10 +80,6 @@ def keep_linear_weights_on_vllm_cpu() -> bool:
     setattr(dispatch_keeping_weight, _PATCHED_ATTR, True)
     # linear.py and vocab_parallel_embedding.py import the function from this module at call time.
     layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
-    if os.environ.setdefault("VLLM_CPU_CI_ENV", "1") == "1":  # read when the engine's config is built
-        import vllm.v1.sample.ops.topk_topp_sampler as sampler_ops
-
-        compiled = sampler_ops.compiled_random_sample
-        sampler_ops.compiled_random_sample = getattr(compiled, "_torchdynamo_orig_callable", compiled)
+    run_vllm_cpu_eagerly()
     logger.info("vLLM CPU platform: linear weights kept in place so TRL's weight sync reaches them")
     return True
