@@ -576,8 +576,8 @@ def test_batch_sizes_follow_the_policy_ranks_openrlhf_starts(tmp_path):
 
 
 def test_step_counted_settings_become_rollout_batches_as_on_verl(tmp_path):
-    """k15-train counts optimizer steps (TRL's); OpenRLHF's controller counts rollout batches: kimi_md's 2 passes make
-    2 optimizer steps per rollout batch, so a 5-step warm-up is 3 rollout batches (rounded up), as the verl door does."""
+    """k15-train counts optimizer steps (TRL's); OpenRLHF's controller counts rollout batches: kimi_md's 2 passes
+    make 2 optimizer steps per rollout batch, so a 5-step warm-up is 3 rollout batches (rounded up), as on verl."""
     steps = ["reward=length_penalty", "reward.length_penalty.warmup_steps=5", "reward.length_penalty.ramp_steps=4"]
     curriculum = ["sampler=curriculum", "sampler.switch_step=7", "sampler.ramp_steps=9"]
     plan = _plan(tmp_path, ["algorithm=kimi_md", *steps, *curriculum])
