@@ -1,9 +1,10 @@
 """Partial rollouts against full rollouts: throughput end to end and of generation, padding, staleness, accuracy.
 
-    python -m bench.partial_rollouts                          # long-tailed demo: 6 arms x 6 seeds, one run at a time
-    python -m bench.partial_rollouts --quick                  # 4 arms x 2 seeds, fewer rollout batches
-    python -m bench.partial_rollouts --task demo_chain        # chained addition: 6 arms x 6 seeds
-    python -m bench.partial_rollouts --task demo_chain --quick
+    python -m bench.partial_rollouts                          # long-tailed demo: 6 arms x 6 seeds, one run at a
+                                                              # time (~35 min on an idle 2-core machine, estimated)
+    python -m bench.partial_rollouts --quick                  # 4 arms x 2 seeds, fewer rollout batches (~6 min)
+    python -m bench.partial_rollouts --task demo_chain        # chained addition: 6 arms x 6 seeds (~1.5 h)
+    python -m bench.partial_rollouts --task demo_chain --quick                      # ~15 min
     python -m bench.partial_rollouts --arms full,partial,token_mask,sequence_mask   # any arms of ARMS (full needed)
     python -m bench.partial_rollouts --smoke [--task demo_chain]                    # seconds; what the suite runs
 
