@@ -106,7 +106,7 @@ TASKS = {
         "smoke": {"max_tokens": 24, "segment": 12, "rows": 16, "heldout": 14, "train": 200},
     },
 }
-# Arms: partial rollouts with one option changed (full and fresh: arm_options).
+# Arms beside full: partial rollouts (segments of the setting's size) with at most one option changed (arm_options).
 VARIANTS = {
     "partial": {},
     "token_is": {"rollout_correction": "token_is"},
