@@ -21,7 +21,14 @@ import torch
         ("length_penalty", ["tokens_ratio", "accuracy_delta"]),
         ("gpu_step", ["step_time_ratio", "weights_changed_by_one_lr1e-6_step", "k15_train"]),
         ("sandbox", ["programs_per_second", "allowlist_per_core"]),
-        ("partial_rollouts", ["throughput_ratio", "generation_throughput_ratio", "accuracy_delta", "seeds"]),
+        (
+            "partial_rollouts",
+            ["throughput_ratio", "generation_throughput_ratio", "accuracy_delta", "accuracy_delta_stderr", "seeds"],
+        ),
+        (
+            "partial_rollouts --task demo_chain",
+            ["throughput_ratio", "generation_throughput_ratio", "accuracy_delta", "ess", "padding_share", "task"],
+        ),
         ("long2short", ["long", "methods", "best", "best_tokens_ratio", "best_accuracy_delta", "seeds"]),
         (
             "ablations",
@@ -53,6 +60,9 @@ def test_benchmark_smoke(bench, keys, monkeypatch, capsys):
     assert last["bench"] == bench
     for key in keys:
         assert key in last, key
+    if bench == "partial_rollouts":  # a block per arm, each non-full arm paired with full and costed
+        assert {"full", "partial"} <= set(last["arms"]) and last["task"] == (args[1] if args else "longtail")
+        assert {"accuracy_delta_stderr", "throughput_ratio", "cost_model"} <= set(last["arms"]["partial"])
     if bench == "gpu_step":  # the real k15-train run inside it went through, and every check of the run held
         assert last["k15_train"]["ok"], last["k15_train"]
         assert last["ok"], last["checks"]
@@ -77,3 +87,12 @@ def test_run_jobs_resumes_from_its_cache(tmp_path):
     assert calls == [*jobs, ("a", 2)] and again == [*first, {"arm": "a", "seed": 2, "value": 20}]
     assert run_jobs("unused", one_run, [("a", 2)], 0, cache) == [again[2]] and len(calls) == 3  # kept after the cut
     assert run_jobs("unused", one_run, [("a", 1)], 0, None) == [first[1]] and calls[-1] == ("a", 1)
+
+
+def test_partial_rollouts_cost_model():
+    from bench.partial_rollouts import end_to_end_gain
+
+    # generation 18 % of a step, 3.3x faster: 1 / (0.82 + 0.18 / 3.3) = 1 / 0.874545... = 1.1435
+    assert end_to_end_gain(0.18, 3.3) == pytest.approx(1.1435, abs=1e-4)
+    assert end_to_end_gain(0.9, 2.0) == pytest.approx(1 / 0.55)  # 0.1 + 0.45
+    assert end_to_end_gain(0.7, 1.0) == 1.0  # no generation speed-up, no gain
