@@ -117,6 +117,33 @@ def test_shipped_sum3_checkpoints_match_their_records():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The chain task
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_chain_heldout_prompts_cover_every_k_first():
+    from k15_plugin.long2short.data import task_prompts
+
+    rows = task_prompts("demo_chain", None, "heldout", None).rows  # the chain's held-out rows come sorted by k
+    assert len(rows) == 700 and {r["prompt"] for r in rows[:14]} != {r["prompt"] for r in rows[-14:]}
+    assert [r["prompt"].count("+") + 1 for r in rows[:14]] == [2, 3, 4, 5, 6, 7, 8] * 2  # round-robin over k
+    assert all(str(sum(map(int, r["prompt"][:-1].split("+")))) == r["answer"] for r in rows)
+
+
+def test_chain_long_short_pair_is_built_once_and_reused(tmp_path):
+    from k15_plugin.data.build.make_chain_long2short_checkpoints import _built, build, recipe
+
+    small = {"long_steps": 1, "short_steps": 1, "measure_size": 7}
+    first = build(tmp_path / "long", tmp_path / "short", **small)
+    assert not first["reused"] and first["long"]["recipe"] == recipe(long_steps=1, short_steps=1)
+    assert first["short"]["init_from"] == "long" and first["long"]["heldout_size"] == 7
+    weights = (tmp_path / "short" / "model.safetensors").read_bytes()
+    again = build(tmp_path / "long", tmp_path / "short", **small)
+    assert again["reused"] and (tmp_path / "short" / "model.safetensors").read_bytes() == weights
+    assert _built(tmp_path / "short", recipe(long_steps=1, short_steps=2)) is None  # another recipe: built anew
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # merge
 # ----------------------------------------------------------------------------------------------------------------------
 
