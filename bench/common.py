@@ -142,10 +142,11 @@ def demo_task(seed: int = 0, filler: bool = False):
     return model, tokenizer, train, heldout, [ArithmeticReward(tokenizer, allow_filler=filler)]
 
 
-def write_json_line(obj: dict, save: bool = True, machine_info: str | None = None) -> None:
-    """The benchmark's last line: one JSON object (also saved as bench/results/<bench>.json unless ``save`` is off)."""
+def write_json_line(obj: dict, save: bool = True, machine_info: str | None = None, name: str | None = None) -> None:
+    """The benchmark's last line: one JSON object (also saved as bench/results/<name>.json, ``name`` defaulting to
+    the object's ``bench``, unless ``save`` is off)."""
     obj = {**obj, "date": time.strftime("%Y-%m-%d"), "machine": machine_info or machine()}
     if save:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{obj['bench']}.json").write_text(json.dumps(obj, indent=2) + "\n")
+        (RESULTS / f"{name or obj['bench']}.json").write_text(json.dumps(obj, indent=2) + "\n")
     print(json.dumps(obj), flush=True)

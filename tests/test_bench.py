@@ -22,7 +22,11 @@ import torch
         ("gpu_step", ["step_time_ratio", "weights_changed_by_one_lr1e-6_step", "k15_train"]),
         ("sandbox", ["programs_per_second", "allowlist_per_core"]),
         ("partial_rollouts", ["throughput_ratio", "generation_throughput_ratio", "accuracy_delta", "seeds"]),
-        ("long2short", ["long", "methods", "best", "best_tokens_ratio", "best_accuracy_delta", "seeds"]),
+        ("long2short", ["long", "methods", "best", "best_tokens_ratio", "best_accuracy_delta", "seeds", "task"]),
+        (
+            "long2short --task demo_chain",
+            ["long", "methods", "best", "best_tokens_ratio", "best_accuracy_delta", "seeds", "task", "models_built"],
+        ),
         (
             "ablations",
             [
@@ -37,8 +41,9 @@ import torch
     ],
 )
 def test_benchmark_smoke(bench, keys, monkeypatch, capsys):
+    bench, *options = bench.split()  # a benchmark's name, then options of its own
     module = importlib.import_module(f"bench.{bench}")
-    monkeypatch.setattr(sys, "argv", [f"bench.{bench}", "--smoke"])
+    monkeypatch.setattr(sys, "argv", [f"bench.{bench}", "--smoke", *options])
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")  # for the processes a benchmark starts
     try:
         module.main()
@@ -48,6 +53,8 @@ def test_benchmark_smoke(bench, keys, monkeypatch, capsys):
     assert last["bench"] == bench
     for key in keys:
         assert key in last, key
+    if "--task" in options:  # the task the options chose
+        assert last["task"] == options[options.index("--task") + 1]
     if bench == "gpu_step":  # the real k15-train run inside it went through
         assert last["k15_train"]["ok"], last["k15_train"]
 
