@@ -155,8 +155,8 @@ def chain_task(seed: int = 0, heldout_size: int = 700, num_train: int = 10_000):
 
 
 def write_json_line(obj: dict, save: bool = True, machine_info: str | None = None, name: str | None = None) -> None:
-    """The benchmark's last line: one JSON object (also saved as bench/results/<name>.json, ``name`` defaulting to the
-    object's ``bench``, unless ``save`` is off)."""
+    """The benchmark's last line: one JSON object (also saved as bench/results/<name>.json, ``name`` defaulting to
+    the object's ``bench``, unless ``save`` is off)."""
     obj = {**obj, "date": time.strftime("%Y-%m-%d"), "machine": machine_info or machine()}
     if save:
         RESULTS.mkdir(exist_ok=True)

@@ -158,6 +158,7 @@ def test_adapters_never_import_each_other():
     [
         "k15_plugin.core.settings",
         "k15_plugin.core.optimizer",
+        "k15_plugin.core.long2short",
         "k15_plugin.rewards",
         "k15_plugin.rewards.answer",
         "k15_plugin.rewards.code",

@@ -117,6 +117,33 @@ def test_shipped_sum3_checkpoints_match_their_records():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The chain task
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_chain_heldout_prompts_cover_every_k_first():
+    from k15_plugin.long2short.data import task_prompts
+
+    rows = task_prompts("demo_chain", None, "heldout", None).rows  # the chain's held-out rows come sorted by k
+    assert len(rows) == 700 and {r["prompt"] for r in rows[:14]} != {r["prompt"] for r in rows[-14:]}
+    assert [r["prompt"].count("+") + 1 for r in rows[:14]] == [2, 3, 4, 5, 6, 7, 8] * 2  # round-robin over k
+    assert all(str(sum(map(int, r["prompt"][:-1].split("+")))) == r["answer"] for r in rows)
+
+
+def test_chain_long_short_pair_is_built_once_and_reused(tmp_path):
+    from k15_plugin.data.build.make_chain_long2short_checkpoints import _built, build, recipe
+
+    small = {"long_steps": 1, "short_steps": 1, "measure_size": 7}
+    first = build(tmp_path / "long", tmp_path / "short", **small)
+    assert not first["reused"] and first["long"]["recipe"] == recipe(long_steps=1, short_steps=1)
+    assert first["short"]["init_from"] == "long" and first["long"]["heldout_size"] == 7
+    weights = (tmp_path / "short" / "model.safetensors").read_bytes()
+    again = build(tmp_path / "long", tmp_path / "short", **small)
+    assert again["reused"] and (tmp_path / "short" / "model.safetensors").read_bytes() == weights
+    assert _built(tmp_path / "short", recipe(long_steps=1, short_steps=2)) is None  # another recipe: built anew
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # merge
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -316,7 +343,8 @@ def _samples_row(prompt, answer, samples):
 @pytest.fixture
 def samples_file(tmp_path):
     rows = [
-        # shortest correct: "102" (4 tokens); "46+56=102" (10 >= 1.5 x 4) is a correct negative, wrong ones too
+        # shortest correct: "102" (4 tokens); the correct "46+56=102" (10 >= 1.5 x 4) and the restated one (19) are
+        # negatives; the wrong "103" is not: it is no longer than the chosen answer (4 tokens)
         _samples_row(
             "12+34+56=",
             "102",
@@ -329,11 +357,17 @@ def samples_file(tmp_path):
         ),
         # only a truncated "correct-looking" sample: no positive, the row is dropped
         _samples_row("1+2+3=", "6", [("3+3=6", 5, False, True), ("7", 2, False, False)]),
-        # correct answers of 9 and 13 tokens: 13 < 1.5 x 9, so only the wrong one is a negative
+        # shortest correct of 9 tokens: the correct one of 13 < 1.5 x 9 is no negative, nor the wrong "61" (3 tokens,
+        # shorter); the wrong one of 18 tokens (longer) is
         _samples_row(
             "10+20+30=",
             "60",
-            [("30+30=60", 9, True, False), ("10+20=30+30=60", 13, True, False), ("61", 3, False, False)],
+            [
+                ("30+30=60", 9, True, False),
+                ("10+20=30+30=60", 13, True, False),
+                ("61", 3, False, False),
+                ("10+20+30=30+30=61", 18, False, False),
+            ],
         ),
     ]
     return _write(tmp_path / "samples.jsonl", rows)
@@ -360,13 +394,28 @@ def test_build_dpo_pairs_follow_the_paper(samples_file, tmp_path):
     pairs = [(r["prompt"], r["chosen"], r["rejected"], r["rejected_correct"]) for r in _read(out)]
     assert pairs == [
         ("12+34+56=", "102", "12+34+56=46+56=102", True),
-        ("12+34+56=", "102", "103", False),
         ("12+34+56=", "102", "46+56=102", True),
-        ("10+20+30=", "30+30=60", "61", False),
+        ("10+20+30=", "30+30=60", "10+20+30=30+30=61", False),
     ]
-    assert summary["pairs"] == 4 and summary["rejected_correct"] == 2 and summary["dropped_no_correct"] == 1
+    assert summary["rule"] == "paper" and summary["pairs"] == 3 and summary["rejected_correct"] == 2
+    assert summary["dropped_no_correct"] == 1 and summary["rejected_not_longer"] == 0
     one = tmp_path / "one.jsonl"
     assert run(["build-dpo", "--samples", str(samples_file), "--output", str(one)])["pairs"] == 2  # one per prompt
+
+
+def test_build_dpo_any_wrong_pairs_every_wrong_sample(samples_file, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    args = ["build-dpo", "--samples", str(samples_file), "--output", str(out), "--pairs-per-prompt", "all"]
+    summary = run([*args, "--rule", "any_wrong"])
+    pairs = [(r["chosen"], r["rejected"], r["chosen_tokens"], r["rejected_tokens"]) for r in _read(out)]
+    assert pairs == [
+        ("102", "12+34+56=46+56=102", 4, 19),
+        ("102", "103", 4, 4),  # a wrong answer as long as the chosen one
+        ("102", "46+56=102", 4, 10),
+        ("30+30=60", "61", 9, 3),  # a wrong answer shorter than the chosen one
+        ("30+30=60", "10+20+30=30+30=61", 9, 18),
+    ]
+    assert summary["rule"] == "any_wrong" and summary["pairs"] == 5 and summary["rejected_not_longer"] == 2
 
 
 def test_build_refusals(tmp_path, capsys):
@@ -377,6 +426,13 @@ def test_build_refusals(tmp_path, capsys):
     wrong = _write(tmp_path / "w.jsonl", [_samples_row("1+2=", "3", [("4", 2, False, False)])])
     assert "no prompt has a correct sample" in _error(
         ["build-dpo", "--samples", str(wrong), "--output", str(tmp_path / "o.jsonl")], capsys
+    )
+    # the only wrong answer is as short as the correct one: no negative under the paper's rule
+    short_wrong = _write(
+        tmp_path / "s.jsonl", [_samples_row("1+2=", "3", [("3", 2, True, False), ("4", 2, False, False)])]
+    )
+    assert "no prompt has a correct sample with a negative" in _error(
+        ["build-dpo", "--samples", str(short_wrong), "--output", str(tmp_path / "o.jsonl")], capsys
     )
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -457,7 +513,8 @@ def test_dpo_trains_with_the_sft_term(tiny_models, tmp_path):
         for a, b, c in [(1, 2, 3), (10, 20, 30), (5, 5, 5), (7, 8, 9)]
     ]
     data = _write(tmp_path / "pairs.jsonl", rows)
-    summary = run(_finetune_args("dpo", tiny_models["a"], data, tmp_path / "dpo", "--set", "max_steps=3"))
+    args = _finetune_args("dpo", tiny_models["a"], data, tmp_path / "dpo", "--set", "max_steps=3")
+    summary = run([*args, "--loss", "sigmoid,sft"])
     assert summary["steps"] == 3
     record = json.loads((tmp_path / "dpo" / "long2short.json").read_text())
     assert record["job"]["settings"]["loss_type"] == ["sigmoid", "sft"]
@@ -552,3 +609,10 @@ def test_eval_refusals(tiny_models, tmp_path, capsys):
         ["report", "--eval", str(rows), "--reference", "long", "--output", str(tmp_path / "r.md")], capsys
     )
     assert not (tmp_path / "r.md").exists()
+
+
+def test_dpo_defaults_to_the_papers_plain_sigmoid_loss():
+    from k15_plugin.long2short.cli import build_parser
+
+    args = build_parser().parse_args(["dpo", "--model", "m", "--data", "d.jsonl", "--output", "o"])
+    assert args.loss == "sigmoid"  # the paper's DPO has no SFT term; sigmoid,sft is the opt-in variant

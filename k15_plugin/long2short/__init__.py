@@ -5,8 +5,8 @@ Four methods, each on ordinary Hugging Face checkpoints and JSONL files (command
 * **merge** -- average the long model with a short one of the same ancestry (:func:`merge`, by mergekit);
 * **shortest rejection sampling** -- n samples per prompt from the long model, the shortest correct one kept and
   fine-tuned on (:func:`sample`, :func:`sft_rows`, :func:`finetune` with TRL's ``SFTTrainer``);
-* **DPO** -- the shortest correct sample against wrong ones and correct ones at least 1.5x longer
-  (:func:`dpo_rows`, :func:`finetune` with TRL's ``DPOTrainer``);
+* **DPO** -- the shortest correct sample against longer ones: wrong ones longer than it and correct ones at least
+  1.5x longer (:func:`dpo_rows`, :func:`finetune` with TRL's ``DPOTrainer``);
 * **long2short RL** -- a second RL phase with the length penalty and a shorter length limit
   (``k15-train experiment=long2short_rl``).
 

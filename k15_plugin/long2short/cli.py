@@ -3,9 +3,9 @@
     k15-long2short merge     --long L --short S --output DIR [--weight-long 0.5] [--method linear]
     k15-long2short sample    --model L (--task T | --input rows.jsonl) --output samples.jsonl [--n 8]
     k15-long2short build-sft --samples samples.jsonl --output sft.jsonl [--select shortest]
-    k15-long2short build-dpo --samples samples.jsonl --output pairs.jsonl [--ratio 1.5]
+    k15-long2short build-dpo --samples samples.jsonl --output pairs.jsonl [--ratio 1.5] [--rule paper]
     k15-long2short sft       --model L --data sft.jsonl --output DIR
-    k15-long2short dpo       --model L --data pairs.jsonl --output DIR [--loss sigmoid,sft]
+    k15-long2short dpo       --model L --data pairs.jsonl --output DIR [--loss sigmoid]
     k15-long2short eval      --models long=L rs=DIR ... (--task T | --input held_out.jsonl) --output eval.jsonl
     k15-long2short report    --eval eval.jsonl --reference long --output report.md [--plot fig.png]
 
@@ -23,6 +23,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from k15_plugin.core.long2short import DPO_RULES
 from k15_plugin.jobs import add_generation_arguments
 from k15_plugin.long2short.data import BUILTIN_TASKS, Long2ShortError
 from k15_plugin.rewards.registry import VERIFIERS
@@ -111,10 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
 
-    p = commands.add_parser("build-dpo", help="preference pairs: shortest correct vs wrong or 1.5x longer")
+    p = commands.add_parser("build-dpo", help="preference pairs: shortest correct vs longer wrong or 1.5x longer")
     p.add_argument("--samples", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--ratio", type=float, default=1.5, help="a correct sample this many times longer is a negative")
+    p.add_argument(
+        "--rule",
+        choices=list(DPO_RULES),
+        default="paper",
+        help="paper: wrong samples longer than the chosen one and correct ones --ratio times longer are negatives; "
+        "any_wrong: every wrong sample, shorter ones too (a variant to compare, not the paper's)",
+    )
     p.add_argument("--pairs-per-prompt", default="1", help="negatives drawn per prompt, or 'all'")
     p.add_argument("--seed", type=int, default=0)
 
@@ -126,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument(
         "--loss",
-        default="sigmoid,sft",
-        help="DPOConfig.loss_type terms, comma-separated, equal weights (sigmoid: plain DPO; sft adds the "
-        "chosen answer's likelihood)",
+        default="sigmoid",
+        help="DPOConfig.loss_type terms, comma-separated, equal weights (sigmoid, the default: plain DPO, the "
+        "paper's; sigmoid,sft adds the chosen answer's likelihood, which the paper does not)",
     )
 
     p = commands.add_parser("eval", help="accuracy and mean tokens, greedy and sampled, of several models")
@@ -210,7 +218,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if c == "build-sft":
             out, stats = sft_rows(rows, args.samples, args.select, args.seed)
         else:
-            out, stats = dpo_rows(rows, args.samples, args.ratio, _pairs_per_prompt(args.pairs_per_prompt), args.seed)
+            out, stats = dpo_rows(
+                rows, args.samples, args.ratio, _pairs_per_prompt(args.pairs_per_prompt), args.seed, args.rule
+            )
         if not out:
             raise Long2ShortError(
                 f"--samples {args.samples}: no prompt has a correct sample"

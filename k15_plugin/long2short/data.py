@@ -69,7 +69,11 @@ def task_prompts(
     seed: int = 0,
     need: Sequence[str] = ("prompt", "answer"),
 ) -> Prompts:
-    """The prompts of a built-in task's ``split`` (``train`` or ``heldout``) or of a JSONL file."""
+    """The prompts of a built-in task's ``split`` (``train`` or ``heldout``) or of a JSONL file.
+
+    ``num_prompts`` keeps the first N. A built-in held-out split with a ``difficulty`` column (the chain task's k) is
+    taken round-robin over the difficulties first, so that the first N cover every difficulty evenly (the chain's
+    held-out rows come sorted by k)."""
     if num_prompts is not None and num_prompts < 1:
         raise Long2ShortError(f"--num-prompts must be >= 1, got {num_prompts}")
     if task is not None:
@@ -80,6 +84,8 @@ def task_prompts(
         budget = builtin.max_new_tokens()
         ds = train if split == "train" else heldout
         rows = [{"prompt": p, "answer": a} for p, a in zip(ds["prompt"], ds["answer"], strict=True)]
+        if split != "train" and "difficulty" in ds.column_names:
+            rows = [rows[i] for i in _round_robin(ds["difficulty"])]
         source = f"task {task} ({split} split, seed {seed})" if split == "train" else f"task {task} (held-out split)"
         out = Prompts(rows, source, task, budget)
     else:
@@ -89,6 +95,15 @@ def task_prompts(
     if num_prompts is not None:
         out.rows = out.rows[:num_prompts]
     return out
+
+
+def _round_robin(levels: Sequence) -> list[int]:
+    """Row indices taking one row of each level in turn (levels in sorted order, rows in their order within it)."""
+    by_level: dict = {}
+    for i, level in enumerate(levels):
+        by_level.setdefault(level, []).append(i)
+    queues = [by_level[level] for level in sorted(by_level)]
+    return [q[j] for j in range(max(map(len, queues), default=0)) for q in queues if j < len(q)]
 
 
 # ----------------------------------------------------------------------------------------------------- scoring

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from k15_plugin.core.long2short import Sample, dpo_negatives, shortest_correct
+from k15_plugin.core.long2short import DPO_RULES, Sample, dpo_negatives, shortest_correct
 from k15_plugin.long2short.data import Long2ShortError
 
 SELECT = ("shortest", "random")
@@ -72,20 +72,28 @@ def sft_rows(rows: list[dict], path: str, select: str = "shortest", seed: int = 
 
 
 def dpo_rows(
-    rows: list[dict], path: str, ratio: float = 1.5, pairs_per_prompt: int | None = 1, seed: int = 0
+    rows: list[dict],
+    path: str,
+    ratio: float = 1.5,
+    pairs_per_prompt: int | None = 1,
+    seed: int = 0,
+    rule: str = "paper",
 ) -> tuple[list[dict], dict]:
-    """DPO pairs: chosen = the shortest correct sample; rejected = a wrong sample or a correct one at least ``ratio``
-    times longer (the paper's rule), ``pairs_per_prompt`` of them drawn at random per prompt (None: all).
-    Returns the rows and counts."""
+    """DPO pairs: chosen = the shortest correct sample; rejected = one of its negatives under ``rule``
+    (:func:`~k15_plugin.core.long2short.dpo_negatives`; ``paper``: a wrong sample longer than the chosen one or a
+    correct one at least ``ratio`` times longer; ``any_wrong``: any wrong sample, shorter ones too),
+    ``pairs_per_prompt`` of them drawn at random per prompt (None: all). Returns the rows and counts."""
     if not ratio >= 1:
         raise Long2ShortError(f"--ratio must be >= 1, got {ratio}")
+    if rule not in DPO_RULES:
+        raise Long2ShortError(f"--rule {rule}: not one of {list(DPO_RULES)}")
     if pairs_per_prompt is not None and pairs_per_prompt < 1:
         raise Long2ShortError(f"--pairs-per-prompt must be >= 1 or 'all', got {pairs_per_prompt}")
     rng = random.Random(seed)
     out, no_positive, no_negative = [], 0, 0
     for number, row in enumerate(rows, 1):
         samples = _samples(row, number, path)
-        positive, negatives = dpo_negatives(samples, ratio)
+        positive, negatives = dpo_negatives(samples, ratio, rule)
         if positive is None:
             no_positive += 1
             continue
@@ -107,9 +115,12 @@ def dpo_rows(
                 }
             )
     return out, {
+        "rule": rule,
         "prompts": len(rows),
         "pairs": len(out),
         "dropped_no_correct": no_positive,
         "dropped_no_negative": no_negative,
         "rejected_correct": sum(r["rejected_correct"] for r in out),
+        # pairs whose rejected answer is no longer than the chosen one (none under the paper's rule)
+        "rejected_not_longer": sum(r["rejected_tokens"] <= r["chosen_tokens"] for r in out),
     }

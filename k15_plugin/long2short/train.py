@@ -99,7 +99,7 @@ def finetune(
     save_steps: int,
     overrides: list[str] | None = None,
     beta: float = 0.1,
-    loss: str = "sigmoid,sft",
+    loss: str = "sigmoid",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
