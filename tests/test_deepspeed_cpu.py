@@ -48,6 +48,9 @@ def _launch(config: str, args: list[str], cwd: Path) -> subprocess.CompletedProc
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
     command += ["--main_process_port", str(_free_port()), *args]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    # DeepSpeed compiles its CPU ops on first use into a folder named after the op only, with this environment's
+    # paths: one folder per environment, or each environment rebuilds what the other built (minutes)
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
