@@ -417,3 +417,24 @@ def test_distributed_launch_shares_one_run_directory(tmp_path):
     assert summary["eval_accuracy_before"] == pytest.approx(evaluate_greedy(model, tokenizer, heldout)["accuracy"])
     assert (run_dir / "checkpoint-2").is_dir()
     assert result.stdout.count("held-out accuracy") == 1  # the final line comes from the main process only
+
+
+def test_use_cpu_under_a_deepspeed_launch_is_refused(tmp_path, monkeypatch, capsys):
+    """accelerate's cpu=True skips DeepSpeed: the run would be plain CPU DDP under a DeepSpeed config."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    code, stderr = main_before_the_job(["launcher=accelerate_deepspeed_zero3"], tmp_path, monkeypatch, capsys)
+    assert_one_line(code, stderr, "trainer.use_cpu=true turns DeepSpeed off", tmp_path)
+
+
+def test_deepspeed_without_a_gpu_runs_over_gloo(composer, monkeypatch):
+    """accelerate 1.16 has no default backend for the CPU and would count one process; DeepSpeed's CPU accelerator
+    uses gloo (tests/test_deepspeed_cpu.py runs it)."""
+    import torch
+
+    from k15_plugin.cli.hosts.trl import training_spec
+
+    cfg = composer(["launcher=accelerate_deepspeed_zero3", "trainer.use_cpu=false"])
+    assert "ddp_backend" not in training_spec(cfg, "unused").kwargs  # not launched with DeepSpeed
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    expected = "gloo" if torch.accelerator.current_accelerator() is None else None
+    assert training_spec(cfg, "unused").kwargs.get("ddp_backend") == expected

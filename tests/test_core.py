@@ -321,3 +321,16 @@ def test_an_optimizer_reset_makes_the_next_step_a_fresh_optimizers_first(reset):
         o.step()
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_in_place_reset_refuses_optimizer_state_swapped_to_nvme():
+    """DeepSpeed ZeRO-3 with the optimizer offloaded to NVMe empties the state tensors between steps and reads the
+    moments back from disk at the next one: zeroing them in place would change nothing, so it is refused."""
+    from types import SimpleNamespace
+
+    from k15_plugin.core.optimizer import zero_optimizer_state
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="offloaded to NVMe"):
+        zero_optimizer_state(SimpleNamespace(optimizer=opt, swap_optimizer=True))
+    assert zero_optimizer_state(SimpleNamespace(optimizer=opt, swap_optimizer=False)) == 0  # no state yet

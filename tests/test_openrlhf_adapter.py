@@ -10,6 +10,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace as NS
 
 import pytest
@@ -419,6 +420,49 @@ def test_reset_optimizer_moments_equals_a_fresh_optimizer_inside_a_zero_wrapper(
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(TypeError, match="not a torch optimizer"):
         k15_trainer.reset_optimizer_moments(NS(optimizer=object()))
+
+
+def test_the_policy_actor_resets_a_real_deepspeed_engine_in_place(tmp_path):
+    """The actor's reset on the optimizer ``deepspeed.initialize`` returns, built from OpenRLHF's own DeepSpeed config
+    (ZeRO-2, ZeRO-3, ZeRO-3 with adam_offload's DeepSpeedCPUAdam; one process, gloo, DeepSpeed's CPU accelerator): the
+    state is zeroed in place, the update after it is a fresh AdamW's first, and DeepSpeed still reads the moments the
+    optimizer holds (``tests/openrlhf_deepspeed_reset.py``; a process of its own, for its process group)."""
+    import os
+    import socket
+
+    pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1",
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    # DeepSpeed compiles its CPU ops on first use into a folder named after the op only, with this environment's
+    # paths: one folder per environment, or each environment rebuilds what the other built (minutes)
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    script = Path(__file__).with_name("openrlhf_deepspeed_reset.py")
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = {r["name"]: r for r in map(json.loads, result.stdout.splitlines()[-3:])}
+    assert {n: (r["zero_optimizer"], r["optimizer"]) for n, r in runs.items()} == {
+        "zero2": ("DeepSpeedZeroOptimizer", "AdamW"),
+        "zero3": ("DeepSpeedZeroOptimizer_Stage3", "AdamW"),
+        "zero3_adam_offload": ("DeepSpeedZeroOptimizer_Stage3", "DeepSpeedCPUAdam"),
+    }
+    for name, run in runs.items():
+        assert run["resets"] == 1 and run["in_place"] and run["steps"] == [1], name
+        assert run["fresh_error"] < 1e-4 and run["fresh_error_without_reset"] > 0.1, name
+        assert run["moments_seen_by_deepspeed"] == pytest.approx(run["moments_held"], rel=1e-6), name
 
 
 def test_the_policy_actor_swaps_the_loss_and_resets_before_each_update(monkeypatch):

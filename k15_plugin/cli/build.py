@@ -123,6 +123,11 @@ def in_rollout_batches(steps: int, per_batch: int) -> int:
     return -(-int(steps) // per_batch)
 
 
+def deepspeed_launched() -> bool:
+    """Whether this process was started by ``accelerate launch`` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+
+
 def check_ranges(cfg: DictConfig) -> None:
     """Check the values TRL or a host would accept silently or name badly (:data:`_RANGES`, and the rules that tie
     several keys together); raises :class:`~k15_plugin.errors.ConfigError` naming the Hydra key."""
@@ -162,6 +167,12 @@ def check_ranges(cfg: DictConfig) -> None:
             f"model.dtype={m.dtype} trains the weights in {m.dtype} (small updates round away): use "
             "model.dtype=float32 with trainer.bf16=true (bf16 compute, fp32 weights), model.lora.enabled=true, or a "
             "DeepSpeed launcher"
+        )
+    if t.use_cpu and deepspeed_launched():
+        # accelerate's cpu=True skips DeepSpeed altogether: the run would be plain CPU DDP under a DeepSpeed config
+        raise ConfigError(
+            "trainer.use_cpu=true turns DeepSpeed off (accelerate runs plain CPU DDP): set trainer.use_cpu=false; "
+            "on a machine without a GPU DeepSpeed runs on its CPU accelerator"
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
         raise ConfigError(

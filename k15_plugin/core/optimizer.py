@@ -3,7 +3,8 @@
 Two ways, for two kinds of host: :func:`clear_optimizer_state` drops the per-parameter state (Adam's moments and step
 counts), so the next ``step()`` is a freshly built optimizer's first (TRL through accelerate, verl's FSDP engines);
 :func:`zero_optimizer_state` zeroes it in place, for optimizers whose state tensors are referenced elsewhere
-(DeepSpeed's ZeRO partitions and CPU-offloaded buffers, as in OpenRLHF). Learning rates and schedules are untouched.
+(DeepSpeed's ZeRO optimizers, whose ZeRO-1/2 views of the moments are taken once, and CPU-offloaded buffers: OpenRLHF,
+and TRL under DeepSpeed). Learning rates and schedules are untouched.
 """
 
 from __future__ import annotations
@@ -38,11 +39,18 @@ def zero_optimizer_state(optimizer) -> int:
     ``optimizer`` is a torch optimizer or a wrapper holding one as ``.optimizer`` (DeepSpeed's ZeRO optimizers); a
     ZeRO-3 wrapper's ``backup_optimizer`` (the torch optimizer of the sub-groups kept on the GPU under a partial
     optimizer offload) is zeroed too. With the moments and the step at 0 the next update is a freshly built
-    optimizer's first. Returns the number of tensors zeroed; raises ``TypeError`` when no torch optimizer is found.
+    optimizer's first. Returns the number of tensors zeroed; raises ``TypeError`` when no torch optimizer is found,
+    and ``ValueError`` for a ZeRO-3 wrapper that swaps the state to NVMe (``swap_optimizer``): between steps its
+    tensors are empty and the next step reads the old moments back from disk.
     """
     base = getattr(optimizer, "optimizer", optimizer)
     if not isinstance(base, torch.optim.Optimizer):
         raise TypeError(f"cannot reset the state of a {type(base).__name__}: not a torch optimizer")
+    if getattr(optimizer, "swap_optimizer", False) is True:
+        raise ValueError(
+            "the optimizer reset cannot reach optimizer state offloaded to NVMe (DeepSpeed ZeRO-3 "
+            "offload_optimizer.device=nvme): offload it to cpu, or turn the reset off"
+        )
     backup = getattr(optimizer, "backup_optimizer", None) if base is not optimizer else None
     zeroed = 0
     for each in (base, backup if isinstance(backup, torch.optim.Optimizer) else None):

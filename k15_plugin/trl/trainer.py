@@ -40,7 +40,7 @@ from k15_plugin.core import (
     mirror_descent_terms,
     sequence_logps,
 )
-from k15_plugin.core.optimizer import clear_optimizer_state
+from k15_plugin.core.optimizer import clear_optimizer_state, zero_optimizer_state
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
 from k15_plugin.trl.partial import TOKEN_WEIGHTS, K15PartialRolloutMixin
 from k15_plugin.trl.samplers import K15SamplerMixin, check_sampler_dataset
@@ -312,7 +312,7 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
     (``log_z_estimator``) and log pi_i the log-probs of the policy that generated the batch. There is no value network
     and no fixed reference model (``beta`` must stay 0). Each rollout batch feeds
     ``num_iterations * steps_per_generation / gradient_accumulation_steps`` optimizer steps; the squared term keeps
-    the later ones close to pi_i, and the optimizer state is cleared before the first
+    the later ones close to pi_i, and the optimizer state is reset before the first
     (``reset_optimizer_each_iteration``).
     With vLLM generation, TRL's importance-sampling ratio pi_i / pi_vllm weights each sample's loss. With partial
     rollouts, ``rollout_correction`` weights the policy-gradient term of tokens from older policies per token
@@ -379,12 +379,21 @@ class KimiMirrorDescentTrainer(K15GRPOTrainer):
         return False  # the mirror-descent baseline does not scale rewards
 
     def _reset_optimizer_state(self) -> None:
-        """Clear the optimizer's moments and step counts (paper: reset at every iteration); lr schedule untouched.
+        """Reset the optimizer's moments and step counts (paper: reset at every iteration); lr schedule untouched.
 
-        Accelerate's ``AcceleratedOptimizer`` and DeepSpeed's ZeRO optimizers expose the inner optimizer's ``state``
-        as their own, so clearing it clears the real one.
+        A plain optimizer loses its per-parameter state (accelerate's ``AcceleratedOptimizer`` exposes the inner
+        one's), so the next ``step()`` is a freshly built optimizer's first. Under DeepSpeed the state is zeroed in
+        place instead, on the ZeRO optimizer accelerate wraps: ZeRO-1/2 (and DeepSpeed's bf16 optimizer) read the
+        moments through views of the state tensors taken at the first step (``safe_get_full_optimizer_state``,
+        universal checkpoints), which replaced tensors would leave on the moments from before the reset.
         """
-        if self.optimizer is not None and clear_optimizer_state(self.optimizer):
+        if self.optimizer is None:
+            return
+        if self.is_deepspeed_enabled:
+            reset = zero_optimizer_state(self.optimizer.optimizer)  # DeepSpeedOptimizerWrapper -> ZeRO optimizer
+        else:
+            reset = clear_optimizer_state(self.optimizer)
+        if reset:
             self._k15_resets += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

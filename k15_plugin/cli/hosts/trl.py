@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from k15_plugin.cli.build import ALGORITHM_PATHS, check_ranges, hydra_key, setting_value
+from k15_plugin.cli.build import ALGORITHM_PATHS, check_ranges, deepspeed_launched, hydra_key, setting_value
 from k15_plugin.errors import ConfigError
 from k15_plugin.trl.config import K15GRPOConfig, K15RLOOConfig, KimiMirrorDescentConfig
 
@@ -96,6 +96,10 @@ def _trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
         kwargs["save_steps"] = t.save_steps
         fields["save_steps"] = "trainer.save_steps"
     kwargs["disable_tqdm"] = True  # the CLI draws its own progress bar
+    if deepspeed_launched() and not t.use_cpu and not _has_accelerator():
+        # DeepSpeed on its CPU accelerator (no GPU): accelerate 1.16 finds no default backend for the CPU, and without
+        # one counts a single process (DeepSpeed then asserts on the batch size); gloo is what DeepSpeed uses there.
+        kwargs["ddp_backend"] = "gloo"
     # The k1.5 settings (length penalty, sampler, partial rollouts, repeat detection) as TRL's flat fields.
     for name, field_ in _K15_FLAT.items():
         path = field_.metadata["k15_path"]
@@ -104,6 +108,12 @@ def _trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
         kwargs[name] = setting_value(cfg, path)
         fields[name] = hydra_key(path)
     return kwargs, fields
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.accelerator.current_accelerator() is not None
 
 
 def training_spec(cfg: DictConfig, output_dir: str | os.PathLike) -> TrainingSpec:
