@@ -35,16 +35,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
-import time
 from pathlib import Path
 
 import torch
 
 from k15_plugin.data.arithmetic import DEMO_MODELS, WARM_START_FILE, load_demo_checkpoint
 from k15_plugin.data.build.make_chain_checkpoint import measure
-from k15_plugin.data.build.warm_start import causal_lm_loss, save_measured, sft_batch
+from k15_plugin.data.build.warm_start import finetune_on_formats, save_measured
 from k15_plugin.data.chain import completion, make_chain_datasets, max_new_tokens, parse_prompt
 
 INIT = "tiny_demo_chain"
@@ -60,30 +57,18 @@ MEASURE_SAMPLES = 4  # sampled completions per measured chain
 
 def finetune(model, tokenizer, prompts: list[str], mix: dict[str, float], steps: int, lr: float, seed: int) -> float:
     """Teacher forcing on ``prompt completion(format ~ mix) EOS`` for ``steps`` batches of :data:`BATCH` prompts
-    drawn from ``prompts``; returns the seconds it took."""
-    rng = random.Random(seed)
-    names, weights = list(mix), list(mix.values())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = max(1, steps // 10)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    start = time.perf_counter()
-    model.train()
-    for _ in range(steps):
-        rows = [prompts[rng.randrange(len(prompts))] for _ in range(BATCH)]
-        targets = [completion(parse_prompt(p), rng.choices(names, weights)[0]) for p in rows]
-        loss = causal_lm_loss(model, *sft_batch(tokenizer, rows, targets))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    model.eval()
-    return time.perf_counter() - start
+    drawn from ``prompts`` (:func:`finetune_on_formats`); returns the seconds it took."""
+    return finetune_on_formats(
+        model,
+        tokenizer,
+        prompts,
+        mix,
+        lambda p, fmt: completion(parse_prompt(p), fmt),
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        batch=BATCH,
+    )
 
 
 def recipe(seed: int = SEED, long_steps: int = LONG_STEPS, short_steps: int = SHORT_STEPS) -> dict:

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
-import time
 from pathlib import Path
 
 import torch
 
 from k15_plugin.data.arithmetic import evaluate_greedy, generate_completions
-from k15_plugin.data.build.warm_start import build_model, build_tokenizer, causal_lm_loss, save_measured, sft_batch
+from k15_plugin.data.build.warm_start import build_model, build_tokenizer, finetune_on_formats, save_measured
 from k15_plugin.data.sum3 import (
     FORMATS,
     LONG_MIX,
@@ -49,32 +46,20 @@ def answer_format(text: str) -> str:
 
 
 def train(model, tokenizer, prompts: list[str], mix: dict[str, float], steps: int, lr: float, seed: int) -> float:
-    """Teacher forcing on ``prompt completion(format ~ mix) EOS``; returns the seconds it took."""
-    rng = random.Random(seed)
-    names, weights = list(mix), list(mix.values())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = max(1, steps // 10)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    start = time.perf_counter()
-    model.train()
-    for step in range(steps):
-        rows = [prompts[rng.randrange(len(prompts))] for _ in range(BATCH)]
-        targets = [completion(*parse_prompt(p), rng.choices(names, weights)[0]) for p in rows]
-        loss = causal_lm_loss(model, *sft_batch(tokenizer, rows, targets))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if (step + 1) % 100 == 0:
-            print(f"  step {step + 1}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f}s", flush=True)
-    model.eval()
-    return time.perf_counter() - start
+    """Teacher forcing on ``prompt completion(format ~ mix) EOS`` (:func:`finetune_on_formats`, batches of
+    :data:`BATCH`); returns the seconds it took."""
+    return finetune_on_formats(
+        model,
+        tokenizer,
+        prompts,
+        mix,
+        lambda p, fmt: completion(*parse_prompt(p), fmt),
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        batch=BATCH,
+        log_every=100,
+    )
 
 
 @torch.no_grad()
