@@ -7,6 +7,7 @@ message naming the Hydra key, the bad value and what is allowed.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,17 @@ STEP_SETTINGS = (
 def in_rollout_batches(steps: int, per_batch: int) -> int:
     """``steps`` optimizer steps (TRL's count) as rollout batches of ``per_batch`` optimizer steps, rounded up."""
     return -(-int(steps) // per_batch)
+
+
+def settings_in_rollout_batches(settings: K15Settings, per_batch: int) -> K15Settings:
+    """``settings`` with each of :data:`STEP_SETTINGS` counted in rollout batches of ``per_batch`` optimizer steps
+    (:func:`in_rollout_batches`): what the Ray hosts' controllers count."""
+    groups: dict[str, Any] = {}
+    for path in STEP_SETTINGS:
+        group, name = path.split(".")
+        node = groups.setdefault(group, getattr(settings, group))
+        groups[group] = replace(node, **{name: in_rollout_batches(getattr(node, name), per_batch)})
+    return replace(settings, **groups)
 
 
 def deepspeed_launched() -> bool:

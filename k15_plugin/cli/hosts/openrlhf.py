@@ -43,13 +43,13 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from k15_plugin.cli.build import STEP_SETTINGS, check_ranges, in_rollout_batches, k15_settings
+from k15_plugin.cli.build import check_ranges, k15_settings, settings_in_rollout_batches
 from k15_plugin.cli.hosts.tree import leaves, merged, set_dotted
 from k15_plugin.core.settings import RolloutSettings
 from k15_plugin.errors import ConfigError
@@ -92,12 +92,7 @@ def settings_of(cfg: DictConfig) -> OpenRLHFSettings:
     per_batch = max(1, int(t.steps_per_generation) // int(t.gradient_accumulation_steps)) * int(
         cfg.algorithm.num_iterations
     )
-    converted = {}
-    for path in STEP_SETTINGS:
-        group, name = path.split(".")
-        node = converted.setdefault(group, getattr(settings, group))
-        converted[group] = replace(node, **{name: in_rollout_batches(getattr(node, name), per_batch)})
-    settings = replace(settings, **converted)
+    settings = settings_in_rollout_batches(settings, per_batch)
     return OpenRLHFSettings(
         algorithm=cfg.algorithm.name, **{f.name: getattr(settings, f.name) for f in fields(settings)}
     )

@@ -112,7 +112,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from k15_plugin.cli.build import STEP_SETTINGS, check_ranges, hydra_key, in_rollout_batches, k15_settings
+from k15_plugin.cli.build import (
+    check_ranges,
+    hydra_key,
+    in_rollout_batches,
+    k15_settings,
+    settings_in_rollout_batches,
+)
 from k15_plugin.cli.hosts.tree import leaves, merged, set_dotted
 from k15_plugin.core.settings import K15Settings, RolloutSettings
 from k15_plugin.errors import ConfigError
@@ -321,7 +327,7 @@ def _algorithm_keys(cfg: DictConfig, put) -> None:
         )
 
 
-def _k15_keys(cfg: DictConfig, settings: K15Settings, per_batch: int, put) -> None:
+def _k15_keys(cfg: DictConfig, settings: K15Settings, put) -> None:
     def walk(obj, prefix: str) -> None:
         for f in fields(obj):
             value = getattr(obj, f.name)
@@ -334,9 +340,7 @@ def _k15_keys(cfg: DictConfig, settings: K15Settings, per_batch: int, put) -> No
             key = hydra_key(path)
             if OmegaConf.select(cfg, key) is None:
                 key = path.split(".", 1)[0] if "." in path else "algorithm"  # a default the config does not hold
-            if path in STEP_SETTINGS:
-                value = in_rollout_batches(value, per_batch)
-            elif path == "sampler.difficulty_column":
+            if path == "sampler.difficulty_column":
                 value = f"extra_info.{value}"
             put(f"algorithm.k15.{path}", value, key)
 
@@ -374,7 +378,7 @@ def derived(cfg: DictConfig, files: Path) -> tuple[str, dict, dict[str, str]]:
     shape = batch_shape(cfg)
     per_batch = shape["steps_per_batch"]
     _algorithm_keys(cfg, put)
-    _k15_keys(cfg, settings_of(cfg), per_batch, put)
+    _k15_keys(cfg, settings_in_rollout_batches(settings_of(cfg), per_batch), put)
 
     path, model_key, directory = _model_dir(cfg)
     put("actor_rollout_ref.model.path", path, model_key)
