@@ -241,19 +241,15 @@ def _schedule(name: str, steps: int) -> dict:
 def chain_evaluate(model, tokenizer, heldout) -> dict:
     """Greedy held-out accuracy on the chain task, overall, on the hard subset (k >= HARD_K) and per k, and the mean
     completion length (tokens, EOS included)."""
-    from k15_plugin.data.arithmetic import ArithmeticReward, generate_completions
+    from k15_plugin.data.arithmetic import greedy_scores, mean_by
     from k15_plugin.data.chain import max_new_tokens
 
-    reward = ArithmeticReward(tokenizer, allow_steps=True)
-    ids = generate_completions(model, tokenizer, list(heldout["prompt"]), max_new_tokens(), prompts_per_batch=500)
-    right = [reward.score(c, a) for c, a in zip(ids, heldout["answer"], strict=True)]
+    right, ids = greedy_scores(model, tokenizer, heldout, max_new_tokens(), prompts_per_batch=500, allow_steps=True)
     ks = list(heldout["difficulty"])
-    by_k = {k: statistics.mean(r for r, kk in zip(right, ks, strict=True) if kk == k) for k in sorted(set(ks))}
-    hard = [r for r, k in zip(right, ks, strict=True) if k >= HARD_K]
     return {
         "accuracy": statistics.mean(right),
-        "hard_accuracy": statistics.mean(hard),
-        "accuracy_by_k": {str(k): round(v, 4) for k, v in by_k.items()},
+        "hard_accuracy": statistics.mean(r for r, k in zip(right, ks, strict=True) if k >= HARD_K),
+        "accuracy_by_k": {str(k): round(v, 4) for k, v in mean_by(right, ks).items()},
         "mean_completion_tokens": statistics.mean(map(len, ids)),
     }
 

@@ -328,6 +328,38 @@ def greedy_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> di
     }
 
 
+def greedy_scores(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Dataset,
+    max_new_tokens: int,
+    prompts_per_batch: int = 500,
+    allow_filler: bool = False,
+    allow_steps: bool = False,
+) -> tuple[list[float], list[list[int]]]:
+    """Greedy completions of ``rows["prompt"]`` and their :class:`ArithmeticReward` scores against ``rows["answer"]``:
+    ``(scores, completion ids up to and including EOS)``, one each per row.
+
+    Prompts are left-padded with an attention mask, so ``generate`` derives position ids from the mask and scores
+    exactly what a sampled rollout would see. ``prompts_per_batch`` changes the padding, so a caller that records
+    its figures (a checkpoint's ``warm_start.json``) keeps its own value.
+    """
+    reward = ArithmeticReward(tokenizer, allow_filler=allow_filler, allow_steps=allow_steps)
+    completions = generate_completions(
+        model, tokenizer, list(rows["prompt"]), max_new_tokens, prompts_per_batch=prompts_per_batch
+    )
+    scores = [reward.score(ids, ans) for ids, ans in zip(completions, rows["answer"], strict=True)]
+    return scores, completions
+
+
+def mean_by(values: Sequence[float], keys: Sequence[Any]) -> dict[Any, float]:
+    """Mean of ``values`` per distinct key, keys sorted (accuracy per difficulty)."""
+    groups: dict[Any, list[float]] = {}
+    for v, k in zip(values, keys, strict=True):
+        groups.setdefault(k, []).append(v)
+    return {k: sum(groups[k]) / len(groups[k]) for k in sorted(groups)}
+
+
 def evaluate_greedy(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -337,23 +369,19 @@ def evaluate_greedy(
     allow_filler: bool = False,
     allow_steps: bool = False,
 ) -> dict[str, float]:
-    """Greedy held-out accuracy and mean completion length (tokens up to and including EOS).
+    """Greedy held-out accuracy and mean completion length (tokens up to and including EOS), by :func:`greedy_scores`.
 
-    Prompts are left-padded with an attention mask, so ``generate`` derives position ids from the mask and scores
-    exactly what a sampled rollout would see. Correctness uses :class:`ArithmeticReward` (``allow_filler`` selects
-    the filler variant). ``max_new_tokens`` defaults to the longest correct completion: 4, or 4 + 6 with filler
-    (more filler than that counts as wrong -- it would not fit). ``allow_steps``: worked answers are accepted (the
-    three-term task; pass ``max_new_tokens``).
+    ``allow_filler`` selects the filler variant of the checker. ``max_new_tokens`` defaults to the longest correct
+    completion: 4, or 4 + 6 with filler (more filler than that counts as wrong -- it would not fit).
+    ``allow_steps``: worked answers are accepted (the three-term and chain tasks; pass ``max_new_tokens``).
     """
     if max_new_tokens is None:
         max_new_tokens = _MAX_ANSWER_TOKENS + (6 if allow_filler else 0)
-    reward = ArithmeticReward(tokenizer, allow_filler=allow_filler, allow_steps=allow_steps)
-    prompts, answers = list(heldout_ds["prompt"]), list(heldout_ds["answer"])
-    completions = generate_completions(model, tokenizer, prompts, max_new_tokens, prompts_per_batch=batch_size)
-    correct = sum(reward.score(ids, ans) for ids, ans in zip(completions, answers, strict=True))
-    total_tokens = sum(map(len, completions))
-    n = max(len(prompts), 1)
-    return {"accuracy": correct / n, "mean_completion_tokens": total_tokens / n}
+    scores, completions = greedy_scores(
+        model, tokenizer, heldout_ds, max_new_tokens, batch_size, allow_filler=allow_filler, allow_steps=allow_steps
+    )
+    n = max(len(scores), 1)
+    return {"accuracy": sum(scores) / n, "mean_completion_tokens": sum(map(len, completions)) / n}
 
 
 @torch.no_grad()

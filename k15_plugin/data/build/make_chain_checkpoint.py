@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from k15_plugin.data.arithmetic import ArithmeticReward, generate_completions
+from k15_plugin.data.arithmetic import ArithmeticReward, generate_completions, greedy_scores, mean_by
 from k15_plugin.data.build.warm_start import build_model, build_tokenizer, causal_lm_loss, save_measured, sft_batch
 from k15_plugin.data.chain import FORMATS, completion, make_chain_datasets, max_new_tokens, parse_prompt
 
@@ -60,16 +60,12 @@ def measure(model, tokenizer, rows, samples: int = 0) -> dict:
     was_training = model.training
     model.eval()
     reward = ArithmeticReward(tokenizer, allow_steps=True)
-    prompts, answers, ks = list(rows["prompt"]), list(rows["answer"]), list(rows["difficulty"])
-    greedy = generate_completions(model, tokenizer, prompts, max_new_tokens(), prompts_per_batch=64)
-    scores = [reward.score(ids, a) for ids, a in zip(greedy, answers, strict=True)]
+    prompts, answers = list(rows["prompt"]), list(rows["answer"])
+    scores, greedy = greedy_scores(model, tokenizer, rows, max_new_tokens(), prompts_per_batch=64, allow_steps=True)
     out = {
         "accuracy": round(sum(scores) / len(scores), 4),
         "mean_tokens": round(sum(map(len, greedy)) / len(greedy), 2),
-        "accuracy_by_k": {
-            k: round(statistics.mean(s for s, kk in zip(scores, ks, strict=True) if kk == k), 4)
-            for k in sorted(set(ks))
-        },
+        "accuracy_by_k": {k: round(v, 4) for k, v in mean_by(scores, rows["difficulty"]).items()},
     }
     if samples:
         sampled = generate_completions(
