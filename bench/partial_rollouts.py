@@ -22,7 +22,10 @@ optimizer steps on each, from the same checkpoint and seeds):
 * ``full``: TRL's own generation, every trajectory to the end in one call (transformers ``generate`` keeps every row
   of the call busy until the longest is done);
 * ``partial``: ``rollout_segment_tokens`` per round, unfinished trajectories carried over to the next rollout batches,
-  no off-policy correction;
+  as the paper describes it (:data:`PAPER`: no off-policy correction, no staleness cap, the oldest finished groups
+  first, every token trained);
+* ``shipped``: ``rollout=partial`` with the defaults it ships with (the headline of the last line); not run while
+  they are ``partial``'s;
 * ``token_is``, ``token_mask``, ``sequence_mask``: ``partial`` with that ``rollout_correction`` at the default
   ``rollout_is_cap``;
 * ``admission`` (``rollout_emit_order="admission"``: batches in the prompts' arrival order, not the oldest finished
@@ -32,10 +35,11 @@ optimizer steps on each, from the same checkpoint and seeds):
 * ``fresh``: segments with ``rollout_prefill_batches=0``: each rollout batch generates round after round until its
   own groups have finished, nothing carried over (no stale tokens), finished rows leave the later rounds.
 
-By default :data:`DEFAULT_ARMS` (full, partial, token_is, admission, cap2_regenerate, fresh) over 6 seeds; ``--quick``
-:data:`QUICK_ARMS` over 2 seeds with fewer rollout batches (and 140 held-out chains on demo_chain); ``--arms`` picks
-any. Seed s runs every arm with the same data order and initial checkpoint (paired); a seed's arms run back to back,
-their order rotated by one from seed to seed, so a slow drift of the machine does not favour an arm.
+By default :data:`DEFAULT_ARMS` (full, partial, shipped, token_is, admission, cap2_regenerate, fresh) over 6
+seeds; ``--quick`` :data:`QUICK_ARMS` over 2 seeds with fewer rollout batches (and 140 held-out chains on
+demo_chain); ``--arms`` picks any. Seed s runs every arm with the same data order and initial checkpoint (paired);
+a seed's arms run back to back, their order rotated by one from seed to seed, so a slow drift of the machine does not
+favour an arm.
 
 **One run at a time** (``--workers`` 1, the default). Every run is timed, and two runs sharing a 2-core machine slow
 each other by amounts that depend on what runs beside them: an earlier version of this benchmark ran two at a time on
@@ -106,9 +110,20 @@ TASKS = {
         "smoke": {"max_tokens": 24, "segment": 12, "rows": 16, "heldout": 14, "train": 200},
     },
 }
-# Arms beside full: partial rollouts (segments of the setting's size) with at most one option changed (arm_options).
+# Arms beside full: partial rollouts (segments of the setting's size) as the paper describes them (PAPER: no
+# correction, no staleness cap, the oldest finished groups first, every token trained) with at most one option changed
+# (arm_options), written out in full so that a later change of the shipped defaults cannot reuse a cached run; and
+# "shipped", whatever `rollout=partial` resolves to today (the headline; skipped while it equals "partial").
+PAPER = {
+    "rollout_correction": "none",
+    "rollout_emit_order": "ready",
+    "rollout_max_staleness": 0,
+    "rollout_loss_mask": "all",
+    "rollout_prefill_batches": -1,
+}
 VARIANTS = {
     "partial": {},
+    "shipped": None,  # the config's defaults (shipped_options)
     "token_is": {"rollout_correction": "token_is"},
     "token_mask": {"rollout_correction": "token_mask"},
     "sequence_mask": {"rollout_correction": "sequence_mask"},
@@ -120,7 +135,7 @@ VARIANTS = {
     "fresh": {"rollout_prefill_batches": 0},  # nothing in flight between rollout batches: no stale tokens
 }
 ARMS = ("full", *VARIANTS)
-DEFAULT_ARMS = ("full", "partial", "token_is", "admission", "cap2_regenerate", "fresh")
+DEFAULT_ARMS = ("full", "partial", "shipped", "token_is", "admission", "cap2_regenerate", "fresh")
 QUICK_ARMS = ("full", "partial", "token_is", "admission")
 SMOKE_ARMS = ("full", "partial", "token_is", "fresh")
 SEEDS, QUICK_SEEDS = 6, 2
@@ -146,12 +161,33 @@ def warmup_batches(setting: dict) -> int:
     return 2 * setting["max_tokens"] // setting["segment"]
 
 
+def shipped_options() -> dict:
+    """The options of :data:`PAPER` (and the cap's action and ratio cap) as ``rollout=partial`` ships them."""
+    import dataclasses
+
+    from k15_plugin.trl import KimiMirrorDescentConfig
+
+    names = {*PAPER, "rollout_stale_action", "rollout_is_cap"}
+    return {f.name: f.default for f in dataclasses.fields(KimiMirrorDescentConfig) if f.name in names}
+
+
 def arm_options(arm: str, setting: dict) -> dict:
-    """The trainer options of ``arm`` (beyond what every arm shares): none for ``full``, else segments plus the arm's
-    :data:`VARIANTS` entry."""
+    """The trainer options of ``arm`` (beyond what every arm shares): none for ``full``, else segments plus
+    :data:`PAPER` and the arm's :data:`VARIANTS` entry (``shipped``: :func:`shipped_options`)."""
     if arm == "full":
         return {}
-    return {"rollout_segment_tokens": setting["segment"], **VARIANTS[arm]}
+    variant = shipped_options() if VARIANTS[arm] is None else {**PAPER, **VARIANTS[arm]}
+    return {"rollout_segment_tokens": setting["segment"], **variant}
+
+
+def same_as_partial(setting: dict) -> bool:
+    """Whether the shipped defaults train exactly as the ``partial`` arm (then ``shipped`` is not run again)."""
+    shipped, paper = arm_options("shipped", setting), arm_options("partial", setting)
+    if shipped["rollout_max_staleness"] == paper["rollout_max_staleness"] == 0:  # no cap: its action plays no part
+        shipped = {k: v for k, v in shipped.items() if k != "rollout_stale_action"}
+    if shipped["rollout_correction"] == paper["rollout_correction"] == "none":  # no correction: no ratio cap either
+        shipped = {k: v for k, v in shipped.items() if k != "rollout_is_cap"}
+    return shipped == paper
 
 
 LONG_SHARE = 0.5  # a trajectory at least this share of the length cap counts as long
@@ -547,6 +583,9 @@ def main() -> None:
         steps = warmup_batches(setting) + 2
     if cli.arms and not cli.smoke:
         arms = cli.arms.split(",")
+    if "shipped" in arms and same_as_partial(setting):
+        arms.remove("shipped")
+        print("shipped: rollout=partial's defaults are the partial arm's; not run twice", flush=True)
     seeds, steps = cli.seeds or seeds, cli.steps or steps
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or "full" not in arms or "partial" not in arms:
@@ -572,11 +611,11 @@ def main() -> None:
     print(text)
     befores = [r["before"]["accuracy"] for r in runs if r["before"] is not None]
     start_acc = _mean(befores)
-    headline = summary["partial"]
+    headline = summary["shipped" if "shipped" in summary else "partial"]
     result = {
         "bench": "partial_rollouts",
         "task": cli.task,
-        # the partial arm (no correction, no cap) against full
+        # rollout=partial as shipped (the partial arm while the defaults are the paper's) against full
         "throughput_ratio": headline["throughput_ratio"],
         "throughput_ratio_stderr": headline["throughput_ratio_stderr"],
         "generation_throughput_ratio": headline["generation_throughput_ratio"],

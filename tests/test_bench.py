@@ -102,3 +102,21 @@ def test_partial_rollouts_cost_model():
     assert end_to_end_gain(0.18, 3.3) == pytest.approx(1.1435, abs=1e-4)
     assert end_to_end_gain(0.9, 2.0) == pytest.approx(1 / 0.55)  # 0.1 + 0.45
     assert end_to_end_gain(0.7, 1.0) == 1.0  # no generation speed-up, no gain
+
+
+def test_partial_rollouts_arms_name_every_option(monkeypatch):
+    """Each partial arm writes out the paper's options, so a cached run is never reused after the shipped defaults
+    change; the shipped arm runs only when the defaults differ from the paper's."""
+    import bench.partial_rollouts as pr
+
+    setting = pr.TASKS["longtail"]["full"]
+    for arm in pr.ARMS[1:]:
+        assert set(pr.PAPER) <= set(pr.arm_options(arm, setting)), arm
+    assert pr.arm_options("token_is", setting)["rollout_correction"] == "token_is"
+    assert pr.arm_options("partial", setting)["rollout_correction"] == "none"
+    shipped = {**pr.PAPER, "rollout_is_cap": 3.0, "rollout_stale_action": "drop"}  # no cap, no correction: unused
+    monkeypatch.setattr(pr, "shipped_options", lambda: shipped)
+    assert pr.same_as_partial(setting)
+    monkeypatch.setattr(pr, "shipped_options", lambda: {**shipped, "rollout_correction": "token_is"})
+    assert not pr.same_as_partial(setting)
+    assert pr.arm_options("shipped", setting)["rollout_correction"] == "token_is"
