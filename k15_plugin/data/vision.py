@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,48 +213,80 @@ def generate_vision_completions(
     images: Sequence[Image.Image],
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 100,
+    *,
+    num_samples: int = 1,
+    temperature: float | None = None,
+    seed: int = 0,
 ) -> list[list[int]]:
-    """Greedy completion token ids of each (conversational prompt, image), up to and including the first EOS.
+    """Completion token ids of each (conversational prompt, image), up to and including the first EOS (all
+    ``max_new_tokens`` when it never came), ``num_samples`` per prompt in prompt order.
 
-    Prompts are rendered with the processor's chat template and a generation prompt, as TRL's rollouts render them,
-    and left-padded with an attention mask. The model's train/eval mode is restored afterwards.
+    Greedy with ``temperature=None``; else plain ancestral sampling at ``temperature`` (no top-k/top-p), seeded with
+    ``seed`` without touching the caller's global RNG. Prompts are rendered with the processor's chat template and a
+    generation prompt, as TRL's rollouts render them, and left-padded with an attention mask. The model's train/eval
+    mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     tokenizer = processor.tokenizer
     options = greedy_kwargs(tokenizer, max_new_tokens)
+    if temperature is not None:
+        options = {**options, "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     eos, out = tokenizer.eos_token_id, []
     try:
-        for start in range(0, len(prompts), batch_size):
-            texts = processor.apply_chat_template(
-                list(prompts[start : start + batch_size]), add_generation_prompt=True, tokenize=False
-            )
-            batch = processor(
-                images=list(images[start : start + batch_size]), text=texts, padding=True, return_tensors="pt"
-            )
-            batch = {k: v.to(device) for k, v in batch.items()}
-            ids = model.generate(**batch, **options)
-            for row in ids[:, batch["input_ids"].shape[1] :].tolist():
-                out.append(row[: row.index(eos) + 1] if eos in row else row)
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                texts = processor.apply_chat_template(
+                    list(prompts[start : start + batch_size]), add_generation_prompt=True, tokenize=False
+                )
+                batch = processor(
+                    images=list(images[start : start + batch_size]), text=texts, padding=True, return_tensors="pt"
+                )
+                batch = {k: v.to(device) for k, v in batch.items()}
+                ids = model.generate(**batch, **options, num_return_sequences=num_samples)
+                for row in ids[:, batch["input_ids"].shape[1] :].tolist():
+                    out.append(row[: row.index(eos) + 1] if eos in row else row)
     finally:
         model.train(was_training)
     return out
 
 
-def evaluate_vision_greedy(model: torch.nn.Module, processor: Any, rows: Dataset, batch_size: int = 100) -> dict:
+def evaluate_vision_greedy(
+    model: torch.nn.Module,
+    processor: Any,
+    rows: Dataset,
+    batch_size: int = 100,
+    *,
+    num_samples: int = 1,
+    temperature: float | None = None,
+) -> dict:
     """Greedy accuracy on ``rows`` (judged by :class:`~k15_plugin.data.arithmetic.ArithmeticReward`), overall and
-    per ``difficulty``, and the share of each answer given (how far it is from always guessing one number)."""
-    completions = generate_vision_completions(model, processor, rows["prompt"], rows["image"], batch_size=batch_size)
+    per ``difficulty``, and the share of each answer given (``1``..``5``, ``other`` for anything else: how far it is
+    from always guessing one number); with a ``temperature``, the same over ``num_samples`` sampled completions per
+    row (seed 0)."""
+    completions = generate_vision_completions(
+        model,
+        processor,
+        rows["prompt"],
+        rows["image"],
+        batch_size=batch_size,
+        num_samples=num_samples,
+        temperature=temperature,
+    )
+    answers = [a for a in rows["answer"] for _ in range(num_samples)]
     reward = ArithmeticReward(processor.tokenizer)
-    scores = [reward.score(ids, a) for ids, a in zip(completions, rows["answer"], strict=True)]
-    levels = list(rows["difficulty"])
+    scores = [reward.score(ids, a) for ids, a in zip(completions, answers, strict=True)]
+    levels = [level for level in rows["difficulty"] for _ in range(num_samples)]
     texts = [processor.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    valid = {str(n) for n in range(MIN_TARGETS, MAX_TARGETS + 1)}
+    given = Counter(t if t in valid else "other" for t in texts)
     return {
         "accuracy": round(sum(scores) / len(scores), 4),
         "accuracy_by_difficulty": {
             str(level): round(statistics.mean(s for s, lv in zip(scores, levels, strict=True) if lv == level), 4)
             for level in sorted(set(levels))
         },
-        "answer_shares": {t: round(texts.count(t) / len(texts), 4) for t in sorted(set(texts))},
+        "answer_shares": {t: round(given[t] / len(texts), 4) for t in [*sorted(valid), "other"] if given[t]},
     }
