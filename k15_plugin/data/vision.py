@@ -14,9 +14,9 @@ completion is the number's digits then EOS, judged by :class:`~k15_plugin.data.a
 tokenizer whose digits are single-character tokens: the shipped model's character-level one is).
 
 The held-out scenes are drawn with :data:`HELDOUT_SEED` alone (the same set for every training seed), the same number
-for each clutter level; a training scene is never one of them (same objects in the same cells, sizes and
-offsets included) as a held-out one. (Disjoint layouts would be too strong: there are only 16 layouts of one red
-square alone, and a held-out set of 100 uncluttered scenes would take most of them out of training.)
+for each clutter level, in level order; a training scene is never one of them (the same objects in the same cells
+with the same sizes and offsets). Disjoint layouts (shapes and colours per cell) would be too strong: there are
+only 16 layouts of one red square alone, and 100 held-out uncluttered scenes would take most of them out of training.
 """
 
 from __future__ import annotations
