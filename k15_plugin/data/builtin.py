@@ -37,6 +37,9 @@ class BuiltinTask:
         max_new_tokens: ``max_new_tokens(**options)``, the generation budget: the longest answer the checker
             accepts, EOS included.
         difficulty: whether the rows carry a ``difficulty`` column.
+        images: whether the rows are vision-language ones (a conversational ``prompt`` and an ``image`` column, for
+            TRL's vision-language path): ``k15-train``'s loaders and ``k15-long2short`` read text prompts only and do
+            not take these tasks yet.
     """
 
     rows: Callable[..., tuple[Dataset, Dataset]]
@@ -44,6 +47,7 @@ class BuiltinTask:
     allow_steps: bool = False
     max_new_tokens: Callable[..., int] = lambda **options: 4
     difficulty: bool = False
+    images: bool = False
 
 
 def _arithmetic_rows(num_train, seed, heldout_size, filler_max: int = 0, **_) -> tuple[Dataset, Dataset]:
@@ -66,6 +70,19 @@ def _chain_rows(num_train, seed, heldout_size, terms_min: int = 2, terms_max: in
 
     kwargs = {} if heldout_size is None else {"heldout_size": heldout_size}
     return make_chain_datasets(num_train=num_train, seed=seed, terms_min=terms_min, terms_max=terms_max, **kwargs)
+
+
+def _vision_rows(num_train, seed, heldout_size, **_):
+    from k15_plugin.data.vision import make_vision_datasets
+
+    kwargs = {} if heldout_size is None else {"heldout_size": heldout_size}
+    return make_vision_datasets(num_train=num_train, seed=seed, **kwargs)
+
+
+def _vision_budget(**_) -> int:
+    from k15_plugin.data.vision import MAX_NEW_TOKENS
+
+    return MAX_NEW_TOKENS
 
 
 def _sum3_budget(**_) -> int:
@@ -92,14 +109,16 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
     ),
     "demo_sum3": BuiltinTask(_sum3_rows, allow_steps=True, max_new_tokens=_sum3_budget),
     "demo_chain": BuiltinTask(_chain_rows, allow_steps=True, max_new_tokens=_chain_budget, difficulty=True),
+    "demo_vision": BuiltinTask(_vision_rows, max_new_tokens=_vision_budget, difficulty=True, images=True),
 }
-DEMO_SOURCES = ("demo_arithmetic", "demo_chain")  # the data.source values of the built-in tasks
+# The data.source values of the built-in tasks k15-train loads (demo_vision, an image task, is not one yet).
+DEMO_SOURCES = ("demo_arithmetic", "demo_chain")
 
 
 def task_name(data) -> str:
     """The built-in task a ``k15-train`` ``data`` config names (``data.source`` one of :data:`DEMO_SOURCES`)."""
-    if data.source == "demo_chain":
-        return "demo_chain"
+    if data.source in ("demo_chain", "demo_vision"):
+        return data.source
     if data.terms == 3:
         return "demo_sum3"
     return "demo_arithmetic_filler" if data.filler_max > 0 else "demo_arithmetic"
@@ -109,4 +128,6 @@ def task_options(data) -> dict[str, Any]:
     """The task's own options in a ``data`` config (``filler_max``; ``terms_min``/``terms_max`` for the chain)."""
     if data.source == "demo_chain":
         return {"terms_min": data.terms_min, "terms_max": data.terms_max}
+    if data.source == "demo_vision":
+        return {}
     return {"filler_max": data.filler_max}

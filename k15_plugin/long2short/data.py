@@ -80,6 +80,8 @@ def task_prompts(
         if task not in BUILTIN_TASKS:
             raise Long2ShortError(f"--task {task}: not one of {list(BUILTIN_TASKS)}")
         builtin = BUILTIN_TASKS[task]
+        if builtin.images:
+            raise Long2ShortError(f"--task {task}: an image task; k15-long2short reads text prompts only")
         train, heldout = builtin.rows(None, seed, None)
         budget = builtin.max_new_tokens()
         ds = train if split == "train" else heldout

@@ -20,6 +20,10 @@ Private TRL 1.16 methods overridden here (pinned in pyproject.toml):
 * ``_get_train_sampler``, ``_save_checkpoint``, ``_load_optimizer_and_scheduler``: the plugin's samplers and their
   checkpointed state, see :mod:`k15_plugin.trl.samplers`.
 * Partial rollouts and repeat detection: see :mod:`k15_plugin.trl.partial`.
+
+Vision-language rows (a conversational prompt and an ``image`` or ``images`` column) take TRL's own path; a dataset
+mixing rows with and without an image, which TRL 1.16 cannot batch, is refused at construction
+(:func:`check_image_rows`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from __future__ import annotations
 import logging
 import math
 
+import pyarrow.compute
 import torch
 from accelerate.utils import gather
+from datasets import Dataset
 from trl import GRPOTrainer, RLOOTrainer
 from trl.trainer.utils import get_config_model_id
 
@@ -76,6 +82,39 @@ class RepeatPenaltySlot(LengthPenaltySlot):
     __name__ = REPEAT_PENALTY_NAME
 
 
+def check_image_rows(dataset, name: str = "train_dataset") -> None:
+    """Refuse a dataset that mixes rows with and without an image, which TRL 1.16 cannot batch.
+
+    For a row without an image GRPOTrainer (and RLOOTrainer) put ``None`` in the batch's image list and hand that list
+    to the processor (``processing_class(images=..., text=...)`` for the forward pass), which raises ``TypeError: only
+    a single or a list of entries is supported``, mid-training. A row without an image is a null ``image``, or a
+    null ``images`` or, beside rows with images, an empty ``images`` (an ``images`` column of empty lists only is a
+    text-only dataset, which TRL handles). Only a ``datasets.Dataset`` (or a dict of them) is checked, from its Arrow
+    columns, without decoding an image.
+    """
+    if isinstance(dataset, dict):
+        for key, part in dataset.items():
+            check_image_rows(part, f"{name}[{key!r}]")
+        return
+    if not isinstance(dataset, Dataset):
+        return
+    for column in ("image", "images"):
+        if column not in dataset.column_names:
+            continue
+        data = dataset.data.column(column)
+        missing = data.null_count
+        if column == "images":
+            lengths = pyarrow.compute.list_value_length(data).fill_null(0)
+            empty = len(dataset) - pyarrow.compute.sum(pyarrow.compute.greater(lengths, 0)).as_py()
+            missing = empty if empty < len(dataset) or missing else 0  # all empty lists: a text-only dataset
+        if missing:
+            raise ValueError(
+                f"{name} has {missing} of {len(dataset)} rows without an image (column {column!r}): TRL 1.16's "
+                "GRPOTrainer/RLOOTrainer cannot mix text-only and image rows (it passes None image entries to the "
+                "processor, which raises); give every row an image, or train the text-only rows separately"
+            )
+
+
 class K15TrainerMixin(K15PartialRolloutMixin, K15SamplerMixin):
     """What every trainer of the plugin adds to its TRL base: the length penalty, the samplers' statistics, partial
     rollouts and repeat detection.
@@ -95,6 +134,8 @@ class K15TrainerMixin(K15PartialRolloutMixin, K15SamplerMixin):
                 f"{type(self).__name__} needs a {self._k15_config_class.__name__} (it carries the plugin's options), "
                 f"got {type(args).__name__}"
             )
+        check_image_rows(train_dataset)
+        check_image_rows(kwargs.get("eval_dataset", rest[0] if rest else None), "eval_dataset")
         if train_dataset is None and args.sampler_type != "uniform":
             # TRL 1.16 trains without a dataset only when an environment_factory owns the data: its rows are then
             # identical empty placeholders and reset() picks each problem, so there is nothing to prioritize or order.
