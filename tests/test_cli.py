@@ -65,10 +65,6 @@ def test_every_option_composes_and_checks(composer, group, tmp_path):
             with pytest.raises(ConfigError, match="algorithm=ppo runs on OpenRLHF only: add host=openrlhf"):
                 check_config(cfg)
             continue
-        if (group, option) == ("data", "demo_vision"):  # an image task: k15_plugin.trl's trainers only, for now
-            with pytest.raises(ConfigError, match="data=demo_vision is an image task, which k15-train does not load"):
-                check_config(cfg)
-            continue
         if (group, option) == ("host", "openrlhf"):  # the flags (OpenRLHF's parser: tests/test_openrlhf_adapter.py)
             from k15_plugin.cli.hosts.openrlhf import build_plan
 
@@ -181,6 +177,10 @@ def _cli(args, cwd, timeout=1800):  # a slow, loaded 2-core machine: minutes of 
         (["host.dry_run=true"], "host.dry_run: only host=openrlhf"),
         (["host=openrlhf", "algorithm=dapo"], "algorithm=dapo runs on host=trl only"),
         (["host=openrlhf", "trainer.learning_rate=0"], "trainer.learning_rate"),
+        (["experiment=demo_vision", "rollout=partial"], "rollout=partial with data.source=demo_vision"),
+        (["experiment=demo_vision", "trainer.use_vllm=true"], "trainer.use_vllm=true with data.source=demo_vision"),
+        (["data=demo_vision"], "model.name=tiny_demo is a text-only model (llama) and data.source=demo_vision"),
+        (["experiment=demo_vision", "data=demo_chain"], "model.name=tiny_demo_vision is a vision-language model"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_loading(tmp_path, monkeypatch, capsys, args, key):
@@ -442,3 +442,31 @@ def test_deepspeed_without_a_gpu_runs_over_gloo(composer, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     expected = "gloo" if torch.accelerator.current_accelerator() is None else None
     assert training_spec(cfg, "unused").kwargs.get("ddp_backend") == expected
+
+
+def test_demo_vision_trains_end_to_end(tmp_path):
+    """A real ``k15-train experiment=demo_vision`` process on image prompts, with the curriculum sampler (it reads the
+    clutter level as the difficulty column): the LLaVA model and its processor load, the held-out pictures are scored
+    before and after, and the run directory is complete."""
+    run_dir = tmp_path / "run"
+    result = _cli(
+        [
+            "experiment=demo_vision",
+            "sampler=curriculum",
+            "trainer.max_steps=4",
+            "trainer.eval_steps=2",
+            "trainer.logging_steps=1",
+            "trainer.eval_size=30",
+            "data.num_train=200",
+            "data.heldout_size=60",
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["heldout_size"] == 60
+    assert 0 < summary["eval_accuracy_before"] < 1 and summary["mean_completion_tokens_before"] > 1
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("heldout/accuracy" in r for r in records)
+    assert (run_dir / "curves.png").stat().st_size > 1000

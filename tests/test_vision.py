@@ -282,3 +282,73 @@ def test_mixed_text_and_image_rows_are_refused_at_construction(tmp_path, shipped
     check_image_rows(Dataset.from_dict({"prompt": ["a", "b"], "images": [[], []]}))
     check_image_rows(rows)
     check_image_rows(Dataset.from_dict({"prompt": ["a"]}))
+
+
+def test_partial_rollouts_with_image_rows_are_refused(tmp_path, shipped):
+    """Partial rollouts continue trajectories from token ids alone, so image rows would lose their pictures."""
+    from k15_plugin.trl import KimiMirrorDescentConfig, KimiMirrorDescentTrainer
+
+    model, processor = shipped
+    args = KimiMirrorDescentConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], num_generations=2, max_completion_length=2
+    )
+    args.rollout_segment_tokens = 1
+    with pytest.raises(ValueError, match=r"rollout_segment_tokens=1 \(partial rollouts\) with image rows"):
+        KimiMirrorDescentTrainer(
+            model=model,
+            reward_funcs=[ArithmeticReward(processor.tokenizer)],
+            args=args,
+            train_dataset=_image_rows(4),
+            processing_class=processor,
+        )
+
+
+def test_length_penalty_and_prioritized_sampler_resume_exactly_on_image_rows(tmp_path):
+    """k1.5 with the length penalty from step 0 and the prioritized sampler on image rows: a run resumed from the
+    checkpoint of its first step ends as the uninterrupted run (weights, loss and the sampler's statistics)."""
+    from k15_plugin.trl import KimiMirrorDescentConfig, KimiMirrorDescentTrainer
+
+    def trainer(out, max_steps):
+        model, processor = load_vision_checkpoint()
+        args = KimiMirrorDescentConfig(
+            output_dir=str(out),
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            per_device_train_batch_size=16,
+            num_generations=4,
+            max_completion_length=MAX_NEW_TOKENS,
+            max_steps=max_steps,
+            num_iterations=1,
+            save_steps=1,
+            save_strategy="steps",
+            logging_steps=1,
+            learning_rate=1e-3,
+            seed=0,
+            disable_tqdm=True,
+            length_penalty_weight=0.5,
+            length_penalty_warmup_steps=0,
+            sampler_type="prioritized",
+        )
+        return KimiMirrorDescentTrainer(
+            model=model,
+            reward_funcs=[ArithmeticReward(processor.tokenizer)],
+            args=args,
+            train_dataset=_image_rows(16),
+            processing_class=processor,
+        )
+
+    straight = trainer(tmp_path / "a", 2)
+    straight.train()
+    resumed = trainer(tmp_path / "b", 2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    sampler_state = sorted((tmp_path / "a" / "checkpoint-2").glob("*sampler*"))
+    assert sampler_state, sorted(p.name for p in (tmp_path / "a" / "checkpoint-2").iterdir())
+    assert (
+        sampler_state[0].read_bytes()
+        == next((tmp_path / "b" / "checkpoint-2").glob(sampler_state[0].name)).read_bytes()
+    )

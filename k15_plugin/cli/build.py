@@ -17,7 +17,7 @@ from k15_plugin.core.settings import K15Settings, default, paths
 from k15_plugin.errors import ConfigError
 from k15_plugin.rewards.registry import plain
 
-DATA_SOURCES = ("demo_arithmetic", "demo_chain", "hub", "jsonl")
+DATA_SOURCES = ("demo_arithmetic", "demo_chain", "demo_vision", "hub", "jsonl")
 ANSWER_EXTRACTIONS = ("last_number", "gsm8k", "boxed")
 DTYPES = ("float32", "bfloat16", "float16")
 VLLM_MODES = ("colocate", "server")
@@ -140,14 +140,34 @@ def deepspeed_launched() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
 
 
+def check_image_task(cfg: DictConfig) -> None:
+    """What a vision-language task (``data=demo_vision``) cannot be trained with yet; raises ConfigError."""
+    from k15_plugin.data.builtin import image_task
+
+    if not image_task(cfg.data):
+        return
+    data = f"data.source={cfg.data.source} (image prompts)"
+    if plain(cfg.host.name) != "trl":
+        raise ConfigError(
+            f"host={plain(cfg.host.name)} with {data}: k15-train trains image prompts on TRL only; verl's and OpenRLHF's "
+            "multimodal rows are not written by its doors yet"
+        )
+    if plain(cfg.rollout.name) != "full":
+        raise ConfigError(
+            f"rollout={plain(cfg.rollout.name)} with {data}: partial rollouts continue each trajectory from its token ids "
+            "alone, without the image; use rollout=full"
+        )
+    if cfg.trainer.use_vllm:
+        raise ConfigError(
+            f"trainer.use_vllm=true with {data}: vLLM generation of image prompts is not tested with the plugin yet; "
+            "use trainer.use_vllm=false"
+        )
+
+
 def check_ranges(cfg: DictConfig) -> None:
     """Check the values TRL or a host would accept silently or name badly (:data:`_RANGES`, and the rules that tie
     several keys together); raises :class:`~k15_plugin.errors.ConfigError` naming the Hydra key."""
-    if cfg.data.source == "demo_vision":  # conf/data/demo_vision.yaml: a built-in task k15-train cannot load yet
-        raise ConfigError(
-            "data=demo_vision is an image task, which k15-train does not load yet: train it with k15_plugin.trl's "
-            "trainers on k15_plugin.data.vision's rows and the demo_checkpoint_vision model"
-        )
+    check_image_task(cfg)
     for key, ok, allowed in _RANGES:
         value = OmegaConf.select(cfg, key)
         if not ok(value):

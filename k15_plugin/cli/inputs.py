@@ -211,6 +211,27 @@ def _field(config: dict, name: str) -> Any:
     return config.get(name, (config.get("text_config") or {}).get(name))
 
 
+def check_modality(cfg: DictConfig) -> None:
+    """An image task needs a vision-language model and a text task a text one, where the model's config.json is on
+    disk (a ``vision_config`` in it marks a vision-language model); raises ConfigError."""
+    from k15_plugin.data.builtin import image_task
+
+    config, name = _model_config(cfg)
+    if config is None:
+        return  # a Hub model not on disk: TRL stops at load if it cannot take the rows
+    vision, images = "vision_config" in config, image_task(cfg.data)
+    if images and not vision:
+        raise ConfigError(
+            f"{name} is a text-only model ({config.get('model_type')}) and data.source={cfg.data.source} holds image "
+            "prompts: use a vision-language model (model.name=tiny_demo_vision, or experiment=demo_vision)"
+        )
+    if vision and not images:
+        raise ConfigError(
+            f"{name} is a vision-language model ({config.get('model_type')}) and data.source={cfg.data.source} holds "
+            "text prompts only; k15-train trains such a model on image prompts (data=demo_vision)"
+        )
+
+
 def check_checkpoint(cfg: DictConfig) -> None:
     """Check ``trainer.resume_from_checkpoint``: a trainer checkpoint directory of the same model (its config.json
     compared with the model the run loads, where both are on disk); raises ConfigError."""
@@ -256,6 +277,7 @@ def check_inputs(cfg: DictConfig) -> None:
         _saved_model_config(cfg.model.path, "model.path")
     check_checkpoint(cfg)
     check_data(cfg)
+    check_modality(cfg)
     if cfg.reward.verifier == "code":
         check_sandbox(cfg.reward.code)
 

@@ -93,6 +93,8 @@ DEMO_MODELS = {
     "tiny_demo_sum3_long": Path(__file__).resolve().parent / "demo_checkpoint_sum3_long",
     "tiny_demo_sum3_short": Path(__file__).resolve().parent / "demo_checkpoint_sum3_short",
     "tiny_demo_chain": Path(__file__).resolve().parent / "demo_checkpoint_chain",
+    # a tiny LLaVA for the image task (k15_plugin.data.vision.load_vision_checkpoint loads it)
+    "tiny_demo_vision": Path(__file__).resolve().parent / "demo_checkpoint_vision",
 }
 
 # Filler-count distributions of the warm start: "uniform" is 0..filler_max, "longtail" the mixture below.

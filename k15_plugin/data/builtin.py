@@ -38,8 +38,8 @@ class BuiltinTask:
             accepts, EOS included.
         difficulty: whether the rows carry a ``difficulty`` column.
         images: whether the rows are vision-language ones (a conversational ``prompt`` and an ``image`` column, for
-            TRL's vision-language path): ``k15-train``'s loaders and ``k15-long2short`` read text prompts only and do
-            not take these tasks yet.
+            TRL's vision-language path): ``k15-train`` then loads the model with ``AutoProcessor`` and
+            ``AutoModelForImageTextToText`` (TRL host only); ``k15-long2short`` reads text prompts only.
     """
 
     rows: Callable[..., tuple[Dataset, Dataset]]
@@ -111,8 +111,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
     "demo_chain": BuiltinTask(_chain_rows, allow_steps=True, max_new_tokens=_chain_budget, difficulty=True),
     "demo_vision": BuiltinTask(_vision_rows, max_new_tokens=_vision_budget, difficulty=True, images=True),
 }
-# The data.source values of the built-in tasks k15-train loads (demo_vision, an image task, is not one yet).
-DEMO_SOURCES = ("demo_arithmetic", "demo_chain")
+DEMO_SOURCES = ("demo_arithmetic", "demo_chain", "demo_vision")  # the data.source values of the built-in tasks
 
 
 def task_name(data) -> str:
@@ -122,6 +121,11 @@ def task_name(data) -> str:
     if data.terms == 3:
         return "demo_sum3"
     return "demo_arithmetic_filler" if data.filler_max > 0 else "demo_arithmetic"
+
+
+def image_task(data) -> bool:
+    """Whether a ``k15-train`` ``data`` config names a vision-language task (rows with an ``image`` column)."""
+    return data.source in DEMO_SOURCES and BUILTIN_TASKS[task_name(data)].images
 
 
 def task_options(data) -> dict[str, Any]:

@@ -55,6 +55,11 @@ def _demo_task(data, tokenizer, seed: int, reward=None) -> Task:
     task = BUILTIN_TASKS[task_name(data)]
     train, heldout = _demo_rows(data, seed)
     budget = task.max_new_tokens(**task_options(data))
+    if task.images:  # `tokenizer` is the vision-language model's processor
+        from k15_plugin.data.vision import evaluate_vision
+
+        exact = ArithmeticReward(tokenizer.tokenizer)
+        return Task(train, heldout, reward_funcs(reward, data, train.column_names, exact), evaluate_vision)
 
     def evaluate(model, tokenizer, rows):
         return evaluate_greedy(

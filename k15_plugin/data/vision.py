@@ -48,6 +48,7 @@ __all__ = [
     "VISION_CHECKPOINT_DIR",
     "Scene",
     "draw_scene",
+    "evaluate_vision",
     "evaluate_vision_greedy",
     "generate_vision_completions",
     "load_vision_checkpoint",
@@ -55,6 +56,7 @@ __all__ = [
     "prompt_messages",
     "read_vision_warm_start",
     "render",
+    "vision_scores",
 ]
 
 IMAGE_SIZE = 56
@@ -253,6 +255,39 @@ def generate_vision_completions(
     return out
 
 
+def vision_scores(
+    model: torch.nn.Module,
+    processor: Any,
+    rows: Dataset,
+    batch_size: int = 100,
+    *,
+    num_samples: int = 1,
+    temperature: float | None = None,
+) -> tuple[list[float], list[list[int]]]:
+    """``(scores, completion ids)`` of :func:`generate_vision_completions` on ``rows``, ``num_samples`` per row in row
+    order, each judged against its row's ``answer`` by :class:`~k15_plugin.data.arithmetic.ArithmeticReward`."""
+    completions = generate_vision_completions(
+        model,
+        processor,
+        rows["prompt"],
+        rows["image"],
+        batch_size=batch_size,
+        num_samples=num_samples,
+        temperature=temperature,
+    )
+    answers = [a for a in rows["answer"] for _ in range(num_samples)]
+    reward = ArithmeticReward(processor.tokenizer)
+    return [reward.score(ids, a) for ids, a in zip(completions, answers, strict=True)], completions
+
+
+def evaluate_vision(model: torch.nn.Module, processor: Any, rows: Dataset, batch_size: int = 100) -> dict[str, float]:
+    """``k15-train``'s held-out figures on image rows: greedy accuracy and mean completion tokens (EOS included),
+    unrounded (the evaluation sums them over processes)."""
+    scores, completions = vision_scores(model, processor, rows, batch_size)
+    n = max(len(scores), 1)
+    return {"accuracy": sum(scores) / n, "mean_completion_tokens": sum(map(len, completions)) / n}
+
+
 def evaluate_vision_greedy(
     model: torch.nn.Module,
     processor: Any,
@@ -266,18 +301,9 @@ def evaluate_vision_greedy(
     per ``difficulty``, and the share of each answer given (``1``..``5``, ``other`` for anything else: how far it is
     from always guessing one number); with a ``temperature``, the same over ``num_samples`` sampled completions per
     row (seed 0)."""
-    completions = generate_vision_completions(
-        model,
-        processor,
-        rows["prompt"],
-        rows["image"],
-        batch_size=batch_size,
-        num_samples=num_samples,
-        temperature=temperature,
+    scores, completions = vision_scores(
+        model, processor, rows, batch_size, num_samples=num_samples, temperature=temperature
     )
-    answers = [a for a in rows["answer"] for _ in range(num_samples)]
-    reward = ArithmeticReward(processor.tokenizer)
-    scores = [reward.score(ids, a) for ids, a in zip(completions, answers, strict=True)]
     levels = [level for level in rows["difficulty"] for _ in range(num_samples)]
     texts = [processor.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
     valid = {str(n) for n in range(MIN_TARGETS, MAX_TARGETS + 1)}

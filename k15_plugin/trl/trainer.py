@@ -115,6 +115,12 @@ def check_image_rows(dataset, name: str = "train_dataset") -> None:
             )
 
 
+def _has_image_column(dataset) -> bool:
+    """Whether ``dataset`` (or one part of a dict of datasets) has an ``image`` or ``images`` column."""
+    parts = dataset.values() if isinstance(dataset, dict) else [dataset]
+    return any(getattr(d, "column_names", None) and {"image", "images"} & set(d.column_names) for d in parts)
+
+
 class K15TrainerMixin(K15PartialRolloutMixin, K15SamplerMixin):
     """What every trainer of the plugin adds to its TRL base: the length penalty, the samplers' statistics, partial
     rollouts and repeat detection.
@@ -136,6 +142,12 @@ class K15TrainerMixin(K15PartialRolloutMixin, K15SamplerMixin):
             )
         check_image_rows(train_dataset)
         check_image_rows(kwargs.get("eval_dataset", rest[0] if rest else None), "eval_dataset")
+        if args.rollout_segment_tokens and _has_image_column(train_dataset):
+            raise ValueError(
+                f"rollout_segment_tokens={args.rollout_segment_tokens} (partial rollouts) with image rows: segments "
+                "are generated from each trajectory's token ids alone, without the image; train image prompts with "
+                "full rollouts (rollout_segment_tokens=0)"
+            )
         if train_dataset is None and args.sampler_type != "uniform":
             # TRL 1.16 trains without a dataset only when an environment_factory owns the data: its rows are then
             # identical empty placeholders and reset() picks each problem, so there is nothing to prioritize or order.

@@ -153,12 +153,20 @@ def check_config(cfg: DictConfig, output_dir: str | os.PathLike = "unused") -> T
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def _load_model(model_cfg):
+def _load_model(model_cfg, images: bool = False):
+    """``(model, tokenizer)``; for an image task ``(model, processor)``, loaded with ``AutoModelForImageTextToText``
+    and ``AutoProcessor`` (TRL's vision-language path takes the processor as its ``processing_class``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from k15_plugin.data.arithmetic import DEMO_MODELS, load_demo_checkpoint
 
+    if images:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        source = model_cfg.path or DEMO_MODELS.get(model_cfg.name, model_cfg.name)
+        dtype = getattr(torch, model_cfg.dtype)
+        return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype), AutoProcessor.from_pretrained(source)
     if model_cfg.name in DEMO_MODELS:
         return load_demo_checkpoint(model_cfg.path or DEMO_MODELS[model_cfg.name])
     source = model_cfg.path or model_cfg.name
@@ -213,6 +221,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     from k15_plugin.cli.heldout import heldout_metrics
     from k15_plugin.cli.run_files import RunFilesCallback, write_plots, write_summary
+    from k15_plugin.data.builtin import image_task
     from k15_plugin.data.tasks import load_task
 
     start = _process_start_time()
@@ -225,7 +234,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     args = spec.args  # built once, by check_config
     is_main = args.process_index == 0
 
-    model, tokenizer = _load_model(cfg.model)
+    model, tokenizer = _load_model(cfg.model, images=image_task(cfg.data))  # tokenizer: a processor for images
     task = load_task(cfg.data, tokenizer, cfg.seed, cfg.trainer.max_completion_length, cfg.reward)
 
     t = cfg.trainer
