@@ -24,8 +24,8 @@ optimizer steps on each, from the same checkpoint and seeds):
 * ``partial``: ``rollout_segment_tokens`` per round, unfinished trajectories carried over to the next rollout batches,
   as the paper describes it (:data:`PAPER`: no off-policy correction, no staleness cap, the oldest finished groups
   first, every token trained);
-* ``shipped``: ``rollout=partial`` with the defaults it ships with (the headline of the last line); not run while
-  they are ``partial``'s;
+* ``shipped``: ``rollout=partial`` with the defaults it ships with (``conf/rollout/partial.yaml``; the headline of
+  the last line); not run when another arm of the run has the same options (that arm is the headline then);
 * ``token_is``, ``token_mask``, ``sequence_mask``: ``partial`` with that ``rollout_correction`` at the default
   ``rollout_is_cap``;
 * ``admission`` (``rollout_emit_order="admission"``: batches in the prompts' arrival order, not the oldest finished
@@ -162,13 +162,15 @@ def warmup_batches(setting: dict) -> int:
 
 
 def shipped_options() -> dict:
-    """The options of :data:`PAPER` (and the cap's action and ratio cap) as ``rollout=partial`` ships them."""
-    import dataclasses
+    """The options of :data:`PAPER` (and the cap's action and ratio cap) as ``rollout=partial`` ships them
+    (``conf/rollout/partial.yaml``)."""
+    from omegaconf import OmegaConf
 
-    from k15_plugin.trl import KimiMirrorDescentConfig
+    from k15_plugin.cli.train import config_dir
 
+    shipped = OmegaConf.load(config_dir() / "rollout" / "partial.yaml")
     names = {*PAPER, "rollout_stale_action", "rollout_is_cap"}
-    return {f.name: f.default for f in dataclasses.fields(KimiMirrorDescentConfig) if f.name in names}
+    return {name: shipped[name.removeprefix("rollout_")] for name in sorted(names)}
 
 
 def arm_options(arm: str, setting: dict) -> dict:
@@ -180,14 +182,24 @@ def arm_options(arm: str, setting: dict) -> dict:
     return {"rollout_segment_tokens": setting["segment"], **variant}
 
 
-def same_as_partial(setting: dict) -> bool:
-    """Whether the shipped defaults train exactly as the ``partial`` arm (then ``shipped`` is not run again)."""
-    shipped, paper = arm_options("shipped", setting), arm_options("partial", setting)
-    if shipped["rollout_max_staleness"] == paper["rollout_max_staleness"] == 0:  # no cap: its action plays no part
-        shipped = {k: v for k, v in shipped.items() if k != "rollout_stale_action"}
-    if shipped["rollout_correction"] == paper["rollout_correction"] == "none":  # no correction: no ratio cap either
-        shipped = {k: v for k, v in shipped.items() if k != "rollout_is_cap"}
-    return shipped == paper
+def effective(options: dict) -> dict:
+    """``options`` without what plays no part in them: the cap's action without a cap, the ratio cap without a
+    correction."""
+    out = dict(options)
+    if out.get("rollout_max_staleness", 0) == 0:
+        out.pop("rollout_stale_action", None)
+    if out.get("rollout_correction", "none") == "none":
+        out.pop("rollout_is_cap", None)
+    return out
+
+
+def shipped_as(setting: dict, arms: list[str]) -> str | None:
+    """The arm of ``arms`` (``full`` and ``shipped`` aside) that trains exactly as ``rollout=partial``'s shipped
+    defaults, if any (then ``shipped`` is not run again: its runs would repeat that arm's)."""
+    shipped = effective(arm_options("shipped", setting))
+    return next(
+        (a for a in arms if a not in ("full", "shipped") and effective(arm_options(a, setting)) == shipped), None
+    )
 
 
 LONG_SHARE = 0.5  # a trajectory at least this share of the length cap counts as long
@@ -583,9 +595,10 @@ def main() -> None:
         steps = warmup_batches(setting) + 2
     if cli.arms and not cli.smoke:
         arms = cli.arms.split(",")
-    if "shipped" in arms and same_as_partial(setting):
+    alias = shipped_as(setting, arms)
+    if "shipped" in arms and alias is not None:
         arms.remove("shipped")
-        print("shipped: rollout=partial's defaults are the partial arm's; not run twice", flush=True)
+        print(f"shipped: rollout=partial's defaults are the {alias} arm's; not run twice", flush=True)
     seeds, steps = cli.seeds or seeds, cli.steps or steps
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or "full" not in arms or "partial" not in arms:
@@ -611,11 +624,13 @@ def main() -> None:
     print(text)
     befores = [r["before"]["accuracy"] for r in runs if r["before"] is not None]
     start_acc = _mean(befores)
-    headline = summary["shipped" if "shipped" in summary else "partial"]
+    shipped = "shipped" if "shipped" in summary else (alias or "partial")
+    headline = summary[shipped]
     result = {
         "bench": "partial_rollouts",
         "task": cli.task,
-        # rollout=partial as shipped (the partial arm while the defaults are the paper's) against full
+        # rollout=partial as shipped (the arm with the same options, when one ran) against full
+        "shipped_arm": shipped,
         "throughput_ratio": headline["throughput_ratio"],
         "throughput_ratio_stderr": headline["throughput_ratio_stderr"],
         "generation_throughput_ratio": headline["generation_throughput_ratio"],

@@ -45,6 +45,7 @@ import torch
                 "seeds",
             ],
         ),
+        ("vision", ["k15_accuracy", "grpo_accuracy", "seeds", "difference"]),
         (
             "ablations --task demo_chain",
             ["opmd_vs_rest", "k15_vs_grpo", "optimizer_reset", "prioritized_vs_uniform", "length_penalty", "task"],
@@ -116,7 +117,14 @@ def test_partial_rollouts_arms_name_every_option(monkeypatch):
     assert pr.arm_options("partial", setting)["rollout_correction"] == "none"
     shipped = {**pr.PAPER, "rollout_is_cap": 3.0, "rollout_stale_action": "drop"}  # no cap, no correction: unused
     monkeypatch.setattr(pr, "shipped_options", lambda: shipped)
-    assert pr.same_as_partial(setting)
+    assert pr.shipped_as(setting, list(pr.ARMS)) == "partial"
+    monkeypatch.setattr(pr, "shipped_options", lambda: {**shipped, "rollout_max_staleness": 2})
+    assert pr.shipped_as(setting, list(pr.ARMS)) == "cap2_drop"  # a cap of 2 with the drop action
+    monkeypatch.setattr(
+        pr, "shipped_options", lambda: {**shipped, "rollout_max_staleness": 2, "rollout_stale_action": "regenerate"}
+    )
+    assert pr.shipped_as(setting, ["full", "partial", "cap2_regenerate"]) == "cap2_regenerate"
+    assert pr.shipped_as(setting, ["full", "partial"]) is None
     monkeypatch.setattr(pr, "shipped_options", lambda: {**shipped, "rollout_correction": "token_is"})
-    assert not pr.same_as_partial(setting)
+    assert pr.shipped_as(setting, ["full", "partial", "token_mask"]) is None
     assert pr.arm_options("shipped", setting)["rollout_correction"] == "token_is"
