@@ -470,3 +470,14 @@ def test_demo_vision_trains_end_to_end(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("heldout/accuracy" in r for r in records)
     assert (run_dir / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("host", ["verl", "openrlhf"])
+def test_image_tasks_are_refused_on_the_ray_hosts(composer, host):
+    """Both Ray doors write text rows only: an image task stops in one line (check_ranges runs in both doors)."""
+    from k15_plugin.cli.build import check_image_task, check_ranges
+
+    cfg = composer(["experiment=demo_vision", f"host={host}"])
+    for check in (check_image_task, check_ranges):
+        with pytest.raises(ConfigError, match=f"host={host} with data.source=demo_vision .image prompts.: k15-train"):
+            check(cfg)

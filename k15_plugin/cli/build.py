@@ -149,18 +149,18 @@ def check_image_task(cfg: DictConfig) -> None:
     data = f"data.source={cfg.data.source} (image prompts)"
     if plain(cfg.host.name) != "trl":
         raise ConfigError(
-            f"host={plain(cfg.host.name)} with {data}: k15-train trains image prompts on TRL only; verl's and OpenRLHF's "
-            "multimodal rows are not written by its doors yet"
+            f"host={plain(cfg.host.name)} with {data}: k15-train trains image prompts on TRL only; verl's and "
+            "OpenRLHF's multimodal rows are not written by its doors yet"
         )
     if plain(cfg.rollout.name) != "full":
         raise ConfigError(
-            f"rollout={plain(cfg.rollout.name)} with {data}: partial rollouts continue each trajectory from its token ids "
-            "alone, without the image; use rollout=full"
+            f"rollout={plain(cfg.rollout.name)} with {data}: partial rollouts continue each trajectory from its "
+            "token ids alone, without the image; use rollout=full"
         )
     if cfg.trainer.use_vllm:
         raise ConfigError(
-            f"trainer.use_vllm=true with {data}: vLLM generation of image prompts is not tested with the plugin yet; "
-            "use trainer.use_vllm=false"
+            f"trainer.use_vllm=true with {data}: vLLM generation of image prompts is not supported by the plugin yet "
+            "(vLLM 0.31's LLaVA needs torchvision, which the CPU build here cannot load); use trainer.use_vllm=false"
         )
 
 
