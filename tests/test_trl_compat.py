@@ -47,7 +47,10 @@ Skipped by design (not collected; the reason for each):
   config-time refusal of token-level ``vllm_importance_sampling_mode`` by ``KimiMirrorDescentConfig`` is checked.
 * Liger kernels (``use_liger_kernel``, ``test_*liger*``, ``TestGRPOTrainerSlow``): GPU-only kernels; liger is not
   installed.
-* Vision-language models (``TestGRPOTrainerVLM``, multimodal tool responses): need Hub processors and images.
+* Vision-language models: ``test_training_vlm``, ``..._beta_non_zero``, ``..._and_importance_sampling``,
+  ``..._multi_image`` and ``..._peft`` run at the end of this file on the offline tiny LLaVA and the image task's
+  pictures instead of the Hub checkpoints; ``..._and_liger`` (liger), ``..._and_vllm`` (skipped in TRL itself) and
+  multimodal tool responses are not collected.
 * Hub downloads: ``test_init_minimal``/``test_train`` model ids (replaced by the tiny local models here),
   ``test_trust_remote_code`` (remote code lives on the Hub), ``test_correct_reward_processing_classes_list``/
   ``test_single_reward_model_with_single_processing_class``/``test_mismatched_reward_processing_classes_length``
