@@ -42,7 +42,6 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
-    GenerationConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -52,6 +51,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from k15_plugin.data.arithmetic import WARM_START_FILE
+from k15_plugin.data.build.warm_start import seeded_model
 from k15_plugin.data.vision import (
     CELL,
     IMAGE_SIZE,
@@ -172,17 +172,7 @@ def build_vision_model(
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        max_new_tokens=MAX_NEW_TOKENS,
-        do_sample=False,
-    )
-    return model
+    return seeded_model(LlavaForConditionalGeneration, config, seed, tokenizer, MAX_NEW_TOKENS)
 
 
 def sft_tensors(processor: LlavaProcessor, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -121,16 +121,22 @@ def _llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    # Seed only the initialisation and restore the global RNG afterwards, so building a model has no side effect on
-    # whatever sampling the caller does next.
+    return seeded_model(LlamaForCausalLM, config, seed, tokenizer, _MAX_ANSWER_TOKENS)
+
+
+def seeded_model(model_cls, config, seed: int, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int):
+    """``model_cls(config)`` initialised under ``seed``, with a greedy generation config of ``max_new_tokens``.
+
+    Only the initialisation is seeded and the global RNG is restored afterwards, so building a model has no side
+    effect on whatever sampling the caller does next."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_cls(config)
     model.generation_config = GenerationConfig(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        max_new_tokens=_MAX_ANSWER_TOKENS,
+        max_new_tokens=max_new_tokens,
         do_sample=False,
     )
     return model
