@@ -10,8 +10,9 @@ with ``<pad> <bos> <eos> <image>`` and the printable ASCII characters, whose cha
 ``<bos><image>How many red squares?\\n`` (the processor expands ``<image>`` to the 16 image tokens).
 
 Why LLaVA: TRL 1.16's GRPOTrainer handles its ``image`` column (``pixel_values`` only), ``AutoProcessor`` and
-``AutoModelForImageTextToText`` reload it, vLLM supports the architecture, and its processor needs no torchvision
-(Qwen2-VL's processor needs a video processor that does, and this environment has no torchvision for CPU torch).
+``AutoModelForImageTextToText`` reload it, vLLM lists the architecture (though vLLM 0.31's LLaVA module imports
+torchvision, so it does not load here), and its processor needs no torchvision (Qwen2-VL's processor needs a video
+processor that does, and this environment has no torchvision for CPU torch).
 
 Warm start: teacher forcing on ``prompt answer EOS`` (the loss on the answer's tokens only) over a fixed set of
 training scenes, AdamW (betas 0.9/0.98, weight decay 0.01), batches of :data:`BATCH`, a linear warm-up then a
