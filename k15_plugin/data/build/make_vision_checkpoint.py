@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
-import shutil
 import string
 import time
 from pathlib import Path
@@ -51,8 +49,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from k15_plugin.data.arithmetic import WARM_START_FILE
-from k15_plugin.data.build.warm_start import seeded_model
+from k15_plugin.data.build.warm_start import save_measured, seeded_model
 from k15_plugin.data.vision import (
     CELL,
     IMAGE_SIZE,
@@ -233,32 +230,22 @@ def majority_accuracy(rows) -> float:
 def save(model, processor, out: Path, info: dict, heldout) -> dict:
     """Save to ``out`` (via ``<out>.tmp``, renamed over it) with a ``warm_start.json``: ``info`` plus the greedy
     held-out accuracy of the checkpoint reloaded from disk, on all of ``heldout`` and on its rows
-    :data:`SUBSET_ROWS`."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    reloaded, reloaded_processor = load_vision_checkpoint(tmp)
+    :data:`SUBSET_ROWS` (:func:`~k15_plugin.data.build.warm_start.save_measured`)."""
     subset = heldout.select(SUBSET_ROWS)
-    info = {
-        **info,
-        "heldout_size": len(heldout),
-        "heldout": evaluate_vision_greedy(reloaded, reloaded_processor, heldout),
-        "heldout_sampled": evaluate_vision_greedy(
-            reloaded, reloaded_processor, heldout, num_samples=SAMPLES, temperature=1.0
-        ),
-        "heldout_majority_accuracy": majority_accuracy(heldout),
-        "subset_rows": SUBSET_ROWS,
-        "subset": evaluate_vision_greedy(reloaded, reloaded_processor, subset),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
-    (tmp / WARM_START_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    for f in tmp.iterdir():
-        f.chmod(0o644)  # safetensors writes 0600; package data must be world-readable
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return info
+
+    def measured(reloaded, reloaded_processor) -> dict:
+        return {
+            "heldout_size": len(heldout),
+            "heldout": evaluate_vision_greedy(reloaded, reloaded_processor, heldout),
+            "heldout_sampled": evaluate_vision_greedy(
+                reloaded, reloaded_processor, heldout, num_samples=SAMPLES, temperature=1.0
+            ),
+            "heldout_majority_accuracy": majority_accuracy(heldout),
+            "subset_rows": SUBSET_ROWS,
+            "subset": evaluate_vision_greedy(reloaded, reloaded_processor, subset),
+        }
+
+    return save_measured(model, processor, out, info, measured, MAX_NEW_TOKENS, load=load_vision_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> None:

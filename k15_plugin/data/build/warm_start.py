@@ -252,14 +252,15 @@ def finetune_on_formats(
 
 
 def save_measured(
-    model, tokenizer: PreTrainedTokenizerBase, out: Path, info: dict, measure, max_new_tokens: int
+    model, tokenizer: PreTrainedTokenizerBase, out: Path, info: dict, measure, max_new_tokens: int, load=None
 ) -> dict:
     """Save ``model`` and ``tokenizer`` to ``out`` with a ``warm_start.json``; returns what that file holds.
 
     ``info`` is extended with ``measure(model, tokenizer)`` (a dict), the parameter count and the versions, measured on
-    the checkpoint reloaded from disk (what a user of the files gets). Written to ``<out>.tmp`` first and renamed over
-    ``out``, so an interrupted build leaves no half checkpoint. ``max_new_tokens`` becomes the saved generation
-    budget.
+    the checkpoint reloaded from disk (what a user of the files gets) by ``load(directory) -> (model, tokenizer)``
+    (default :func:`~k15_plugin.data.arithmetic.load_demo_checkpoint`; a processor serves as the tokenizer). Written to
+    ``<out>.tmp`` first and renamed over ``out``, so an interrupted build leaves no half checkpoint.
+    ``max_new_tokens`` becomes the saved generation budget.
     """
     import json
     import platform
@@ -270,7 +271,7 @@ def save_measured(
     model.generation_config.max_new_tokens = max_new_tokens
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    reloaded, reloaded_tok = load_demo_checkpoint(tmp)
+    reloaded, reloaded_tok = (load or load_demo_checkpoint)(tmp)
     info = {
         **info,
         **measure(reloaded, reloaded_tok),
