@@ -13,7 +13,7 @@
 so most completions are 2-4 tokens and a few about 50 (the filler is reward neutral); at most 64 new tokens, segments
 of 16, greedy held-out accuracy on 500 prompts. ``demo_chain`` (``data=demo_chain``, the shipped tiny_demo_chain):
 ``a1+...+ak=`` with k in 2..8, worked answers of 4 to 115 tokens (long for hard chains); at most
-``k15_plugin.data.chain.max_new_tokens()`` = 115 new tokens, segments of 32, greedy held-out accuracy on 700 chains
+``k15_plugin.data.chain.max_new_tokens()`` = 115 new tokens, segments of 23 (5 rounds), greedy held-out accuracy on 700 chains
 (100 per k), scored as bench.ablations scores them (``chain_evaluate``).
 
 **Arms** (:data:`ARMS`; k1.5 mirror descent, the same number of rollout batches of 16 prompts x 8 samples, 2
@@ -105,8 +105,8 @@ TASKS = {
     },
     "demo_chain": {
         "prefix": "partial_rollouts_demo_chain",
-        "full": {"max_tokens": max_new_tokens(), "segment": 32, "rows": 128, "heldout": 700, "train": 10_000},
-        "quick": {"max_tokens": max_new_tokens(), "segment": 32, "rows": 128, "heldout": 140, "train": 10_000},
+        "full": {"max_tokens": max_new_tokens(), "segment": 23, "rows": 128, "heldout": 700, "train": 10_000},
+        "quick": {"max_tokens": max_new_tokens(), "segment": 23, "rows": 128, "heldout": 140, "train": 10_000},
         "smoke": {"max_tokens": 24, "segment": 12, "rows": 16, "heldout": 14, "train": 200},
     },
 }

@@ -105,6 +105,17 @@ def test_partial_rollouts_cost_model():
     assert end_to_end_gain(0.7, 1.0) == 1.0  # no generation speed-up, no gain
 
 
+def test_partial_rollouts_settings_segment_their_length_cap():
+    """Every task setting's segment divides its length cap, as the trainer requires (the smoke settings alone do not
+    show it for the measured ones)."""
+    from bench.partial_rollouts import TASKS
+
+    for task in TASKS.values():
+        for name in ("full", "quick", "smoke"):
+            setting = task[name]
+            assert setting["max_tokens"] % setting["segment"] == 0, (task["prefix"], name)
+
+
 def test_partial_rollouts_arms_name_every_option(monkeypatch):
     """Each partial arm writes out the paper's options, so a cached run is never reused after the shipped defaults
     change; the shipped arm runs only when the defaults differ from the paper's."""
