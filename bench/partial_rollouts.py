@@ -3,7 +3,7 @@
     python -m bench.partial_rollouts                          # long-tailed demo: 6 arms x 6 seeds, one run at a
                                                               # time (~35 min on an idle 2-core machine, estimated)
     python -m bench.partial_rollouts --quick                  # 4 arms x 2 seeds, fewer rollout batches (~6 min)
-    python -m bench.partial_rollouts --task demo_chain        # chained addition: 6 arms x 6 seeds (~1.5 h)
+    python -m bench.partial_rollouts --task demo_chain        # chained addition: 6 arms x 6 seeds (73 min measured)
     python -m bench.partial_rollouts --task demo_chain --quick                      # ~15 min
     python -m bench.partial_rollouts --arms full,partial,token_mask,sequence_mask   # any arms of ARMS (full needed)
     python -m bench.partial_rollouts --smoke [--task demo_chain]                    # seconds; what the suite runs
@@ -13,8 +13,8 @@
 so most completions are 2-4 tokens and a few about 50 (the filler is reward neutral); at most 64 new tokens, segments
 of 16, greedy held-out accuracy on 500 prompts. ``demo_chain`` (``data=demo_chain``, the shipped tiny_demo_chain):
 ``a1+...+ak=`` with k in 2..8, worked answers of 4 to 115 tokens (long for hard chains); at most
-``k15_plugin.data.chain.max_new_tokens()`` = 115 new tokens, segments of 23 (5 rounds), greedy held-out accuracy on 700 chains
-(100 per k), scored as bench.ablations scores them (``chain_evaluate``).
+``k15_plugin.data.chain.max_new_tokens()`` = 115 new tokens, segments of 23 (5 rounds), greedy held-out accuracy on
+700 chains (100 per k), scored as bench.ablations scores them (``chain_evaluate``).
 
 **Arms** (:data:`ARMS`; k1.5 mirror descent, the same number of rollout batches of 16 prompts x 8 samples, 2
 optimizer steps on each, from the same checkpoint and seeds):
