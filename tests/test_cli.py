@@ -93,6 +93,12 @@ def test_an_experiment_sets_the_trainer(composer):
     assert (cfg.model.name, cfg.data.terms, cfg.reward.name) == ("tiny_demo_sum3_long", 3, "length_penalty")
 
 
+def test_the_chain_experiment_takes_partial_rollouts_as_the_readme_writes_them(composer):
+    cfg = composer(["experiment=demo_chain", "rollout=partial", "rollout.segment_tokens=23"])
+    args = check_config(cfg).args
+    assert (args.max_completion_length, args.rollout_segment_tokens, args.rollout_max_staleness) == (115, 23, 2)
+
+
 def test_default_config_is_the_demo(composer):
     cfg = composer()
     assert (cfg.algorithm.name, cfg.model.name, cfg.data.name, cfg.sampler.name) == (
@@ -160,6 +166,7 @@ def _cli(args, cwd, timeout=1800):  # a slow, loaded 2-core machine: minutes of 
             "rollout.segment_tokens: rollout_segment_tokens=3 must divide",
         ),
         (["rollout=partial", "trainer.max_completion_length=6"], "rollout.segment_tokens=null"),
+        (["experiment=demo_chain", "rollout=partial"], "set rollout.segment_tokens to a divisor of it such as 23 (5"),
         (["rollout=partial", "rollout.loss_mask=first"], "rollout.loss_mask"),
         (["rollout=partial", "rollout.repeat.min_count=1"], "rollout.repeat.min_count: repeat_min_count must be"),
         (["rollout=partial", "algorithm=rloo", "rollout.loss_mask=latest"], "rollout.loss_mask"),

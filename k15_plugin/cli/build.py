@@ -175,10 +175,12 @@ def check_ranges(cfg: DictConfig) -> None:
     t = cfg.trainer
     r = cfg.rollout
     if r.name == "partial" and r.segment_tokens is None and t.max_completion_length % 4:
+        cap = t.max_completion_length
+        fits = [d for d in range(2, cap // 4 + 1) if cap % d == 0]  # divisors giving at least 4 segments
+        hint = f" to a divisor of it such as {fits[-1]} ({cap // fits[-1]} segments)" if fits else " to a divisor of it"
         raise ConfigError(
-            f"rollout.segment_tokens=null takes a quarter of trainer.max_completion_length="
-            f"{t.max_completion_length}, which is not a multiple of 4: "
-            "set rollout.segment_tokens"
+            f"rollout.segment_tokens=null takes a quarter of trainer.max_completion_length={cap}, which is not a "
+            f"multiple of 4: set rollout.segment_tokens{hint}"
         )
     if r.name == "partial" and r.segment_tokens == 0:
         raise ConfigError(
