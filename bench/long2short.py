@@ -2,7 +2,7 @@
 help.
 
     python -m bench.long2short                            # three-term task, 3 seeds, 2 jobs at a time: ~15 min
-    python -m bench.long2short --task demo_chain          # chain task, 3 seeds: 31 min (+ ~8 min the first time)
+    python -m bench.long2short --task demo_chain          # chain task, 5 seeds: 54 min (+ ~8 min the first time)
     python -m bench.long2short --task demo_chain --quick  # chain task, 1 seed, fewer prompts and steps: ~20 min
     python -m bench.long2short [--task T] --smoke         # a minute or two; what the test suite runs
 
@@ -128,7 +128,7 @@ TASKS = {
         sizes={
             # Generation dominates here (a batch decodes until its longest answer ends, often at 115 tokens): fewer
             # prompts and 4 samples per held-out prompt, not 8. heldout: 40 per k (quick: 20).
-            "full": {"prompts": 1000, "merge_prompts": 500, "rl_steps": 200, "heldout": 280, "sampled": 4, "seeds": 3},
+            "full": {"prompts": 1000, "merge_prompts": 500, "rl_steps": 200, "heldout": 280, "sampled": 4, "seeds": 5},
             "quick": {"prompts": 400, "merge_prompts": 200, "rl_steps": 60, "heldout": 140, "sampled": 4, "seeds": 1},
             "smoke": {
                 "prompts": 32,  # enough for a prompt with a correct sample and a longer one
