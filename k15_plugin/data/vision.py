@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch
 from datasets import Dataset
 from PIL import Image, ImageDraw
 
-from k15_plugin.data.arithmetic import WARM_START_FILE, ArithmeticReward, greedy_kwargs
+from k15_plugin.data.arithmetic import WARM_START_FILE, ArithmeticReward, greedy_kwargs, mean_by
 
 __all__ = [
     "CLUTTER",
@@ -310,9 +309,6 @@ def evaluate_vision_greedy(
     given = Counter(t if t in valid else "other" for t in texts)
     return {
         "accuracy": round(sum(scores) / len(scores), 4),
-        "accuracy_by_difficulty": {
-            str(level): round(statistics.mean(s for s, lv in zip(scores, levels, strict=True) if lv == level), 4)
-            for level in sorted(set(levels))
-        },
+        "accuracy_by_difficulty": {str(level): round(v, 4) for level, v in mean_by(scores, levels).items()},
         "answer_shares": {t: round(given[t] / len(texts), 4) for t in [*sorted(valid), "other"] if given[t]},
     }
