@@ -1198,6 +1198,17 @@ def test_mirror_descent_config_accepts_defaults(tmp_path, overrides):
 # PEFT (collected only where peft is installed: the merge extra brings it)
 # ----------------------------------------------------------------------------------------------------------------------
 
+
+def _train_only_lora_moves(trainer):
+    """Train ``trainer``: it logs a training loss, its LoRA weights move and every base weight stays as it was."""
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.log_history[-1].get("train_loss") is not None
+    for n, p in before.items():
+        moved = not torch.equal(p, trainer.model.get_parameter(n))
+        assert moved == ("lora" in n), n
+
+
 if PEFT_AVAILABLE:
 
     @pytest.mark.parametrize("kind", KINDS)
@@ -1209,12 +1220,7 @@ if PEFT_AVAILABLE:
         trainer = _trainer(
             kind, tmp_path, max_steps=2, trainer_kwargs={"peft_config": LoraConfig(target_modules=["q_proj", "v_proj"])}
         )
-        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-        trainer.train()
-        assert trainer.state.log_history[-1].get("train_loss") is not None
-        for n, p in before.items():
-            moved = not torch.equal(p, trainer.model.get_parameter(n))
-            assert moved == ("lora" in n), n
+        _train_only_lora_moves(trainer)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1321,9 +1327,4 @@ if PEFT_AVAILABLE:
         from peft import LoraConfig
 
         trainer = _vlm_trainer(kind, tmp_path, max_steps=2, peft_config=LoraConfig(target_modules=["q_proj", "v_proj"]))
-        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-        trainer.train()
-        assert trainer.state.log_history[-1].get("train_loss") is not None
-        for n, p in before.items():
-            moved = not torch.equal(p, trainer.model.get_parameter(n))
-            assert moved == ("lora" in n), n
+        _train_only_lora_moves(trainer)

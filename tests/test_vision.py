@@ -196,6 +196,25 @@ def _image_rows(n: int = 8) -> Dataset:
     return train
 
 
+def _train_args(config_cls, out, **options):
+    """A trainer config for the training tests on image rows: 16 completions (4 prompts x 4) per step, the task's
+    completion limit, CPU, seed 0, a log line per step, and ``options``."""
+    return config_cls(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=MAX_NEW_TOKENS,
+        logging_steps=1,
+        learning_rate=1e-3,
+        seed=0,
+        disable_tqdm=True,
+        **options,
+    )
+
+
 @pytest.mark.parametrize("trainer_name", ["KimiMirrorDescentTrainer", "K15GRPOTrainer", "K15RLOOTrainer"])
 def test_each_trainer_takes_two_steps_on_image_rows(tmp_path, shipped, trainer_name):
     """Two optimizer steps on image rows from the shipped checkpoint: finite non-zero losses and gradients, and the
@@ -211,21 +230,7 @@ def test_each_trainer_takes_two_steps_on_image_rows(tmp_path, shipped, trainer_n
     _, processor = shipped
     model, _ = load_vision_checkpoint()  # a fresh copy: training changes it
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = config_cls(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        per_device_train_batch_size=16,
-        num_generations=4,
-        max_completion_length=MAX_NEW_TOKENS,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-3,
-        seed=0,
-        disable_tqdm=True,
-    )
+    args = _train_args(config_cls, tmp_path, max_steps=2, save_strategy="no")
     trainer = trainer_cls(
         model=model,
         reward_funcs=[ArithmeticReward(processor.tokenizer)],
@@ -310,22 +315,13 @@ def test_length_penalty_and_prioritized_sampler_resume_exactly_on_image_rows(tmp
 
     def trainer(out, max_steps):
         model, processor = load_vision_checkpoint()
-        args = KimiMirrorDescentConfig(
-            output_dir=str(out),
-            use_cpu=True,
-            bf16=False,
-            report_to=[],
-            per_device_train_batch_size=16,
-            num_generations=4,
-            max_completion_length=MAX_NEW_TOKENS,
+        args = _train_args(
+            KimiMirrorDescentConfig,
+            out,
             max_steps=max_steps,
             num_iterations=1,
             save_steps=1,
             save_strategy="steps",
-            logging_steps=1,
-            learning_rate=1e-3,
-            seed=0,
-            disable_tqdm=True,
             length_penalty_weight=0.5,
             length_penalty_warmup_steps=0,
             sampler_type="prioritized",
